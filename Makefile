@@ -1,0 +1,36 @@
+# Two-command start: `make demo` runs the main job on the offline default, `make test` runs the tests.
+# Both create the virtual environment first when it is missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+# Offline data and weights: the team's shared folders beside the checkout when present.
+SHARED ?= $(abspath ../shared)
+ifneq ($(wildcard $(SHARED)/data),)
+export BENCH_DATA_DIR ?= $(SHARED)/data
+endif
+ifneq ($(wildcard $(SHARED)/weights),)
+export BENCH_WEIGHTS_DIR ?= $(SHARED)/weights
+endif
+export BENCH_CACHE_DIR ?= $(abspath .cache/bench)
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: setup demo test clean
+
+$(BIN)/bench: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(BIN)/bench
+
+demo: setup
+	$(BIN)/bench run --defense none --threat linf --classifier resnet20 --n 512
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf runs .cache .pytest_cache

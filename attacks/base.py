@@ -1,0 +1,186 @@
+"""Core attack API: the threat model, the gradient oracle, pass counting and the attack base class.
+
+An attack takes ``(model, x, y)`` and returns ``x_adv`` inside the threat ball and [0, 1]. It reads the
+model only through an ``Oracle`` (logits, and loss + input gradient), which is what the adaptive wrappers
+replace: ``EOT`` averages gradients over random draws, ``BPDA`` swaps in the declared surrogate on the
+backward pass. ``CountingModule`` counts every forward and backward pass (and the images in it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Dict, Tuple
+
+import torch
+from torch import nn
+
+from bench.errors import BenchError
+from bench.registry import Registry
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> per-sample loss
+
+
+@dataclass(frozen=True)
+class Threat:
+    """An lp ball around the clean image, intersected with the [0, 1] box."""
+
+    norm: str  # "linf" or "l2"
+    eps: float
+
+    def __post_init__(self) -> None:
+        if self.norm not in ("linf", "l2"):
+            raise BenchError(f"unknown threat norm {self.norm!r}; use linf or l2")
+        limit = 1.0 if self.norm == "linf" else math.sqrt(3 * 32 * 32) * 8
+        if not (0.0 < self.eps <= limit) or not math.isfinite(self.eps):
+            raise BenchError(f"eps {self.eps} is out of range for {self.norm} (0 < eps <= {limit:g})")
+
+    def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        delta = x_adv - x
+        if self.norm == "linf":
+            delta = delta.clamp(-self.eps, self.eps)
+        else:
+            norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            delta = delta * (self.eps / norms).clamp(max=1.0)
+        return (x + delta).clamp(0.0, 1.0)
+
+    def random_start(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm == "linf":
+            noise = (2 * torch.rand_like(x) - 1) * self.eps
+        else:
+            direction = torch.randn_like(x)
+            norms = direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            radius = torch.rand(x.shape[0], 1, 1, 1, device=x.device) * self.eps
+            noise = direction / norms * radius
+        return self.project(x + noise, x)
+
+    def step(self, x_adv: torch.Tensor, grad: torch.Tensor, size: torch.Tensor | float) -> torch.Tensor:
+        """Steepest-ascent step of the given size (sign for linf, normalized gradient for l2)."""
+        if self.norm == "linf":
+            return x_adv + _expand(size, x_adv) * grad.sign()
+        norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        return x_adv + _expand(size, x_adv) * grad / norms
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"norm": self.norm, "eps": self.eps}
+
+
+def _expand(size: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | float:
+    return size.view(-1, 1, 1, 1) if isinstance(size, torch.Tensor) else size
+
+
+@dataclass
+class PassCounter:
+    """Passes through the model and the images in them (an EOT chunk of k draws x B images is one pass)."""
+
+    forward: int = 0
+    backward: int = 0
+    forward_images: int = 0
+    backward_images: int = 0
+
+    def snapshot(self) -> Dict[str, int]:
+        return dict(self.__dict__)
+
+
+class CountingModule(nn.Module):
+    """Wraps a model and counts forward/backward passes, also through ``bpda_forward``."""
+
+    def __init__(self, model: nn.Module, counter: PassCounter | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.counter = counter if counter is not None else PassCounter()
+
+    def _count(self, out: torch.Tensor, n: int) -> torch.Tensor:
+        self.counter.forward += 1
+        self.counter.forward_images += n
+        if out.requires_grad:
+            out.register_hook(self._on_backward(n))
+        return out
+
+    def _on_backward(self, n: int):
+        def hook(grad: torch.Tensor) -> None:
+            self.counter.backward += 1
+            self.counter.backward_images += n
+
+        return hook
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._count(self.model(x), x.shape[0])
+
+    def bpda_forward(self, x: torch.Tensor) -> torch.Tensor:
+        inner = getattr(self.model, "bpda_forward", self.model)
+        return self._count(inner(x), x.shape[0])
+
+    @property
+    def stochastic(self) -> bool:
+        return bool(getattr(self.model, "stochastic", False))
+
+
+class Oracle:
+    """What an attack may ask of the model: logits, and a per-sample loss with its input gradient."""
+
+    def __init__(self, model: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.model = model
+
+    def with_model(self, model: Callable[[torch.Tensor], torch.Tensor]) -> "Oracle":
+        """The same kind of oracle around another model (how wrappers compose)."""
+        return Oracle(model)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(x)
+
+    def loss_grad(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (per-sample loss, d loss / d x, logits) for one forward and one backward pass."""
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = self.model(x)
+            loss = loss_fn(logits, y)
+            (grad,) = torch.autograd.grad(loss.sum(), x)
+        return loss.detach(), grad.detach(), logits.detach()
+
+
+class Attack:
+    """Base class: subclasses implement ``run(oracle, x, y)``; wrappers override ``make_oracle``."""
+
+    name: ClassVar[str] = ""
+    #: False for attacks that need an ``nn.Module`` rather than an oracle (e.g. pyautoattack).
+    uses_oracle: ClassVar[bool] = True
+
+    def __init__(self, threat: Threat) -> None:
+        self.threat = threat
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x_adv = self.run(self.make_oracle(model), x, y)
+        return self.threat.project(x_adv.detach(), x)
+
+    def make_oracle(self, model: nn.Module) -> Oracle:
+        return Oracle(model)
+
+    def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement run(oracle, x, y)")
+
+    def params(self) -> Dict[str, Any]:
+        """Every setting that changes the result (stored in records)."""
+        return {}
+
+    def wrapper_settings(self) -> Dict[str, Any]:
+        """Settings of adaptive wrappers around this attack (none for a plain attack)."""
+        return {}
+
+    def describe(self) -> Dict[str, Any]:
+        return {"attack": self.name, "params": self.params(), **self.wrapper_settings()}
+
+
+ATTACKS: Registry[type] = Registry("attack", base=Attack, packages=["attacks"], entry_point_group="bench.attacks")
+
+
+def register_attack(name: str):
+    """Class decorator: register an ``Attack`` subclass under ``name``."""
+
+    def decorator(cls: type) -> type:
+        cls.name = name
+        ATTACKS.add(name, cls)
+        return cls
+
+    return decorator

@@ -1,0 +1,93 @@
+"""FGSM and PGD (Madry et al. 2018) for linf and l2, with random start and early stop.
+
+Early stop: a point whose current iterate is misclassified (judged on the logits of the same forward
+pass that produced its gradient, so no extra pass) keeps that iterate and leaves the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+
+from attacks.base import Attack, Oracle, Threat, register_attack
+from attacks.losses import LOSSES
+from bench.errors import BenchError
+
+
+def _loss(name: str):
+    if name not in LOSSES:
+        raise BenchError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")
+    return LOSSES[name]
+
+
+@register_attack("fgsm")
+class FGSM(Attack):
+    """One step of size eps along the gradient sign (linf) or the normalized gradient (l2)."""
+
+    def __init__(self, threat: Threat, loss: str = "ce") -> None:
+        super().__init__(threat)
+        self.loss = loss
+        self._loss_fn = _loss(loss)
+
+    def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        _, grad, _ = oracle.loss_grad(x, y, self._loss_fn)
+        return self.threat.project(self.threat.step(x, grad, self.threat.eps), x)
+
+    def params(self) -> Dict[str, Any]:
+        return {"loss": self.loss}
+
+
+@register_attack("pgd")
+class PGD(Attack):
+    """Projected gradient ascent; step size defaults to 2.5 * eps / steps (Madry et al.)."""
+
+    def __init__(
+        self, threat: Threat, steps: int = 20, step_size: float | None = None, loss: str = "ce",
+        random_start: bool = True, restarts: int = 1,
+    ) -> None:
+        super().__init__(threat)
+        if steps < 1 or restarts < 1:
+            raise BenchError("pgd needs steps >= 1 and restarts >= 1")
+        self.steps, self.loss, self.random_start, self.restarts = steps, loss, random_start, restarts
+        self.step_size = step_size if step_size is not None else 2.5 * threat.eps / steps
+        self._loss_fn = _loss(loss)
+
+    def params(self) -> Dict[str, Any]:
+        return {"steps": self.steps, "step_size": self.step_size, "loss": self.loss,
+                "random_start": self.random_start, "restarts": self.restarts}
+
+    def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x_best = x.clone()
+        todo = torch.arange(x.shape[0], device=x.device)
+        for _ in range(self.restarts):
+            if todo.numel() == 0:
+                break
+            x_adv, fooled = self._single(oracle, x[todo], y[todo])
+            x_best[todo] = x_adv
+            todo = todo[~fooled]
+        return x_best
+
+    def _single(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor):
+        """One PGD run; returns the final/first-fooling iterates and which points were fooled."""
+        x_out = x.clone()
+        fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        active = torch.arange(x.shape[0], device=x.device)
+        x_adv = self.threat.random_start(x) if self.random_start else x.clone()
+        for _ in range(self.steps):
+            _, grad, logits = oracle.loss_grad(x_adv, y[active], self._loss_fn)
+            keep = self._record(x_out, fooled, active, x_adv, logits, y)
+            active, x_adv, grad = active[keep], x_adv[keep], grad[keep]
+            if active.numel() == 0:
+                return x_out, fooled
+            x_adv = self.threat.project(self.threat.step(x_adv, grad, self.step_size), x[active])
+        self._record(x_out, fooled, active, x_adv, oracle.logits(x_adv), y)
+        return x_out, fooled
+
+    @staticmethod
+    def _record(x_out, fooled, active, x_adv, logits, y) -> torch.Tensor:
+        """Store the current iterates, mark the misclassified ones; return the mask of points to keep."""
+        hit = logits.argmax(1) != y[active]
+        x_out[active] = x_adv
+        fooled[active[hit]] = True
+        return ~hit

@@ -1,0 +1,135 @@
+"""Command line: ``bench run`` and ``bench list``. A thin layer over ``bench.runner`` and the registries.
+
+User errors (``BenchError``) print one line and exit with code 2, writing nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from fractions import Fraction
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from tabulate import tabulate
+
+from bench.errors import BenchError
+
+LIST_KINDS = ("defenses", "attacks", "suites", "classifiers", "datasets")
+
+
+def parse_eps(text: str) -> float:
+    """Accept ``8/255``, ``0.0314`` or ``0.5``."""
+    try:
+        return float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"eps must be a number or a fraction like 8/255, got {text!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench", description="Adaptive-attack benchmark for adversarial purification defenses.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--plugin", action="append", default=[], metavar="FILE", help="import FILE to register third-party defenses/attacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="evaluate a defense on the fixed subset against a suite")
+    run.add_argument("--defense", required=True)
+    run.add_argument("--threat", choices=("linf", "l2"), default="linf")
+    run.add_argument("--suite", default=None, help="suite name (default: the threat's own suite)")
+    run.add_argument("--eps", type=parse_eps, default=None, help="override the suite's eps, e.g. 2/255")
+    run.add_argument("--dataset", default="cifar10-jpeg")
+    run.add_argument("--classifier", default="resnet20")
+    run.add_argument("--n", type=int, default=512)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    run.add_argument("--batch-size", type=int, default=128)
+    run.add_argument("--download", action="store_true", help="let datasets that can be downloaded fetch themselves")
+    run.add_argument("--out", type=Path, default=Path("runs"))
+    run.add_argument("--plugin", action="append", default=[], metavar="FILE", dest="run_plugins")
+    lst = sub.add_parser("list", help="list registered names")
+    lst.add_argument("what", nargs="?", choices=LIST_KINDS, default=None)
+    return parser
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _registries() -> Dict[str, object]:
+    from attacks import ATTACKS, SUITES
+    from bench.classifiers import CLASSIFIERS
+    from bench.datasets import DATASETS
+    from defenses import DEFENSES
+
+    return {"defenses": DEFENSES, "attacks": ATTACKS, "suites": SUITES, "classifiers": CLASSIFIERS, "datasets": DATASETS}
+
+
+def cmd_list(what: Optional[str]) -> None:
+    registries = _registries()
+    for kind in [what] if what else LIST_KINDS:
+        registry = registries[kind]
+        print(f"{kind}:")
+        if kind == "suites":
+            for name, suite in registry.items():
+                attacks = ", ".join(f"{s.attack}({', '.join(f'{k}={v}' for k, v in s.params)})" for s in suite.attacks)
+                print(f"  {name} v{suite.version} [{suite.threat.norm} eps={suite.threat.eps:.6g}, EOT {suite.eot_draws}]: {attacks}")
+        else:
+            for name in registry.names():
+                print(f"  {name}")
+        if kind == "classifiers":
+            print("  robustbench:<Name>   (RobustBench zoo, weights under $BENCH_WEIGHTS_DIR/robustbench)")
+            print("  file:<arch>:<path>   (your state dict for a registered architecture)")
+
+
+def _pct(acc: Dict) -> str:
+    lo, hi = acc["ci95"]
+    return f"{100 * acc['accuracy']:.2f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def format_result(record: Dict) -> str:
+    rows: List[List[object]] = [["clean", record["subset"]["n"], "", _pct(record["clean"]), "", "", ""]]
+    for a in record["attacks"]:
+        c = a["cost"]
+        rows.append([a["label"], a["attacked"], a["broken"], _pct(a["robust_after"]), c["forward"], c["backward"], f"{c['seconds']:.1f}"])
+    table = tabulate(rows, headers=["attack", "attacked", "broken", "accuracy after [95% CI]", "fwd", "bwd", "s"])
+    s, t = record["subset"], record["threat"]
+    head = (f"{record['defense']['name']} on {record['classifier']['name']} | {s['dataset']} n={s['n']} seed={s['seed']} "
+            f"subset {s['hash'][:12]} | {t['norm']} eps={t['eps']:.6g} | suite {record['suite']['name']} v{record['suite']['version']}")
+    return f"{head}\n{table}\nrobust accuracy (worst case over the suite): {_pct(record['robust'])} in {record['timing']['seconds']:.1f} s"
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from bench.runner import RunConfig, run
+
+    config = RunConfig(
+        defense=args.defense, threat=args.threat, classifier=args.classifier, dataset=args.dataset, suite=args.suite,
+        eps=args.eps, n=args.n, seed=args.seed, device=args.device, batch_size=args.batch_size, out=args.out,
+        download=args.download,
+    )
+    record, path = run(config)
+    print(format_result(record))
+    print(f"record: {path}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        from bench.plugins import load_plugin
+
+        for plugin in args.plugin + getattr(args, "run_plugins", []):
+            load_plugin(plugin)
+        if args.command == "list":
+            cmd_list(args.what)
+        else:
+            cmd_run(args)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

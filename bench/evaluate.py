@@ -1,0 +1,151 @@
+"""The evaluation loop: clean accuracy, then each attack on the points still robust, with resumable state.
+
+Per-sample worst case: a point counts as robust only if it is classified correctly on the clean image and
+no attack of the suite found an adversarial example for it. Each attack only sees points that survived
+the previous ones (early stop). Every finished batch is saved as a small JSON file in ``state_dir``; a
+killed run restarted with the same configuration skips those batches. Randomness is re-seeded per batch
+from (seed, attack, batch), so a resumed run ends with the same numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from attacks.base import Attack, CountingModule, PassCounter, Threat
+from bench.errors import BenchError
+from bench.record import write_json_atomic
+from bench.stats import accuracy_summary
+from bench.subset import Subset
+
+
+def derived_seed(seed: int, *parts: object) -> int:
+    digest = hashlib.sha256(":".join(map(str, (seed, *parts))).encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63)
+
+
+def progress_enabled() -> bool:
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+class BatchState:
+    """One JSON file per finished batch under ``root`` (or nothing at all when ``root`` is None)."""
+
+    def __init__(self, root: Optional[Path]) -> None:
+        self.root = root
+
+    def load(self, key: str) -> Optional[Dict[str, Any]]:
+        if self.root is None or not (self.root / f"{key}.json").is_file():
+            return None
+        return json.loads((self.root / f"{key}.json").read_text())
+
+    def save(self, key: str, data: Dict[str, Any]) -> None:
+        if self.root is not None:
+            write_json_atomic(self.root / f"{key}.json", data)
+
+
+def check_logits(logits: torch.Tensor, batch: int, num_classes: int, who: str) -> None:
+    """User-facing check of a defense's output: shape (B, classes) and finite."""
+    if logits.dim() != 2 or tuple(logits.shape) != (batch, num_classes):
+        raise BenchError(f"defense {who} returned logits of shape {tuple(logits.shape)}, expected ({batch}, {num_classes})")
+    if not torch.isfinite(logits).all():
+        raise BenchError(f"defense {who} returned NaN or infinite logits")
+
+
+def check_in_ball(x_adv: torch.Tensor, x: torch.Tensor, threat: Threat, label: str) -> None:
+    """An attack that leaves the threat ball or [0, 1] is a bug: refuse its result."""
+    delta = (x_adv - x).flatten(1)
+    size = delta.abs().max(dim=1).values if threat.norm == "linf" else delta.norm(dim=1)
+    if x_adv.min() < 0 or x_adv.max() > 1 or bool((size > threat.eps * (1 + 1e-5) + 1e-6).any()):
+        raise RuntimeError(f"attack {label} returned points outside the {threat.norm} ball of {threat.eps} or [0, 1]")
+
+
+@dataclass
+class Evaluation:
+    clean_pred: np.ndarray
+    clean_correct: np.ndarray
+    robust: np.ndarray
+    broken_by: List[Optional[str]]
+    attacks: List[Dict[str, Any]]
+
+
+def _batches(positions: np.ndarray, size: int) -> List[np.ndarray]:
+    return [positions[i : i + size] for i in range(0, len(positions), size)]
+
+
+def _clean_pass(model, subset: Subset, batch_size: int, device, seed: int, who: str, state: BatchState) -> np.ndarray:
+    preds = np.empty(subset.n, dtype=np.int64)
+    for b, pos in enumerate(_batches(np.arange(subset.n), batch_size)):
+        saved = state.load(f"clean-{b}")
+        if saved is None:
+            torch.manual_seed(derived_seed(seed, "clean", b))
+            with torch.no_grad():
+                logits = model(subset.x[pos].to(device))
+            check_logits(logits, len(pos), subset.num_classes, who)
+            saved = {"positions": pos.tolist(), "pred": logits.argmax(1).cpu().tolist()}
+            state.save(f"clean-{b}", saved)
+        preds[pos] = saved["pred"]
+    return preds
+
+
+def _attack_batch(
+    model: CountingModule, attack: Attack, label: str, x: torch.Tensor, y: torch.Tensor, threat: Threat
+) -> Tuple[np.ndarray, Dict[str, Any]]:
+    before, start = model.counter.snapshot(), time.perf_counter()
+    x_adv = attack.perturb(model, x, y)
+    check_in_ball(x_adv, x, threat, label)
+    with torch.no_grad():
+        fooled = (model(x_adv).argmax(1) != y).cpu().numpy()
+    after = model.counter.snapshot()
+    cost = {k: after[k] - before[k] for k in after}
+    cost["seconds"] = time.perf_counter() - start
+    return fooled, cost
+
+
+def evaluate(
+    model: nn.Module, subset: Subset, plans: Sequence[Tuple[str, Attack]], threat: Threat, *, who: str,
+    batch_size: int = 128, device: str | torch.device = "cpu", seed: int = 0, state_dir: Optional[Path] = None,
+) -> Evaluation:
+    """Clean accuracy, then every attack in ``plans`` on the points still robust."""
+    state = BatchState(state_dir)
+    counting = CountingModule(model, PassCounter())
+    clean_pred = _clean_pass(counting, subset, batch_size, device, seed, who, state)
+    labels = subset.y.numpy()
+    robust = clean_pred == labels
+    broken_by: List[Optional[str]] = [None] * subset.n
+    outcomes = []
+    for k, (label, attack) in enumerate(plans):
+        positions = np.flatnonzero(robust)
+        total = {"forward": 0, "backward": 0, "forward_images": 0, "backward_images": 0, "seconds": 0.0}
+        broken = 0
+        bar = tqdm(_batches(positions, batch_size), desc=label, unit="batch", disable=not progress_enabled(), leave=False)
+        for b, pos in enumerate(bar):
+            key = f"attack{k}-{b}"
+            saved = state.load(key)
+            if saved is None or saved["positions"] != pos.tolist():
+                torch.manual_seed(derived_seed(seed, "attack", k, b))
+                fooled, cost = _attack_batch(counting, attack, label, subset.x[pos].to(device), subset.y[pos].to(device), threat)
+                saved = {"positions": pos.tolist(), "fooled": fooled.tolist(), "cost": cost}
+                state.save(key, saved)
+            for p, hit in zip(pos, saved["fooled"]):
+                if hit:
+                    robust[p], broken_by[p] = False, label
+                    broken += 1
+            for name in total:
+                total[name] += saved["cost"][name]
+        outcomes.append({
+            "label": label, **attack.describe(), "attacked": int(len(positions)), "broken": broken,
+            "robust_after": accuracy_summary(int(robust.sum()), subset.n), "cost": total,
+        })
+    return Evaluation(clean_pred, clean_pred == labels, robust, broken_by, outcomes)

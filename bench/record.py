@@ -1,0 +1,93 @@
+"""Run records: schema validation, atomic JSON writing, environment capture.
+
+A record is plain JSON (numbers stay numbers) validated against ``schemas/record.schema.json`` before it
+is written; the write goes to a temporary file in the same folder and is renamed into place, so a reader
+never sees half a record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import jsonschema
+import torch
+
+SCHEMA_VERSION = 1
+SCHEMA_PATH = Path(__file__).with_name("schemas") / "record.schema.json"
+_PACKAGES = ("torch", "torchvision", "numpy", "pyautoattack", "robustbench", "pandas", "jsonschema")
+
+
+@lru_cache(maxsize=1)
+def record_schema() -> Dict[str, Any]:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+def validate_record(record: Dict[str, Any]) -> None:
+    """Raise ``jsonschema.ValidationError`` if the record does not follow the schema."""
+    jsonschema.validate(record, record_schema())
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=1, sort_keys=False, allow_nan=False)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def to_json_data(record: Dict[str, Any]) -> Dict[str, Any]:
+    """Plain JSON types only (tuples become lists), as a reader of the file will see them."""
+    return json.loads(json.dumps(record, allow_nan=False))
+
+
+def write_record(path: Path, record: Dict[str, Any]) -> Path:
+    record = to_json_data(record)
+    validate_record(record)
+    write_json_atomic(path, record)
+    return path
+
+
+def _package_version(name: str) -> Optional[str]:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git(*args: str) -> Optional[str]:
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def environment() -> Dict[str, Any]:
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "python": sys.version.split()[0],
+        "packages": {name: _package_version(name) for name in _PACKAGES},
+        "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": None if status is None else bool(status),
+    }

@@ -1,0 +1,118 @@
+"""``bench run``: resolve names into a defense, a subset and a suite, evaluate, write the record.
+
+The run key hashes everything that changes the result (defense and its config, classifier, subset hash,
+threat, resolved suite, seed, batch size), so per-batch state is only ever reused by the same run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from attacks.base import Threat
+from attacks.suite import load_suite
+from bench.classifiers import load_classifier
+from bench.errors import BenchError
+from bench.evaluate import evaluate
+from bench.record import SCHEMA_VERSION, environment, to_json_data, write_record
+from bench.stats import accuracy_summary
+from bench.subset import load_subset
+from defenses.base import Defense, build_defense
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything ``bench run`` needs; the CLI fills it from its flags."""
+
+    defense: str = "none"
+    threat: str = "linf"
+    classifier: str = "resnet20"
+    dataset: str = "cifar10-jpeg"
+    suite: Optional[str] = None
+    eps: Optional[float] = None
+    n: int = 512
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 128
+    out: Path = Path("runs")
+    download: bool = False
+    defense_options: Dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise BenchError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def record_filename(record: Dict[str, Any]) -> str:
+    threat = record["threat"]
+    parts = [record["subset"]["dataset"], record["classifier"]["name"], record["defense"]["name"],
+             record["suite"]["name"], f"{threat['norm']}-{threat['eps']:.6g}", f"n{record['subset']['n']}",
+             f"s{record['subset']['seed']}"]
+    return re.sub(r"[^A-Za-z0-9._+-]", "-", "_".join(parts)) + ".json"
+
+
+def run(config: RunConfig) -> Tuple[Dict[str, Any], Path]:
+    """Evaluate ``config``; return the record and the path it was written to."""
+    if config.batch_size < 1:
+        raise BenchError(f"--batch-size must be >= 1, got {config.batch_size}")
+    device = resolve_device(config.device)
+    suite = load_suite(config.suite, config.threat)
+    threat = Threat(suite.threat.norm, config.eps if config.eps is not None else suite.threat.eps)
+    subset = load_subset(config.dataset, config.n, config.seed, download=config.download)
+    classifier = load_classifier(config.classifier, device)
+    defense = build_defense(config.defense, classifier, **config.defense_options).to(device).eval()
+    return evaluate_defense(defense, subset, suite, threat, config, device)
+
+
+def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: RunConfig, device) -> Tuple[Dict[str, Any], Path]:
+    plans = suite.build(threat, stochastic=defense.stochastic, differentiable=defense.differentiable)
+    described = defense.describe()
+    key_source = {
+        "defense": described, "classifier": defense.classifier.info.to_dict(), "subset": subset.to_dict(),
+        "threat": threat.to_dict(), "suite": suite.to_dict(), "plans": [label for label, _ in plans],
+        "seed": config.seed, "batch_size": config.batch_size,
+    }
+    run_id = hashlib.sha256(json.dumps(key_source, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    state_dir = Path(config.out) / ".state" / run_id
+    started, t0 = datetime.now(timezone.utc), time.perf_counter()
+    log.info("run %s: %s on %s (%s, n=%d), suite %s", run_id, config.defense, config.classifier, subset.dataset, subset.n, suite.name)
+    result = evaluate(defense, subset, plans, threat, who=config.defense, batch_size=config.batch_size,
+                      device=device, seed=config.seed, state_dir=state_dir)
+    record = {
+        "schema_version": SCHEMA_VERSION, "run_id": run_id, "defense": described,
+        "classifier": defense.classifier.info.to_dict(), "subset": subset.to_dict(), "threat": threat.to_dict(),
+        "suite": suite.to_dict(), "attacks": result.attacks,
+        "clean": accuracy_summary(int(result.clean_correct.sum()), subset.n),
+        "robust": accuracy_summary(int(result.robust.sum()), subset.n),
+        "samples": {
+            "index": subset.indices.tolist(), "label": subset.y.tolist(), "clean_pred": result.clean_pred.tolist(),
+            "clean_correct": result.clean_correct.tolist(), "robust": result.robust.tolist(), "broken_by": result.broken_by,
+        },
+        "unreliable": False, "unreliable_reasons": [],
+        "settings": {"device": str(device), "batch_size": config.batch_size, "seed": config.seed},
+        "environment": environment(),
+        "timing": {"started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
+                   "seconds": time.perf_counter() - t0},
+    }
+    record = to_json_data(record)
+    path = write_record(Path(config.out) / record_filename(record), record)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return record, path

@@ -1,0 +1,94 @@
+"""The defense API: ``transform -> purifier -> classifier`` as one ``nn.Module``.
+
+A defense declares whether it is stochastic and whether exact gradients flow through every stage.
+A stage without useful gradients (``differentiable = False`` on the stage) declares a BPDA surrogate
+(identity by default) that ``bpda_forward`` uses on the backward pass while keeping the real forward.
+Defenses register with ``@register_defense("name")`` in their own file under ``defenses/``; third-party
+ones come from ``--plugin file.py`` or the ``bench.defenses`` entry-point group.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Dict, Optional
+
+import torch
+from torch import nn
+
+from bench.registry import Registry
+
+
+class Defense(nn.Module):
+    """Base class of every defense. Inputs are images in [0, 1], NCHW; outputs are logits."""
+
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = "1"
+    stochastic: ClassVar[bool] = False
+
+    def __init__(
+        self, classifier: nn.Module, transform: Optional[nn.Module] = None, purifier: Optional[nn.Module] = None
+    ) -> None:
+        super().__init__()
+        self.transform = transform if transform is not None else nn.Identity()
+        self.purifier = purifier if purifier is not None else nn.Identity()
+        self.classifier = classifier
+
+    @property
+    def differentiable(self) -> bool:
+        """True when exact gradients flow through every stage (no BPDA needed)."""
+        return all(getattr(stage, "differentiable", True) for stage in (self.transform, self.purifier))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.purifier(self.transform(x)))
+
+    def bpda_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Same output as ``forward``; non-differentiable stages back-propagate through their surrogate."""
+        h = x
+        for stage in (self.transform, self.purifier):
+            h = _bpda_stage(stage, h)
+        return self.classifier(h)
+
+    def config(self) -> Dict[str, Any]:
+        """The resolved configuration stored in records (override to add options)."""
+        return {}
+
+    def describe(self) -> Dict[str, Any]:
+        info = getattr(self.classifier, "info", None)
+        return {
+            "name": self.name,
+            "version": self.version,
+            "stochastic": self.stochastic,
+            "differentiable": self.differentiable,
+            "config": self.config(),
+            "classifier": info.name if info is not None else type(self.classifier).__name__,
+        }
+
+
+def _bpda_stage(stage: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    if getattr(stage, "differentiable", True):
+        return stage(h)
+    surrogate = getattr(stage, "surrogate", None)
+    approx = surrogate(h) if surrogate is not None else h
+    with torch.no_grad():
+        exact = stage(h)
+    return approx + (exact - approx).detach()
+
+
+DEFENSES: Registry[type] = Registry("defense", base=Defense, packages=["defenses"], entry_point_group="bench.defenses")
+
+
+def register_defense(name: str):
+    """Class decorator: register a ``Defense`` subclass under ``name`` (also sets ``cls.name``)."""
+
+    def decorator(cls: type) -> type:
+        if not (isinstance(cls, type) and issubclass(cls, Defense)):
+            raise TypeError(f"@register_defense({name!r}) must decorate a Defense subclass, got {cls!r}")
+        cls.name = name
+        DEFENSES.add(name, cls)
+        return cls
+
+    return decorator
+
+
+def build_defense(name: str, classifier: nn.Module, **options: Any) -> Defense:
+    """Instantiate the defense called ``name`` in front of ``classifier``."""
+    return DEFENSES.get(name)(classifier, **options)
