@@ -42,5 +42,5 @@ class AutoAttackReference(Attack):
             model, norm=_NORMS[self.threat.norm], eps=self.threat.eps, version=self.version,
             device=x.device, seed=self.seed,
         )
-        x_adv = adversary.run_standard_evaluation(x.contiguous(), y, batch_size=min(self.batch_size, x.shape[0]))
+        x_adv, _ = adversary.run_standard_evaluation(x.contiguous(), y, batch_size=min(self.batch_size, x.shape[0]))
         return self.threat.project(x_adv.detach(), x)

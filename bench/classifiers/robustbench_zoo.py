@@ -32,7 +32,7 @@ def load_robustbench(name: str, dataset: str = "cifar10", threat: str = "Linf") 
     utils, model_dicts = import_robustbench()
     from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
 
-    zoo = model_dicts.model_dicts[BenchmarkDataset(dataset)][ThreatModel(threat)]
+    zoo = model_dicts[BenchmarkDataset(dataset)][ThreatModel(threat)]
     if name not in zoo:
         raise BenchError(f"Unknown robustbench model {name!r} for {dataset}/{threat}; see robustbench's model zoo for names.")
     root = weights_dir() / "robustbench"

@@ -1,0 +1,149 @@
+"""Attacks stay in the threat ball and [0, 1]; EOT averages single-draw gradients; BPDA uses the surrogate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from attacks import ATTACKS, BPDA, EOT, CountingModule, Oracle, Threat
+from attacks.adaptive import EOTOracle
+from attacks.apgd import checkpoints
+from attacks.losses import ce, dlr
+from bench.errors import BenchError
+from defenses.base import Defense
+from tests.helpers import TinyNet
+
+THREATS = [Threat("linf", 8 / 255), Threat("l2", 0.5)]
+ORACLE_ATTACKS = [n for n in ATTACKS.names() if ATTACKS.get(n).uses_oracle]
+
+
+@pytest.mark.parametrize("threat", THREATS, ids=lambda t: t.norm)
+@pytest.mark.parametrize("name", ORACLE_ATTACKS)
+def test_attack_stays_in_ball_and_box(name, threat, tiny_net, batch):
+    x, y = batch
+    x[0] = 0.0  # corners of the box must be respected too
+    x[1] = 1.0
+    params = {"steps": 5} if name != "fgsm" else {}
+    if name == "apgd-t":
+        params["targets"] = 2
+    x_adv = ATTACKS.get(name)(threat, **params).run(Oracle(tiny_net), x, y)
+    delta = (x_adv - x).flatten(1)
+    size = delta.abs().max(1).values if threat.norm == "linf" else delta.norm(dim=1)
+    assert (size <= threat.eps + 1e-6).all()
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert not torch.equal(x_adv, x)
+
+
+def test_projection_is_exact():
+    threat = Threat("l2", 0.5)
+    x = torch.full((2, 3, 4, 4), 0.5)
+    far = x + 0.1 * torch.randn_like(x).sign()  # norm 0.69, inside the box
+    proj = threat.project(far, x)
+    assert torch.allclose((proj - x).flatten(1).norm(dim=1), torch.tensor([0.5, 0.5]), atol=1e-5)
+    assert torch.allclose(Threat("linf", 0.05).project(far, x), x + 0.05 * (far - x).sign())
+
+
+def test_pgd_and_apgd_break_an_undefended_model(tiny_net, batch):
+    x, y = batch
+    y = tiny_net(x).argmax(1)  # all correct by construction
+    threat = Threat("linf", 0.5)
+    for name in ("pgd", "apgd-ce", "apgd-dlr"):
+        x_adv = ATTACKS.get(name)(threat, steps=20).run(Oracle(tiny_net), x, y)
+        assert (tiny_net(x_adv).argmax(1) != y).float().mean() >= 0.5, name
+
+
+def test_apgd_checkpoints_follow_the_paper():
+    # p = 0, 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99
+    assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+
+
+def test_dlr_is_scale_invariant():
+    logits = torch.randn(5, 10)
+    y = torch.arange(5)
+    assert torch.allclose(dlr(logits, y), dlr(3 * logits, y), atol=1e-5)
+
+
+class RecordingNoise(nn.Module):
+    """A stochastic model that remembers the noise of each call, so single draws can be replayed."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net, self.draws, self.replay = net, [], None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        noise = self.replay if self.replay is not None else 0.1 * torch.randn_like(x)
+        if self.replay is None:
+            self.draws.append(noise.detach())
+        return self.net(x + noise)
+
+
+@pytest.mark.parametrize("chunk_images", [1, 12, 1000])
+def test_eot_gradient_is_mean_of_single_draw_gradients(chunk_images, tiny_net, batch):
+    x, y = batch
+    n = 5
+    model = RecordingNoise(tiny_net)
+    loss, grad, _ = EOTOracle(model, n, chunk_images).loss_grad(x, y, ce)
+    draws = torch.cat(model.draws).view(n, *x.shape)  # draws are stacked draw-major along the batch
+    singles = []
+    for noise in draws:
+        model.replay = noise
+        singles.append(Oracle(model).loss_grad(x, y, ce))
+    assert torch.allclose(grad, torch.stack([g for _, g, _ in singles]).mean(0), atol=1e-6)
+    assert torch.allclose(loss, torch.stack([l for l, _, _ in singles]).mean(0), atol=1e-6)
+
+
+def test_eot_passes_are_chunked(tiny_net, batch):
+    x, y = batch  # 6 images
+    counting = CountingModule(RecordingNoise(tiny_net))
+    attack = EOT(ATTACKS.get("fgsm")(Threat("linf", 0.03)), n=20, chunk_images=24)
+    attack.perturb(counting, x, y)
+    assert counting.counter.forward == 5  # 4 draws (24 images) per pass -> 5 passes
+    assert counting.counter.forward_images == 120 and counting.counter.backward_images == 120
+    assert attack.describe()["eot"] == 20
+
+
+class Quantize(nn.Module):
+    """A non-differentiable stage (zero gradient almost everywhere); BPDA surrogate: identity."""
+
+    differentiable = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x * 4) / 4
+
+
+def test_bpda_uses_the_declared_surrogate(tiny_net, batch):
+    x, y = batch
+    defense = Defense(tiny_net, purifier=Quantize())
+    assert not defense.differentiable
+    exact = Oracle(defense).loss_grad(x, y, ce)[1]
+    assert exact.abs().sum() == 0  # rounding kills the exact gradient
+    bpda = BPDA(ATTACKS.get("fgsm")(Threat("linf", 0.03))).make_oracle(defense)
+    _, grad, logits = bpda.loss_grad(x, y, ce)
+    assert grad.abs().sum() > 0
+    assert torch.allclose(logits, defense(x))  # forward values stay the real ones
+    assert torch.allclose(grad, Oracle(lambda z: tiny_net(z + (defense.purifier(z) - z).detach())).loss_grad(x, y, ce)[1])
+
+
+def test_eot_around_bpda_composes(tiny_net, batch):
+    x, y = batch
+    defense = Defense(tiny_net, purifier=Quantize())
+    attack = EOT(BPDA(ATTACKS.get("pgd")(Threat("linf", 0.1), steps=3)), n=2, chunk_images=64)
+    x_adv = attack.perturb(CountingModule(defense), x, y)
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6
+    assert attack.describe() == {**attack.describe(), "eot": 2, "bpda": True}
+
+
+def test_counting_module_counts_passes(tiny_net, batch):
+    x, _ = batch
+    y = tiny_net(x).argmax(1)
+    counting = CountingModule(tiny_net)
+    ATTACKS.get("pgd")(Threat("linf", 1e-4), steps=3).perturb(counting, x, y)
+    # 3 gradient steps (forward + backward) and one final forward, tiny eps keeps every point
+    assert counting.counter.forward == 4 and counting.counter.backward == 3
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan")])
+def test_linf_eps_out_of_range_is_a_user_error(bad):
+    with pytest.raises(BenchError, match="out of range"):
+        Threat("linf", bad)

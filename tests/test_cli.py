@@ -1,0 +1,121 @@
+"""The CLI: bad input gets one clear line and exit code 2 with nothing written; plug-ins and listing work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.cli import main
+from tests.conftest import needs_resnet20
+
+PLUGIN = str(Path(__file__).with_name("plugin_examples.py"))
+TINY = ["--plugin", PLUGIN, "--dataset", "tiny-test", "--classifier", "tiny", "--n", "16"]
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(args, capsys, tmp_path, *fragments):
+    code, out, err = run_cli([*args, "--out", str(tmp_path / "out")] if args[0] == "run" else args, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))
+    return lines[0]
+
+
+def test_plugin_defense_runs_end_to_end(capsys, tmp_path):
+    code, out, err = run_cli(["run", "--defense", "plugin-blur", "--suite", "linf-smoke", *TINY, "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    record = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert record["defense"]["name"] == "plugin-blur" and record["subset"]["n"] == 16
+    assert "record:" in out and "robust accuracy" in out
+
+
+def test_unknown_defense(capsys, tmp_path):
+    assert_user_error(["run", "--defense", "nonee", *TINY], capsys, tmp_path, "Unknown defense 'nonee'", "Did you mean: none")
+
+
+def test_unknown_classifier_and_suite(capsys, tmp_path):
+    assert_user_error(["run", "--defense", "none", *TINY, "--classifier", "resnet21"], capsys, tmp_path, "Did you mean")
+    assert_user_error(["run", "--defense", "none", *TINY, "--suite", "linf-smok"], capsys, tmp_path, "Did you mean: linf-smoke")
+
+
+@pytest.mark.parametrize("threat,eps", [("linf", "2"), ("linf", "0"), ("l2", "-1")])
+def test_eps_out_of_range(capsys, tmp_path, threat, eps):
+    assert_user_error(["run", "--defense", "none", *TINY, "--threat", threat, "--eps", eps], capsys, tmp_path, "out of range")
+
+
+def test_bad_sizes(capsys, tmp_path):
+    assert_user_error(["run", "--defense", "none", *TINY[:-2], "--n", "0"], capsys, tmp_path, "--n must be")
+    assert_user_error(["run", "--defense", "none", *TINY, "--batch-size", "0"], capsys, tmp_path, "--batch-size")
+
+
+def test_missing_data_directory(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_DATA_DIR", str(tmp_path / "nowhere"))
+    line = assert_user_error(["run", "--defense", "none", "--n", "8"], capsys, tmp_path, "BENCH_DATA_DIR")
+    assert "nowhere" in line
+
+
+def test_corrupt_checkpoint(capsys, tmp_path):
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(b"\x80\x04 this is not a checkpoint" * 10)
+    assert_user_error(["run", "--defense", "none", *TINY, "--classifier", f"file:resnet20:{bad}"], capsys, tmp_path, "not a loadable")
+
+
+class NotWeights:
+    pass
+
+
+def test_non_weights_checkpoint_is_refused(capsys, tmp_path):
+    path = tmp_path / "pickled_object.pt"
+    torch.save({"state_dict": NotWeights()}, path)
+    assert_user_error(["run", "--defense", "none", *TINY, "--classifier", f"file:resnet20:{path}"], capsys, tmp_path, "weights-only")
+
+
+def test_checkpoint_for_another_architecture(capsys, tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"conv.weight": torch.zeros(1)}, path)
+    assert_user_error(["run", "--defense", "none", *TINY, "--classifier", f"file:resnet20:{path}"], capsys, tmp_path, "does not match")
+
+
+@pytest.mark.parametrize("defense,fragment", [("plugin-nan", "NaN"), ("plugin-wrong-shape", "shape")])
+def test_broken_defense_outputs_are_named(capsys, tmp_path, defense, fragment):
+    assert_user_error(["run", "--defense", defense, *TINY], capsys, tmp_path, f"defense {defense}", fragment)
+
+
+def test_missing_plugin_file(capsys, tmp_path):
+    assert_user_error(["--plugin", str(tmp_path / "nope.py"), "list"], capsys, tmp_path, "not a Python file")
+
+
+def test_robustbench_weights_missing_says_where(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_WEIGHTS_DIR", str(tmp_path / "weights"))
+    assert_user_error(["run", "--defense", "none", *TINY, "--classifier", "robustbench:Standard"], capsys, tmp_path,
+                      "Standard.pt", str(tmp_path / "weights"))
+
+
+def test_list_shows_every_registry(capsys):
+    code, out, _ = run_cli(["list"], capsys)
+    assert code == 0
+    for fragment in ("defenses:", "none", "attacks:", "apgd-t", "suites:", "linf-smoke v1", "classifiers:", "resnet4b", "datasets:", "cifar10-jpeg"):
+        assert fragment in out
+
+
+@needs_resnet20
+def test_file_classifier_roundtrip(capsys, tmp_path):
+    from bench.classifiers import load_classifier
+
+    reference = load_classifier("resnet20")
+    path = tmp_path / "mine.pt"
+    torch.save({"state_dict": reference.net.state_dict()}, path)
+    mine = load_classifier(f"file:resnet20:{path}")
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(mine(x), reference(x))

@@ -1,0 +1,108 @@
+"""End-to-end runs: records validate, state resumes after SIGKILL with the same numbers, real-data accuracy."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bench.record import validate_record
+from bench.runner import RunConfig, run
+from tests.conftest import REPO, needs_resnet4b, needs_resnet20
+
+PLUGIN = str(Path(__file__).with_name("plugin_examples.py"))
+
+
+def test_record_of_a_plugin_run_is_complete(tmp_path):
+    from bench.plugins import load_plugin
+
+    load_plugin(PLUGIN)
+    record, path = run(RunConfig(defense="plugin-blur", classifier="tiny", dataset="tiny-test", suite="linf-smoke", n=20,
+                                 batch_size=8, out=tmp_path))
+    on_disk = json.loads(path.read_text())
+    validate_record(on_disk)
+    assert on_disk == record
+    samples = record["samples"]
+    assert len(samples["index"]) == 20 and sum(samples["robust"]) == record["robust"]["correct"]
+    assert all(c or not r for c, r in zip(samples["clean_correct"], samples["robust"]))  # robust implies clean-correct
+    assert [a["label"] for a in record["attacks"]] == ["fgsm", "pgd"]
+    assert record["attacks"][0]["attacked"] == record["clean"]["correct"]
+    assert record["attacks"][1]["attacked"] == record["clean"]["correct"] - record["attacks"][0]["broken"]
+    assert not (tmp_path / ".state" / record["run_id"]).exists()  # state is removed once the record is written
+
+
+def _bench(args, env=None):
+    return subprocess.Popen([sys.executable, "-m", "bench", "-q", "run", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+@needs_resnet4b
+def test_killed_run_resumes_to_the_same_record(tmp_path):
+    args = ["--defense", "none", "--classifier", "resnet4b", "--eps", "2/255", "--n", "40", "--batch-size", "8"]
+    killed = _bench([*args, "--out", str(tmp_path / "resumed")])
+    state = tmp_path / "resumed" / ".state"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(state.glob("*/attack1-*.json"))) < 1:
+        time.sleep(0.2)
+    assert killed.poll() is None, "the run finished before it could be killed"
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    saved = len(list(state.glob("*/*.json")))
+    assert saved >= 1 and not list((tmp_path / "resumed").glob("*.json"))
+
+    resumed, uninterrupted = _bench([*args, "--out", str(tmp_path / "resumed")]), _bench([*args, "--out", str(tmp_path / "full")])
+    for proc in (resumed, uninterrupted):
+        assert proc.wait(timeout=600) == 0, proc.stderr.read()
+    a = json.loads(next((tmp_path / "resumed").glob("*.json")).read_text())
+    b = json.loads(next((tmp_path / "full").glob("*.json")).read_text())
+    assert a["run_id"] == b["run_id"]
+    for key in ("clean", "robust", "samples"):
+        assert a[key] == b[key]
+    assert [x["robust_after"] for x in a["attacks"]] == [x["robust_after"] for x in b["attacks"]]
+    assert 0 < a["robust"]["correct"] < a["clean"]["correct"]  # a robust model, really attacked
+    print(f"killed after {saved} saved batches; resumed and uninterrupted robust: {a['robust']['accuracy']:.4f}")
+
+
+def _independent_accuracy(n: int) -> float:
+    """ResNet-20 clean accuracy computed without the harness: Pillow decode, own normalization."""
+    import io
+
+    from PIL import Image
+
+    from bench.classifiers import load_classifier
+    from bench.paths import data_dir
+
+    z = np.load(data_dir() / "cifar10-jpeg" / "test.npz", allow_pickle=False)
+    idx = np.random.RandomState(0).choice(10000, n, replace=False)
+    off = z["offsets"]
+    images = np.stack([np.asarray(Image.open(io.BytesIO(z["jpeg"][off[i]:off[i + 1]].tobytes())).convert("RGB")) for i in idx])
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        pred = load_classifier("resnet20").net((x - mean) / std).argmax(1).numpy()
+    return float((pred == z["labels"][idx]).mean())
+
+
+@pytest.mark.slow
+@needs_resnet20
+def test_default_run_on_resnet20(tmp_path):
+    """The demo: bare ResNet-20, linf 8/255, 512 images. Clean ~80%, robust at most 1%."""
+    start = time.perf_counter()
+    record, _ = run(RunConfig(defense="none", threat="linf", classifier="resnet20", n=512, out=tmp_path))
+    seconds = time.perf_counter() - start
+    independent = _independent_accuracy(512)
+    print(f"resnet20 clean {record['clean']['accuracy']:.4f} (independent {independent:.4f}), "
+          f"robust {record['robust']['accuracy']:.4f}, {seconds:.1f} s")
+    assert abs(record["clean"]["accuracy"] - independent) <= 0.02
+    assert record["robust"]["accuracy"] <= 0.01
+    assert seconds < 600
