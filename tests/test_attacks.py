@@ -147,3 +147,23 @@ def test_counting_module_counts_passes(tiny_net, batch):
 def test_linf_eps_out_of_range_is_a_user_error(bad):
     with pytest.raises(BenchError, match="out of range"):
         Threat("linf", bad)
+
+
+def test_suite_adds_bpda_and_eot_variants():
+    from attacks import SUITES
+
+    suite = SUITES.get("linf-smoke")
+    threat = suite.threat
+    assert [label for label, _ in suite.build(threat, stochastic=False, differentiable=True)] == ["fgsm", "pgd"]
+    labels = [label for label, _ in suite.build(threat, stochastic=True, differentiable=False)]
+    assert labels == ["fgsm+eot2", "fgsm+bpda+eot2", "pgd+eot2", "pgd+bpda+eot2"]
+
+
+@pytest.mark.parametrize("version", ["standard", "rand"])
+def test_reference_autoattack_runs_through_the_harness(version, tiny_net, batch):
+    x, _ = batch
+    y = tiny_net(x).argmax(1)
+    attack = ATTACKS.get("autoattack")(Threat("linf", 0.3), version=version)
+    x_adv = attack.perturb(tiny_net, x, y)
+    assert (x_adv - x).abs().max() <= 0.3 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert (tiny_net(x_adv).argmax(1) != y).all()
