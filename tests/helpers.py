@@ -17,3 +17,20 @@ class TinyNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+class NearestColor(nn.Module):
+    """Classifies an image by the nearest of 10 fixed colours to its mean colour.
+
+    Differentiable, with margins that vary smoothly across images, so a small linf attack breaks some
+    points and not others: a cheap stand-in for a real classifier in end-to-end tests.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.register_buffer("centers", 0.2 + 0.6 * torch.rand(10, 3, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=(2, 3))
+        return -100.0 * ((mean[:, None, :] - self.centers[None]) ** 2).sum(-1)

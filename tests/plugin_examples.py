@@ -3,25 +3,29 @@ three defenses (one well-behaved, two broken) exactly as a user's ``--plugin`` f
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
 from bench.classifiers import CLASSIFIERS, Classifier, ClassifierInfo
 from bench.datasets import DATASETS, ArrayDataset
 from defenses import Defense, register_defense
-from tests.helpers import TinyNet
+from tests.helpers import NearestColor
 
 
 def _tiny_dataset(split: str, download: bool) -> ArrayDataset:
     rng = np.random.RandomState(0)
-    images = rng.randint(0, 256, size=(40, 32, 32, 3)).astype(np.uint8)
-    labels = rng.randint(0, 10, size=40).astype(np.int64)
+    colours = rng.uniform(0.25, 0.75, size=(40, 1, 1, 3))
+    images = np.round(255 * np.clip(colours + rng.uniform(-0.1, 0.1, size=(40, 32, 32, 3)), 0, 1)).astype(np.uint8)
+    with torch.no_grad():  # label the images with the tiny classifier's own predictions: all clean-correct
+        labels = NearestColor()(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255).argmax(1).numpy()
     return ArrayDataset("tiny-test", split, images, labels, 10, tuple(str(i) for i in range(10)), "generated")
 
 
 def _tiny_classifier() -> Classifier:
-    info = ClassifierInfo("tiny", "tinynet", "tiny-test", 10, None, None, "random-init", None, "none", "tests")
-    return Classifier(TinyNet(), info)
+    info = ClassifierInfo("tiny", "nearest-colour", "tiny-test", 10, None, None, "fixed", None, "none", "tests")
+    return Classifier(NearestColor(), info)
 
 
 if "tiny-test" not in DATASETS:
@@ -35,6 +39,15 @@ class PluginBlur(Defense):
 
     def __init__(self, classifier):
         super().__init__(classifier, purifier=torch.nn.AvgPool2d(3, 1, 1, count_include_pad=False))
+
+
+@register_defense("plugin-slow")
+class PluginSlow(PluginBlur):
+    """The blur defense, 20 ms slower per call: makes a run long enough to be killed mid-way."""
+
+    def forward(self, x):
+        time.sleep(0.02)
+        return super().forward(x)
 
 
 @register_defense("plugin-nan")

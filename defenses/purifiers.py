@@ -1,0 +1,94 @@
+"""Purifier networks for 32x32 inputs, sized for CPU training.
+
+Both take ``cat([x_t, mask], dim=1)`` (4 channels, from ``defenses.transforms``) and return an image in
+[0, 1] (sigmoid output).
+
+- ``GatedGenerator``: an inpainting generator in the spirit of DeepFill v2 (Yu et al. 2019): gated
+  convolutions (features * sigmoid(gate)) so the network learns where the mask makes input unreliable,
+  dilated convolutions at 8x8 for context, and U-Net skips so kept pixels are restored sharply.
+  Trained against ``PatchDiscriminator`` (spectral-norm PatchGAN, hinge loss) plus L1 (AToP's L_df).
+- ``MaskedAutoencoder``: a plain convolutional encoder-decoder (no gating, no adversary) trained with a
+  reconstruction loss, the AE-based purifier family.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+
+class GatedConv(nn.Module):
+    """conv -> ELU(features) * sigmoid(gate)."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int = 3, stride: int = 1, dilation: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, 2 * c_out, kernel, stride, dilation * (kernel // 2), dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features, gate = self.conv(x).chunk(2, dim=1)
+        return F.elu(features) * torch.sigmoid(gate)
+
+
+class GatedGenerator(nn.Module):
+    """4 -> 3 channel gated-conv U-Net: 32x32 -> 16x16 -> 8x8 (dilated context) -> back up."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        w = width
+        self.enc1 = nn.Sequential(GatedConv(4, w, 5), GatedConv(w, w))
+        self.enc2 = nn.Sequential(GatedConv(w, 2 * w, stride=2), GatedConv(2 * w, 2 * w))
+        self.mid = nn.Sequential(
+            GatedConv(2 * w, 2 * w, stride=2), GatedConv(2 * w, 2 * w, dilation=2), GatedConv(2 * w, 2 * w, dilation=4),
+            GatedConv(2 * w, 2 * w),
+        )
+        self.dec2 = nn.Sequential(GatedConv(4 * w, 2 * w), GatedConv(2 * w, 2 * w))
+        self.dec1 = nn.Sequential(GatedConv(3 * w, w), GatedConv(w, w))
+        self.out = nn.Conv2d(w, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.enc1(x)
+        e2 = self.enc2(e1)
+        m = F.interpolate(self.mid(e2), scale_factor=2, mode="nearest")
+        d2 = F.interpolate(self.dec2(torch.cat([m, e2], dim=1)), scale_factor=2, mode="nearest")
+        d1 = self.dec1(torch.cat([d2, e1], dim=1))
+        return torch.sigmoid(self.out(d1))
+
+
+class PatchDiscriminator(nn.Module):
+    """Spectral-norm PatchGAN on (image, mask): one realness score per 4x4 patch of a 32x32 image."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        w = width
+        layers = []
+        for c_in, c_out in ((4, w), (w, 2 * w), (2 * w, 4 * w)):
+            layers += [spectral_norm(nn.Conv2d(c_in, c_out, 4, 2, 1)), nn.LeakyReLU(0.2)]
+        layers.append(spectral_norm(nn.Conv2d(4 * w, 1, 3, 1, 1)))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([image, mask], dim=1))
+
+
+class MaskedAutoencoder(nn.Module):
+    """4 -> 3 channel convolutional autoencoder: 32x32 -> 8x8 bottleneck -> 32x32, no skips, no gating."""
+
+    def __init__(self, width: int = 48) -> None:
+        super().__init__()
+        w = width
+        self.encoder = nn.Sequential(
+            nn.Conv2d(4, w, 3, 1, 1), nn.ReLU(), nn.Conv2d(w, 2 * w, 4, 2, 1), nn.ReLU(),
+            nn.Conv2d(2 * w, 4 * w, 4, 2, 1), nn.ReLU(), nn.Conv2d(4 * w, 4 * w, 3, 1, 1), nn.ReLU(),
+        )
+        self.decoder = nn.Sequential(
+            nn.ConvTranspose2d(4 * w, 2 * w, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(2 * w, w, 4, 2, 1), nn.ReLU(),
+            nn.Conv2d(w, 3, 3, 1, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.decoder(self.encoder(x)))
+
+
+PURIFIERS = {"gan": GatedGenerator, "ae": MaskedAutoencoder}
