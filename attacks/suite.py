@@ -67,9 +67,11 @@ class Suite:
 
 
 def parse_suite(data: Dict[str, Any], origin: str = "<dict>") -> Suite:
-    unknown = set(data) - _SUITE_KEYS
-    if unknown:
-        raise BenchError(f"suite {origin}: unknown keys {sorted(unknown)}")
+    unknown, missing = set(data) - _SUITE_KEYS, (_SUITE_KEYS - {"description"}) - set(data)
+    if unknown or missing:
+        raise BenchError(f"suite {origin}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
+    if int(data["eot_draws"]) < 1 or not data["attacks"]:
+        raise BenchError(f"suite {origin}: needs eot_draws >= 1 and at least one attack")
     specs = []
     for item in data["attacks"]:
         if set(item) - _SPEC_KEYS:

@@ -46,7 +46,25 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=128)
     run.add_argument("--download", action="store_true", help="let datasets that can be downloaded fetch themselves")
     run.add_argument("--out", type=Path, default=Path("runs"))
+    run.add_argument("--defense-option", action="append", default=[], metavar="KEY=VALUE",
+                     help="pass an option to the defense, e.g. checkpoint=path/to/finetune.pt (repeatable)")
     run.add_argument("--plugin", action="append", default=[], metavar="FILE", dest="run_plugins")
+    train = sub.add_parser("train", help="train a defense's learned parts (the classifier stays frozen)")
+    train.add_argument("--defense", required=True)
+    train.add_argument("--classifier", default="resnet20")
+    train.add_argument("--dataset", default="cifar10-jpeg")
+    train.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (AToP) / training epochs")
+    train.add_argument("--pretrain-epochs", type=int, default=None)
+    train.add_argument("--train-size", type=int, default=20000, help="training images used (seeded subset)")
+    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="auto")
+    train.add_argument("--out", type=Path, default=None, help="checkpoint folder (default under $BENCH_CHECKPOINT_DIR)")
+    train.add_argument("--transform", choices=("rt1", "rt2", "rt3"), default=None)
+    train.add_argument("--purifier", choices=("gan", "ae"), default=None)
+    train.add_argument("--adv-target", choices=("classifier", "pipeline"), default=None)
+    train.add_argument("--rec-target", choices=("adv", "clean"), default=None)
+    train.add_argument("--lam", type=float, default=None, help="weight of the adversarial CE loss (AToP lambda)")
     lst = sub.add_parser("list", help="list registered names")
     lst.add_argument("what", nargs="?", choices=LIST_KINDS, default=None)
     return parser
@@ -100,17 +118,41 @@ def format_result(record: Dict) -> str:
     return f"{head}\n{table}\nrobust accuracy (worst case over the suite): {_pct(record['robust'])} in {record['timing']['seconds']:.1f} s"
 
 
+def parse_options(pairs: Sequence[str]) -> Dict[str, str]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise BenchError(f"--defense-option takes KEY=VALUE, got {pair!r}")
+        options[key.replace("-", "_")] = value
+    return options
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from bench.runner import RunConfig, run
 
     config = RunConfig(
         defense=args.defense, threat=args.threat, classifier=args.classifier, dataset=args.dataset, suite=args.suite,
         eps=args.eps, n=args.n, seed=args.seed, device=args.device, batch_size=args.batch_size, out=args.out,
-        download=args.download,
+        download=args.download, defense_options=parse_options(args.defense_option),
     )
     record, path = run(config)
     print(format_result(record))
     print(f"record: {path}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from bench.training import TRAINERS, TrainOptions
+
+    trainer = TRAINERS.get(args.defense)
+    names = {"transform": "transform", "purifier": "purifier", "adv_target": "adv_target", "rec_target": "rec_target",
+             "lam": "lam", "pretrain_epochs": "pretrain_epochs", "epochs": "finetune_epochs"}
+    extra = {key: getattr(args, flag) for flag, key in names.items() if getattr(args, flag) is not None}
+    options = TrainOptions(defense=args.defense, classifier=args.classifier, dataset=args.dataset, epochs=args.epochs,
+                           train_size=args.train_size, batch_size=args.batch_size, seed=args.seed, device=args.device,
+                           out=args.out, extra=extra)
+    folder = trainer(options)
+    print(f"checkpoints and manifests: {folder}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -123,6 +165,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             load_plugin(plugin)
         if args.command == "list":
             cmd_list(args.what)
+        elif args.command == "train":
+            cmd_train(args)
         else:
             cmd_run(args)
     except BenchError as exc:

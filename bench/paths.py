@@ -14,6 +14,7 @@ from bench.errors import BenchError
 DATA_ENV = "BENCH_DATA_DIR"
 WEIGHTS_ENV = "BENCH_WEIGHTS_DIR"
 CACHE_ENV = "BENCH_CACHE_DIR"
+CHECKPOINT_ENV = "BENCH_CHECKPOINT_DIR"
 
 
 def _env_path(var: str, default: Path) -> Path:
@@ -36,6 +37,11 @@ def cache_dir() -> Path:
     path = _env_path(CACHE_ENV, Path.home() / ".cache" / "bench" / "cache")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def checkpoint_dir() -> Path:
+    """Trained defense checkpoints (``$BENCH_CHECKPOINT_DIR``, default ``~/.cache/bench/checkpoints``)."""
+    return _env_path(CHECKPOINT_ENV, Path.home() / ".cache" / "bench" / "checkpoints")
 
 
 def require_file(path: Path, what: str, env: str) -> Path:

@@ -62,10 +62,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def record_filename(record: Dict[str, Any]) -> str:
+    """Readable and unique: the run-id prefix separates runs that differ only in options or weights."""
     threat = record["threat"]
     parts = [record["subset"]["dataset"], record["classifier"]["name"], record["defense"]["name"],
              record["suite"]["name"], f"{threat['norm']}-{threat['eps']:.6g}", f"n{record['subset']['n']}",
-             f"s{record['subset']['seed']}"]
+             f"s{record['subset']['seed']}", record["run_id"][:8]]
     return re.sub(r"[^A-Za-z0-9._+-]", "-", "_".join(parts)) + ".json"
 
 

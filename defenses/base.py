@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Dict, Optional
 import torch
 from torch import nn
 
+from bench.errors import BenchError
 from bench.registry import Registry
 
 
@@ -91,4 +92,10 @@ def register_defense(name: str):
 
 def build_defense(name: str, classifier: nn.Module, **options: Any) -> Defense:
     """Instantiate the defense called ``name`` in front of ``classifier``."""
-    return DEFENSES.get(name)(classifier, **options)
+    cls = DEFENSES.get(name)
+    try:
+        return cls(classifier, **options)
+    except TypeError as exc:
+        if options and "argument" in str(exc):
+            raise BenchError(f"defense {name} does not accept options {sorted(options)}: {exc}") from None
+        raise

@@ -34,7 +34,7 @@ class GatedConv(nn.Module):
 class GatedGenerator(nn.Module):
     """4 -> 3 channel gated-conv U-Net: 32x32 -> 16x16 -> 8x8 (dilated context) -> back up."""
 
-    def __init__(self, width: int = 32) -> None:
+    def __init__(self, width: int = 16) -> None:
         super().__init__()
         w = width
         self.enc1 = nn.Sequential(GatedConv(4, w, 5), GatedConv(w, w))
@@ -57,25 +57,28 @@ class GatedGenerator(nn.Module):
 
 
 class PatchDiscriminator(nn.Module):
-    """Spectral-norm PatchGAN on (image, mask): one realness score per 4x4 patch of a 32x32 image."""
+    """Spectral-norm PatchGAN on the image: one realness score per 8x8 receptive patch.
+
+    DeepFill v2 also feeds the mask; we do not, because RT3's aggregated output has no single mask.
+    """
 
     def __init__(self, width: int = 32) -> None:
         super().__init__()
         w = width
         layers = []
-        for c_in, c_out in ((4, w), (w, 2 * w), (2 * w, 4 * w)):
+        for c_in, c_out in ((3, w), (w, 2 * w), (2 * w, 4 * w)):
             layers += [spectral_norm(nn.Conv2d(c_in, c_out, 4, 2, 1)), nn.LeakyReLU(0.2)]
         layers.append(spectral_norm(nn.Conv2d(4 * w, 1, 3, 1, 1)))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([image, mask], dim=1))
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.net(image)
 
 
 class MaskedAutoencoder(nn.Module):
     """4 -> 3 channel convolutional autoencoder: 32x32 -> 8x8 bottleneck -> 32x32, no skips, no gating."""
 
-    def __init__(self, width: int = 48) -> None:
+    def __init__(self, width: int = 32) -> None:
         super().__init__()
         w = width
         self.encoder = nn.Sequential(

@@ -1,0 +1,92 @@
+"""Shared plumbing for ``bench train``: options, epoch checkpoints with a manifest, resumption.
+
+A training run writes into one folder: ``<name>.pt`` (tensors only: model and optimizer state, epoch)
+after every epoch, and ``manifest.json`` (command, data, seed, resolved options, per-epoch losses and
+the sha256 of the checkpoint). Restarting the same command resumes after the last finished epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import sys
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from bench.errors import BenchError
+from bench.record import environment, write_json_atomic
+from bench.registry import Registry
+
+TRAINERS: Registry[Callable[["TrainOptions"], Path]] = Registry("trainer", packages=["defenses"])
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """What ``bench train`` passes to a defense's trainer; ``extra`` holds defense-specific flags."""
+
+    defense: str
+    classifier: str = "resnet20"
+    dataset: str = "cifar10-jpeg"
+    epochs: Optional[int] = None
+    train_size: int = 20000
+    batch_size: int = 128
+    seed: int = 0
+    device: str = "auto"
+    out: Optional[Path] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+def training_subset(n_total: int, size: int, seed: int) -> np.ndarray:
+    """The training images used: a seeded permutation's first ``size`` indices."""
+    if not 1 <= size <= n_total:
+        raise BenchError(f"--train-size must be between 1 and {n_total}, got {size}")
+    return np.random.RandomState(seed).permutation(n_total)[:size]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Checkpointer:
+    """Per-epoch checkpoint ``<folder>/<name>.pt`` plus ``manifest.json`` describing how it was made."""
+
+    def __init__(self, folder: Path, name: str, options: TrainOptions, config: Dict[str, Any]) -> None:
+        self.folder, self.name = folder, name
+        self.path = folder / f"{name}.pt"
+        self.manifest_path = folder / f"{name}.manifest.json"
+        self.options, self.config = options, config
+        self.history: List[Dict[str, Any]] = []
+
+    def resume(self) -> Optional[Dict[str, Any]]:
+        """The saved state if a checkpoint of the same configuration exists, else None."""
+        if not self.path.is_file() or not self.manifest_path.is_file():
+            return None
+        manifest = json.loads(self.manifest_path.read_text())
+        if manifest["config"] != json.loads(json.dumps(self.config)):
+            raise BenchError(f"{self.path} was trained with another configuration; use another --out or delete it")
+        self.history = manifest["history"]
+        return torch.load(self.path, map_location="cpu", weights_only=True)
+
+    def save(self, state: Dict[str, Any], epoch_log: Dict[str, Any], finished: bool) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".pt.tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.path)
+        self.history.append(epoch_log)
+        manifest = {
+            "command": " ".join(shlex.quote(a) for a in sys.argv), "options": {**asdict(self.options), "out": str(self.options.out)},
+            "config": self.config, "history": self.history, "finished": finished,
+            "checkpoint": self.path.name, "sha256": sha256_file(self.path),
+            "saved": datetime.now(timezone.utc).isoformat(), "environment": environment(),
+        }
+        write_json_atomic(self.manifest_path, json.loads(json.dumps(manifest, default=str)))

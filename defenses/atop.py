@@ -1,0 +1,97 @@
+"""AToP: Adversarial Training on Purification (Lin et al.), random transform -> purifier -> frozen classifier.
+
+``atop`` is the paper's best configuration (RT2 + GAN purifier, fine-tuned with the adversarial loss).
+Named variants ``atop-<rt1|rt2|rt3>-<gan|ae>-<pre|ft>`` cover the transform x purifier x {pre-trained
+only, fine-tuned} grid of the paper's Tables 7-9. The pipeline is stochastic (fresh masks and noise on
+every call) and exactly differentiable, so the suites attack it end to end with EOT.
+
+Weights come from ``bench train --defense atop`` (see ``defenses/atop_training.py``), stored under
+``$BENCH_CHECKPOINT_DIR/atop/<classifier>/<transform>-<purifier>/<stage>.pt``; ``checkpoint=`` overrides.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from torch import nn
+
+from bench.classifiers.base import load_state_dict
+from bench.errors import BenchError
+from bench.paths import checkpoint_dir
+from defenses.base import Defense, register_defense
+from defenses.purifiers import PURIFIERS
+from defenses.transforms import RT1, RT2, RT3, MaskedEnsemble
+
+TRANSFORMS = {"rt1": RT1, "rt2": RT2, "rt3": RT3}
+STAGES = {"pre": "pretrain", "ft": "finetune"}
+
+
+def atop_checkpoint(classifier: str, transform: str, purifier: str, stage: str) -> Path:
+    return checkpoint_dir() / "atop" / classifier.replace(":", "-") / f"{transform}-{purifier}" / f"{stage}.pt"
+
+
+def build_purifier(transform: nn.Module, generator: nn.Module) -> nn.Module:
+    """RT3 runs the generator on each masked copy and aggregates; RT1/RT2 use it directly."""
+    return MaskedEnsemble(generator, transform.n_masks) if isinstance(transform, RT3) else generator
+
+
+@register_defense("atop")
+class AToP(Defense):
+    """RT2 + GAN purifier, fine-tuned (the paper's recommended setting) unless told otherwise."""
+
+    version = "1"
+    stochastic = True
+    default_transform, default_purifier, default_stage = "rt2", "gan", "finetune"
+
+    def __init__(
+        self, classifier: nn.Module, transform: Optional[str] = None, purifier: Optional[str] = None,
+        stage: Optional[str] = None, checkpoint: Optional[str] = None, untrained: bool = False,
+    ) -> None:
+        self.transform_name = transform or self.default_transform
+        self.purifier_name = purifier or self.default_purifier
+        self.stage = stage or self.default_stage
+        if self.transform_name not in TRANSFORMS or self.purifier_name not in PURIFIERS or self.stage not in STAGES.values():
+            raise BenchError(f"atop: unknown transform/purifier/stage {self.transform_name}/{self.purifier_name}/{self.stage}")
+        generator = PURIFIERS[self.purifier_name]()
+        self.checkpoint_path: Optional[Path] = None
+        if not untrained:
+            self.checkpoint_path = self._checkpoint(classifier, checkpoint)
+            generator.load_state_dict(load_state_dict(self.checkpoint_path, key="generator"), strict=True)
+        transform_module = TRANSFORMS[self.transform_name]()
+        super().__init__(classifier, transform_module, build_purifier(transform_module, generator.eval()))
+        self.purifier.requires_grad_(False)
+
+    def _checkpoint(self, classifier: nn.Module, explicit: Optional[str]) -> Path:
+        name = getattr(getattr(classifier, "info", None), "name", "classifier")
+        path = Path(explicit) if explicit else atop_checkpoint(name, self.transform_name, self.purifier_name, self.stage)
+        if not path.is_file():
+            raise BenchError(
+                f"no trained AToP purifier at {path}; train it with `bench train --defense atop --classifier {name} "
+                f"--transform {self.transform_name} --purifier {self.purifier_name}` (or pass checkpoint=...)"
+            )
+        return path
+
+    @classmethod
+    def for_testing(cls, classifier: nn.Module) -> "AToP":
+        return cls(classifier, untrained=True)
+
+    def config(self) -> Dict[str, Any]:
+        return {
+            "transform": self.transform_name, "purifier": self.purifier_name, "stage": self.stage,
+            "transform_config": self.transform.config(),
+            "checkpoint": str(self.checkpoint_path) if self.checkpoint_path else None,
+        }
+
+
+def _variant(transform: str, purifier: str, short: str) -> type:
+    name = f"atop-{transform}-{purifier}-{short}"
+    attrs = {"default_transform": transform, "default_purifier": purifier, "default_stage": STAGES[short],
+             "__doc__": f"AToP with {transform.upper()} and the {purifier.upper()} purifier, {STAGES[short]} weights."}
+    return register_defense(name)(type(name.replace("-", "_"), (AToP,), attrs))
+
+
+for _t in TRANSFORMS:
+    for _p in PURIFIERS:
+        for _s in STAGES:
+            _variant(_t, _p, _s)

@@ -1,0 +1,184 @@
+"""Training AToP purifiers: pre-training under the random transform, then AToP fine-tuning (Algorithm 1).
+
+Pre-training (the "without AToP" purifier): the generator reconstructs clean training images from their
+transformed versions. GAN purifier: L_df = hinge adversarial term against a PatchGAN discriminator
+(weight ``gan_weight``) + L1 to the clean image; AE purifier: mean squared error.
+
+Fine-tuning (Eq. 5/9): the classifier stays frozen; every step builds FGSM examples x' (eps 8/255)
+against the bare classifier (``adv_target="classifier"``, as the released code) or the whole pipeline
+(``"pipeline"``), and minimizes L_org(reconstruction of ``rec_target``) + lambda * CE(y, f(g(t(x')))).
+Eq. 9 as printed reconstructs x' itself (``rec_target="adv"``, the default); ``"clean"`` reconstructs x.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.training import TRAINERS
+from defenses.purifiers import PURIFIERS, PatchDiscriminator
+from defenses.transforms import RT2, RT3
+
+
+@dataclass(frozen=True)
+class AToPSettings:
+    transform: str = "rt2"
+    purifier: str = "gan"
+    pretrain_epochs: int = 8
+    finetune_epochs: int = 2
+    lr: float = 1e-3
+    gan_weight: float = 0.1
+    lam: float = 0.1
+    fgsm_eps: float = 8 / 255
+    adv_target: str = "classifier"
+    rec_target: str = "adv"
+
+    def to_dict(self) -> Dict[str, object]:
+        return asdict(self)
+
+
+class AToPTrainer:
+    """Holds generator, optional discriminator and optimizers; one method per training step."""
+
+    def __init__(self, settings: AToPSettings, classifier: nn.Module, device: torch.device) -> None:
+        from defenses.atop import TRANSFORMS, build_purifier
+
+        self.s, self.device, self.classifier = settings, device, classifier.eval()
+        self.generator = PURIFIERS[settings.purifier]().to(device)
+        self.transform = TRANSFORMS[settings.transform]()
+        # RT3 copies are single masks with missing rate 1/N: pre-train on exactly that distribution.
+        n = getattr(self.transform, "n_masks", 4)
+        self.pretrain_transform = RT2(self.transform.sigma, self.transform.patch_fraction, 1.0 / n) if isinstance(self.transform, RT3) else self.transform
+        self.purify = build_purifier(self.transform, self.generator)
+        self.discriminator = PatchDiscriminator().to(device) if settings.purifier == "gan" else None
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=settings.lr, betas=(0.5, 0.999))
+        self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=settings.lr, betas=(0.5, 0.999)) if self.discriminator else None
+
+    def pipeline(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.purify(self.transform(x)))
+
+    def _discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> float:
+        loss = F.relu(1 - self.discriminator(real)).mean() + F.relu(1 + self.discriminator(fake.detach())).mean()
+        self.opt_d.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_d.step()
+        return loss.item()
+
+    def _generator_loss(self, fake: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.discriminator is None:
+            return F.mse_loss(fake, target)
+        return F.l1_loss(fake, target) - self.s.gan_weight * self.discriminator(fake).mean()
+
+    def _update(self, fake: torch.Tensor, target: torch.Tensor, extra: Optional[torch.Tensor] = None) -> Dict[str, float]:
+        logs = {"d": self._discriminator_step(target, fake)} if self.discriminator is not None else {}
+        rec = self._generator_loss(fake, target)
+        loss = rec if extra is None else rec + self.s.lam * extra
+        self.opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_g.step()
+        logs.update({"rec": rec.item(), "loss": loss.item(), "l1": F.l1_loss(fake.detach(), target).item()})
+        return logs
+
+    def pretrain_step(self, x: torch.Tensor) -> Dict[str, float]:
+        self.generator.train()
+        fake = self.generator(self.pretrain_transform(x))
+        return self._update(fake, x)
+
+    def fgsm(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        model = self.classifier if self.s.adv_target == "classifier" else self.pipeline
+        x_req = x.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(x_req), y), x_req)
+        return (x + self.s.fgsm_eps * grad.sign()).clamp(0, 1).detach()
+
+    def finetune_step(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
+        self.generator.eval()
+        x_adv = self.fgsm(x, y)
+        self.generator.train()
+        fake = self.purify(self.transform(x_adv))
+        ce = F.cross_entropy(self.classifier(fake), y)
+        logs = self._update(fake, x_adv if self.s.rec_target == "adv" else x, ce)
+        logs["ce"] = ce.item()
+        return logs
+
+    def state(self, epoch: int) -> Dict[str, object]:
+        state = {"generator": self.generator.state_dict(), "opt_g": self.opt_g.state_dict(), "epoch": epoch}
+        if self.discriminator is not None:
+            state.update(discriminator=self.discriminator.state_dict(), opt_d=self.opt_d.state_dict())
+        return state
+
+    def load(self, state: Dict[str, object], optimizers: bool = True) -> None:
+        self.generator.load_state_dict(state["generator"])
+        if self.discriminator is not None and "discriminator" in state:
+            self.discriminator.load_state_dict(state["discriminator"])
+            if optimizers:
+                self.opt_d.load_state_dict(state["opt_d"])
+        if optimizers:
+            self.opt_g.load_state_dict(state["opt_g"])
+
+
+def _batches(images, labels, order, batch_size: int, device):
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        x = torch.from_numpy(images[idx]).to(device).permute(0, 3, 1, 2).float().div(255).contiguous()
+        yield x, torch.from_numpy(labels[idx]).to(device)
+
+
+def _run_stage(trainer: AToPTrainer, stage: str, epochs: int, data, options, checkpointer, start_epoch: int) -> None:
+    """Run epochs ``start_epoch..epochs-1`` of ``stage``, checkpointing after each one."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from bench.evaluate import progress_enabled
+
+    images, labels, indices = data
+    for epoch in range(start_epoch, epochs):
+        order = indices[np.random.RandomState(options.seed * 1000 + epoch).permutation(len(indices))]
+        torch.manual_seed(options.seed * 1000 + epoch)
+        totals: Dict[str, float] = {}
+        steps = 0
+        bar = tqdm(_batches(images, labels, order, options.batch_size, trainer.device), total=-(-len(order) // options.batch_size),
+                   desc=f"{stage} {epoch + 1}/{epochs}", disable=not progress_enabled())
+        for x, y in bar:
+            logs = trainer.pretrain_step(x) if stage == "pretrain" else trainer.finetune_step(x, y)
+            steps += 1
+            for key, value in logs.items():
+                totals[key] = totals.get(key, 0.0) + value
+            bar.set_postfix(l1=f"{totals['l1'] / steps:.4f}")
+        checkpointer.save(trainer.state(epoch + 1), {"epoch": epoch + 1, **{k: v / steps for k, v in totals.items()}},
+                          finished=epoch + 1 == epochs)
+
+
+@TRAINERS.register("atop")
+def train_atop(options) -> "Path":
+    """``bench train --defense atop``: pre-train, then fine-tune; resumable per epoch."""
+    from pathlib import Path
+
+    from bench.classifiers import load_classifier
+    from bench.datasets import load_dataset
+    from bench.runner import resolve_device
+    from bench.training import Checkpointer, training_subset
+    from defenses.atop import atop_checkpoint
+
+    settings = AToPSettings(**options.extra)
+    device = resolve_device(options.device)
+    classifier = load_classifier(options.classifier, device)
+    train = load_dataset(options.dataset, "train")
+    data = (train.images, train.labels, training_subset(len(train), options.train_size, options.seed))
+    folder = Path(options.out) if options.out else atop_checkpoint(options.classifier, settings.transform, settings.purifier, "x").parent
+    trainer = AToPTrainer(settings, classifier, device)
+    config = {"settings": settings.to_dict(), "classifier": options.classifier, "dataset": options.dataset,
+              "train_size": options.train_size, "batch_size": options.batch_size, "seed": options.seed}
+    for stage, epochs in (("pretrain", settings.pretrain_epochs), ("finetune", settings.finetune_epochs)):
+        checkpointer = Checkpointer(folder, stage, options, {**config, "stage": stage})
+        saved = checkpointer.resume()
+        if saved is None and stage == "finetune":
+            trainer.load(torch.load(folder / "pretrain.pt", map_location="cpu", weights_only=True), optimizers=False)
+        elif saved is not None:
+            trainer.load(saved)
+        start = int(saved["epoch"]) if saved is not None else 0
+        _run_stage(trainer, stage, epochs, data, options, checkpointer, start)
+    return folder
