@@ -44,6 +44,7 @@ class RunConfig:
     eps: Optional[float] = None
     n: int = 512
     seed: int = 0
+    success_draws: int = 10  # re-classifications of each adversarial example, for stochastic defenses
     device: str = "auto"
     batch_size: int = 128
     out: Path = Path("runs")
@@ -86,17 +87,18 @@ def run(config: RunConfig) -> Tuple[Dict[str, Any], Path]:
 def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: RunConfig, device) -> Tuple[Dict[str, Any], Path]:
     plans = suite.build(threat, stochastic=defense.stochastic, differentiable=defense.differentiable)
     described = defense.describe()
+    draws = config.success_draws if defense.stochastic else 1
     key_source = {
         "defense": described, "classifier": defense.classifier.info.to_dict(), "subset": subset.to_dict(),
         "threat": threat.to_dict(), "suite": suite.to_dict(), "plans": [label for label, _ in plans],
-        "seed": config.seed, "batch_size": config.batch_size,
+        "seed": config.seed, "batch_size": config.batch_size, "success_draws": draws,
     }
     run_id = hashlib.sha256(json.dumps(key_source, sort_keys=True, default=str).encode()).hexdigest()[:24]
     state_dir = Path(config.out) / ".state" / run_id
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     log.info("run %s: %s on %s (%s, n=%d), suite %s", run_id, config.defense, config.classifier, subset.dataset, subset.n, suite.name)
     result = evaluate(defense, subset, plans, threat, who=config.defense, batch_size=config.batch_size,
-                      device=device, seed=config.seed, state_dir=state_dir)
+                      device=device, seed=config.seed, state_dir=state_dir, success_draws=draws)
     record = {
         "schema_version": SCHEMA_VERSION, "run_id": run_id, "defense": described,
         "classifier": defense.classifier.info.to_dict(), "subset": subset.to_dict(), "threat": threat.to_dict(),
@@ -108,7 +110,8 @@ def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: Ru
             "clean_correct": result.clean_correct.tolist(), "robust": result.robust.tolist(), "broken_by": result.broken_by,
         },
         "unreliable": False, "unreliable_reasons": [],
-        "settings": {"device": str(device), "batch_size": config.batch_size, "seed": config.seed},
+        "settings": {"device": str(device), "batch_size": config.batch_size, "seed": config.seed,
+                     "success_draws": draws, "success_rule": "broken if any draw misclassifies"},
         "environment": environment(),
         "timing": {"started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
                    "seconds": time.perf_counter() - t0},

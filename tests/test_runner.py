@@ -107,3 +107,35 @@ def test_default_run_on_resnet20(tmp_path):
     assert abs(record["clean"]["accuracy"] - independent) <= 0.02
     assert record["robust"]["accuracy"] <= 0.01
     assert seconds < 600
+
+
+class Flicker(torch.nn.Module):
+    """A 'stochastic defense' that is right on even calls and wrong on odd ones."""
+
+    stochastic = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        right = torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), 10).float()
+        return (right if self.calls % 2 == 1 else 1 - right) + self.weight * x.mean()
+
+
+def test_stochastic_success_check_takes_the_worst_draw():
+    from attacks import ATTACKS, Threat
+    from bench.evaluate import evaluate
+    from bench.subset import Subset
+
+    x, y = torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)
+    subset = Subset("toy", "test", 4, 0, np.arange(4), x, y, 10, "0" * 64, "0" * 64)
+    threat = Threat("linf", 1e-3)
+    plans = [("fgsm", ATTACKS.get("fgsm")(threat))]
+    # call 1 (clean): right; call 2 (FGSM gradient): wrong; call 3 (single success check): right
+    lucky = evaluate(Flicker(), subset, plans, threat, who="flicker", success_draws=1)
+    assert lucky.robust.all()
+    worst = evaluate(Flicker(), subset, plans, threat, who="flicker", success_draws=10)
+    assert not worst.robust.any()
