@@ -32,7 +32,7 @@ class AutoAttackReference(Attack):
         self.version, self.seed, self.batch_size = version, seed, batch_size
 
     def params(self) -> Dict[str, Any]:
-        return {"version": self.version, "seed": self.seed}
+        return {"version": self.version, "seed": self.seed, "batch_size": self.batch_size}
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         from pyautoattack import AutoAttack

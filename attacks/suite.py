@@ -45,7 +45,9 @@ class Suite:
     eot_draws: int
     attacks: Tuple[AttackSpec, ...]
 
-    def build(self, threat: Threat, stochastic: bool, differentiable: bool) -> List[Tuple[str, Attack]]:
+    def build(
+        self, threat: Threat, stochastic: bool, differentiable: bool, eot_chunk_images: Optional[int] = None
+    ) -> List[Tuple[str, Attack]]:
         """Resolve the suite for a defense: a list of (label, attack) in the order they run."""
         plans: List[Tuple[str, Attack]] = []
         for spec in self.attacks:
@@ -55,7 +57,7 @@ class Suite:
                 variants.append((f"{spec.attack}+bpda", BPDA(spec.build(threat))))
             for label, variant in variants:
                 if attack.uses_oracle and stochastic:
-                    label, variant = f"{label}+eot{self.eot_draws}", EOT(variant, self.eot_draws)
+                    label, variant = f"{label}+eot{self.eot_draws}", EOT(variant, self.eot_draws, eot_chunk_images)
                 plans.append((label, variant))
         return plans
 

@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from attacks.adaptive import default_chunk_images
 from attacks.base import Threat
 from attacks.suite import load_suite
 from bench.classifiers import load_classifier
@@ -85,7 +86,8 @@ def run(config: RunConfig) -> Tuple[Dict[str, Any], Path]:
 
 
 def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: RunConfig, device) -> Tuple[Dict[str, Any], Path]:
-    plans = suite.build(threat, stochastic=defense.stochastic, differentiable=defense.differentiable)
+    plans = suite.build(threat, stochastic=defense.stochastic, differentiable=defense.differentiable,
+                        eot_chunk_images=default_chunk_images(device))
     described = defense.describe()
     draws = config.success_draws if defense.stochastic else 1
     key_source = {

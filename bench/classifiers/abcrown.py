@@ -88,13 +88,18 @@ _MODELS = {
 }
 
 
+# What upstream says about the training: PGD at 2/255 for the ResNets; "adversarially trained" otherwise.
+_TRAINING = {"resnet4b": "pgd-linf", "resnet2b": "pgd-linf", "cnn-a-adv": "adversarial (method not stated)",
+             "conv-small-pgd": "pgd (eps not stated)"}
+
+
 def _pretrained(name: str) -> Classifier:
     arch, file, key, std, eps = _MODELS[name]
     path = require_file(weights_dir() / "abcrown_cifar10" / file, f"{name} weights", WEIGHTS_ENV)
     net = build_strict(_ARCHS[arch](), load_state_dict(path, key=key), path)
     info = ClassifierInfo(
         name=name, architecture=arch, dataset="cifar10", num_classes=10, mean=CIFAR10_MEAN, std=std,
-        training="pgd-linf", train_eps=eps, weights=f"abcrown_cifar10/{file}",
+        training=_TRAINING[name], train_eps=eps, weights=f"abcrown_cifar10/{file}",
         source="Verified-Intelligence/alpha-beta-CROWN (BSD-3-Clause)",
     )
     return Classifier(net, info)
