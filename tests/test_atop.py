@@ -59,6 +59,8 @@ def test_bench_train_writes_manifest_resumes_and_loads(tmp_path, capsys):
     record = json.loads(next((tmp_path / "runs").glob("*.json")).read_text())
     assert record["defense"]["stochastic"] and record["defense"]["config"]["transform"] == "rt2"
     assert [a["label"] for a in record["attacks"]] == ["fgsm+eot2", "pgd+eot2"]
+    assert all(a["eot_chunk_images"] == 128 for a in record["attacks"])  # resolved from the CPU device up front
+    assert record["settings"]["success_draws"] == 10
 
 
 def test_missing_checkpoint_says_how_to_train(capsys, tmp_path, monkeypatch):
