@@ -95,9 +95,6 @@ class _Wrapper(Attack):
     def params(self) -> Dict[str, Any]:
         return self.inner.params()
 
-    def describe(self) -> Dict[str, Any]:
-        return {"attack": self.name, "params": self.params(), **self.wrapper_settings()}
-
 
 class EOT(_Wrapper):
     """Average the attack's gradients over ``n`` draws of the (stochastic) model."""
