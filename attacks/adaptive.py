@@ -120,23 +120,33 @@ class EOT(_Wrapper):
 class BPDAView(nn.Module):
     """A module whose forward is the model's ``bpda_forward`` (real values, surrogate gradients)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, stages: Tuple[str, ...] = ()) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.stages = model, tuple(stages)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         forward = getattr(self.model, "bpda_forward", None)
         if forward is None:
             raise BenchError(f"{type(self.model).__name__} declares no BPDA surrogate (no bpda_forward)")
-        return forward(x)
+        return forward(x, stages=self.stages) if self.stages else forward(x)
 
 
 class BPDA(_Wrapper):
-    """Back-propagate through the defense's declared surrogate for its non-differentiable stages."""
+    """Back-propagate through the defense's declared surrogate for its non-differentiable stages.
+
+    ``stages`` (e.g. ``("purifier",)``) also sends these stages' gradients through their surrogate even
+    though they are differentiable: the "purifier skipped in the gradient" evaluation, kept to show how
+    much it over-credits a defense, never as a replacement for exact gradients.
+    """
+
+    def __init__(self, inner: Attack, stages: Tuple[str, ...] = ()) -> None:
+        super().__init__(inner)
+        self.stages = tuple(stages)
 
     def make_oracle(self, model: nn.Module) -> Oracle:
         base = self.inner.make_oracle(model)
-        return base.with_model(BPDAView(base.model))
+        return base.with_model(BPDAView(base.model, self.stages))
 
     def wrapper_settings(self) -> Dict[str, Any]:
-        return {**self.inner.wrapper_settings(), "bpda": True}
+        extra = {"bpda_stages": list(self.stages)} if self.stages else {}
+        return {**self.inner.wrapper_settings(), "bpda": True, **extra}

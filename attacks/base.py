@@ -107,9 +107,13 @@ class CountingModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._count(self.model(x), x.shape[0])
 
-    def bpda_forward(self, x: torch.Tensor) -> torch.Tensor:
-        inner = getattr(self.model, "bpda_forward", self.model)
-        return self._count(inner(x), x.shape[0])
+    def bpda_forward(self, x: torch.Tensor, stages: Tuple[str, ...] = ()) -> torch.Tensor:
+        inner = getattr(self.model, "bpda_forward", None)
+        if inner is None:
+            if stages:
+                raise BenchError(f"{type(self.model).__name__} has no stages to pass through BPDA")
+            return self._count(self.model(x), x.shape[0])
+        return self._count(inner(x, stages=stages) if stages else inner(x), x.shape[0])
 
     @property
     def stochastic(self) -> bool:

@@ -1,9 +1,20 @@
 """Suites: frozen, versioned lists of attack specs, stored as JSON data in ``attacks/suites/``.
 
-A suite names its threat (norm, default eps), the attacks with their budgets, and how many EOT draws
-every gradient attack gets when the defense is stochastic. ``Suite.build`` resolves it for a defense:
-exact-gradient attacks always; for a defense with non-differentiable stages, each gradient attack again
-under ``BPDA`` (an addition, never a replacement); ``EOT`` around every gradient attack when stochastic.
+A suite file names its threat (norm, default eps) and gives the attacks in up to three **budgets**:
+``smoke`` (seconds, for tests and CI), ``cpu`` (a real but reduced evaluation that fits a CPU session) and
+``paper`` (the protocol's full strength, a GPU job). Each budget lists its attacks and how many EOT draws
+every gradient attack gets when the defense is stochastic. ``load_suite(name, norm, budget)`` resolves one
+budget into a ``Suite``; the record stores the suite name, version, budget and every resolved setting.
+
+``Suite.build`` resolves a suite for a defense: exact-gradient attacks always; for a defense with
+non-differentiable stages, each gradient attack again under ``BPDA`` (an addition, never a replacement);
+``EOT`` around every gradient attack when stochastic. An attack spec may also ask for BPDA through named
+stages that *are* differentiable (``"bpda": ["purifier"]``): that measures how much an evaluation that
+skips a stage in the gradient over-credits the defense (PROTOCOL: "purifier skipped in the gradient").
+
+By default the attacks run one after another on the points still robust (early stop; the result is the
+per-sample worst case). A suite with ``"independent": true`` runs every attack on all clean-correct points
+so each attack's own accuracy is known, as the columns of the papers' tables need.
 """
 
 from __future__ import annotations
@@ -13,20 +24,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import torch
+
 from attacks.adaptive import BPDA, EOT
 from attacks.base import ATTACKS, Attack, Threat
 from bench.errors import BenchError
 from bench.registry import Registry
 
 SUITE_DIR = Path(__file__).with_name("suites")
-_SUITE_KEYS = {"name", "version", "description", "threat", "eot_draws", "attacks"}
-_SPEC_KEYS = {"attack", "params"}
+BUDGETS = ("smoke", "cpu", "paper")
+STAGES = ("transform", "purifier")
+_SUITE_KEYS = {"name", "version", "description", "threat", "independent", "budgets"}
+_BUDGET_KEYS = {"description", "eot_draws", "attacks"}
+_SPEC_KEYS = {"attack", "params", "bpda"}
 
 
 @dataclass(frozen=True)
 class AttackSpec:
     attack: str
     params: Tuple[Tuple[str, Any], ...] = ()
+    bpda: Tuple[str, ...] = ()  # differentiable stages the attack back-propagates through as the identity
 
     def build(self, threat: Threat) -> Attack:
         cls = ATTACKS.get(self.attack)
@@ -35,15 +52,22 @@ class AttackSpec:
         except TypeError as exc:
             raise BenchError(f"bad parameters for attack {self.attack}: {exc}") from None
 
+    def to_dict(self) -> Dict[str, Any]:
+        return {"attack": self.attack, "params": dict(self.params), **({"bpda": list(self.bpda)} if self.bpda else {})}
+
 
 @dataclass(frozen=True)
 class Suite:
+    """One budget of a suite, resolved: what a run executes and what its record stores."""
+
     name: str
     version: str
+    budget: str
     description: str
     threat: Threat
     eot_draws: int
     attacks: Tuple[AttackSpec, ...]
+    independent: bool = False
 
     def build(
         self, threat: Threat, stochastic: bool, differentiable: bool, eot_chunk_images: Optional[int] = None
@@ -52,52 +76,84 @@ class Suite:
         plans: List[Tuple[str, Attack]] = []
         for spec in self.attacks:
             attack = spec.build(threat)
-            variants = [(spec.attack, attack)]
+            label = spec.attack
+            if spec.bpda:
+                if not attack.uses_oracle:
+                    raise BenchError(f"suite {self.name}: {spec.attack} runs its own model loop; it cannot take bpda stages")
+                label, attack = f"{label}+bpda[{','.join(spec.bpda)}]", BPDA(attack, stages=spec.bpda)
+            variants = [(label, attack)]
             if attack.uses_oracle and not differentiable:
-                variants.append((f"{spec.attack}+bpda", BPDA(spec.build(threat))))
+                variants.append((f"{label}+bpda", BPDA(spec.build(threat), stages=spec.bpda)))
             for label, variant in variants:
-                if attack.uses_oracle and stochastic:
+                if variant.uses_oracle and stochastic:
                     label, variant = f"{label}+eot{self.eot_draws}", EOT(variant, self.eot_draws, eot_chunk_images)
                 plans.append((label, variant))
         return plans
 
     def to_dict(self) -> Dict[str, Any]:
         return {
-            "name": self.name, "version": self.version, "threat": self.threat.to_dict(), "eot_draws": self.eot_draws,
-            "attacks": [{"attack": s.attack, "params": dict(s.params)} for s in self.attacks],
+            "name": self.name, "version": self.version, "budget": self.budget, "threat": self.threat.to_dict(),
+            "eot_draws": self.eot_draws, "independent": self.independent,
+            "attacks": [spec.to_dict() for spec in self.attacks],
         }
 
 
-def parse_suite(data: Dict[str, Any], origin: str = "<dict>") -> Suite:
-    unknown, missing = set(data) - _SUITE_KEYS, (_SUITE_KEYS - {"description"}) - set(data)
+def _parse_spec(item: Dict[str, Any], origin: str) -> AttackSpec:
+    if set(item) - _SPEC_KEYS or "attack" not in item:
+        raise BenchError(f"suite {origin}: an attack needs 'attack' and may have {sorted(_SPEC_KEYS - {'attack'})}, got {sorted(item)}")
+    stages = tuple(item.get("bpda", ()))
+    if set(stages) - set(STAGES):
+        raise BenchError(f"suite {origin}: bpda stages must be among {list(STAGES)}, got {list(stages)}")
+    return AttackSpec(item["attack"], tuple(sorted(item.get("params", {}).items())), stages)
+
+
+def parse_suite(data: Dict[str, Any], origin: str = "<dict>") -> Dict[str, Suite]:
+    """Every budget of one suite file, as resolved ``Suite`` objects keyed by budget."""
+    unknown, missing = set(data) - _SUITE_KEYS, (_SUITE_KEYS - {"description", "independent"}) - set(data)
     if unknown or missing:
         raise BenchError(f"suite {origin}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
-    if int(data["eot_draws"]) < 1 or not data["attacks"]:
-        raise BenchError(f"suite {origin}: needs eot_draws >= 1 and at least one attack")
-    specs = []
-    for item in data["attacks"]:
-        if set(item) - _SPEC_KEYS:
-            raise BenchError(f"suite {origin}: unknown attack keys {sorted(set(item) - _SPEC_KEYS)}")
-        specs.append(AttackSpec(item["attack"], tuple(sorted(item.get("params", {}).items()))))
-    threat = Threat(data["threat"]["norm"], float(data["threat"]["eps"]))
-    return Suite(data["name"], str(data["version"]), data.get("description", ""), threat, int(data["eot_draws"]), tuple(specs))
+    if not data["budgets"] or set(data["budgets"]) - set(BUDGETS):
+        raise BenchError(f"suite {origin}: budgets must be a non-empty subset of {list(BUDGETS)}")
+    try:
+        threat = Threat(data["threat"]["norm"], float(data["threat"]["eps"]))
+    except (KeyError, TypeError, ValueError):
+        raise BenchError(f"suite {origin}: threat needs a norm and an eps") from None
+    suites = {}
+    for budget, body in data["budgets"].items():
+        if set(body) - _BUDGET_KEYS or not {"eot_draws", "attacks"} <= set(body):
+            raise BenchError(f"suite {origin}, budget {budget}: needs eot_draws and attacks, may have a description")
+        if int(body["eot_draws"]) < 1 or not body["attacks"]:
+            raise BenchError(f"suite {origin}, budget {budget}: needs eot_draws >= 1 and at least one attack")
+        specs = tuple(_parse_spec(item, origin) for item in body["attacks"])
+        description = " ".join(filter(None, (data.get("description", ""), body.get("description", ""))))
+        suites[budget] = Suite(data["name"], str(data["version"]), budget, description, threat, int(body["eot_draws"]),
+                               specs, bool(data.get("independent", False)))
+    return suites
 
 
-SUITES: Registry[Suite] = Registry("suite")
+SUITES: Registry[Dict[str, Suite]] = Registry("suite")
 
 
 def _load_builtin() -> None:
     for path in sorted(SUITE_DIR.glob("*.json")):
-        suite = parse_suite(json.loads(path.read_text()), path.name)
-        SUITES.add(suite.name, suite)
+        suites = parse_suite(json.loads(path.read_text()), path.name)
+        SUITES.add(next(iter(suites.values())).name, suites)
 
 
-def load_suite(name: Optional[str], norm: str) -> Suite:
-    """The named suite, or the default suite of the threat (``linf`` / ``l2``)."""
-    suite = SUITES.get(name or norm)
-    if suite.threat.norm != norm:
-        raise BenchError(f"suite {suite.name} is for threat {suite.threat.norm}, not {norm}")
-    return suite
+def default_budget(device: torch.device | str) -> str:
+    """``paper`` on a GPU, ``cpu`` otherwise: the strongest budget that finishes on the device."""
+    return "paper" if torch.device(device).type == "cuda" else "cpu"
+
+
+def load_suite(name: Optional[str], norm: str, budget: str = "paper") -> Suite:
+    """One budget of the named suite (default: the threat's own suite, ``linf`` or ``l2``)."""
+    budgets = SUITES.get(name or norm)
+    any_budget = next(iter(budgets.values()))
+    if any_budget.threat.norm != norm:
+        raise BenchError(f"suite {any_budget.name} is for threat {any_budget.threat.norm}, not {norm}")
+    if budget not in budgets:
+        raise BenchError(f"suite {any_budget.name} has no {budget!r} budget; it has {', '.join(budgets)}")
+    return budgets[budget]
 
 
 _load_builtin()

@@ -36,7 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="evaluate a defense on the fixed subset against a suite")
     run.add_argument("--defense", required=True)
     run.add_argument("--threat", choices=("linf", "l2"), default="linf")
-    run.add_argument("--suite", default=None, help="suite name (default: the threat's own suite)")
+    run.add_argument("--suite", default=None, help="suite name (default: the threat's own suite, linf or l2)")
+    run.add_argument("--budget", choices=("auto", "smoke", "cpu", "paper"), default="auto",
+                     help="attack budget of the suite: smoke (seconds, tests), cpu (reduced, fits a CPU session), "
+                          "paper (full strength, a GPU job); auto = paper on CUDA, cpu on CPU (default)")
     run.add_argument("--eps", type=parse_eps, default=None, help="override the suite's eps, e.g. 2/255")
     run.add_argument("--dataset", default="cifar10-jpeg")
     run.add_argument("--classifier", default="resnet20")
@@ -65,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--adv-target", choices=("classifier", "pipeline"), default=None)
     train.add_argument("--rec-target", choices=("adv", "clean"), default=None)
     train.add_argument("--lam", type=float, default=None, help="weight of the adversarial CE loss (AToP lambda)")
+    train.add_argument("--pretrained", default=None, metavar="PATH",
+                       help="AToP: skip pre-training and fine-tune this pre-trained purifier (e.g. RT2's for RT3)")
     lst = sub.add_parser("list", help="list registered names")
     lst.add_argument("what", nargs="?", choices=LIST_KINDS, default=None)
     return parser
@@ -90,15 +95,23 @@ def cmd_list(what: Optional[str]) -> None:
         registry = registries[kind]
         print(f"{kind}:")
         if kind == "suites":
-            for name, suite in registry.items():
-                attacks = ", ".join(f"{s.attack}({', '.join(f'{k}={v}' for k, v in s.params)})" for s in suite.attacks)
-                print(f"  {name} v{suite.version} [{suite.threat.norm} eps={suite.threat.eps:.6g}, EOT {suite.eot_draws}]: {attacks}")
+            for name, budgets in registry.items():
+                for budget, suite in budgets.items():
+                    attacks = ", ".join(_describe_spec(spec) for spec in suite.attacks)
+                    mode = ", independent" if suite.independent else ""
+                    print(f"  {name} v{suite.version} {budget} [{suite.threat.norm} eps={suite.threat.eps:.6g}, "
+                          f"EOT {suite.eot_draws}{mode}]: {attacks}")
         else:
             for name in registry.names():
                 print(f"  {name}")
         if kind == "classifiers":
             print("  robustbench:<Name>   (RobustBench zoo, weights under $BENCH_WEIGHTS_DIR/robustbench)")
             print("  file:<arch>:<path>   (your state dict for a registered architecture)")
+
+
+def _describe_spec(spec) -> str:
+    params = ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in spec.params)
+    return f"{spec.attack}({params})" + (f"+bpda[{','.join(spec.bpda)}]" if spec.bpda else "")
 
 
 def _pct(acc: Dict) -> str:
@@ -114,7 +127,8 @@ def format_result(record: Dict) -> str:
     table = tabulate(rows, headers=["attack", "attacked", "broken", "accuracy after [95% CI]", "fwd", "bwd", "s"])
     s, t = record["subset"], record["threat"]
     head = (f"{record['defense']['name']} on {record['classifier']['name']} | {s['dataset']} n={s['n']} seed={s['seed']} "
-            f"subset {s['hash'][:12]} | {t['norm']} eps={t['eps']:.6g} | suite {record['suite']['name']} v{record['suite']['version']}")
+            f"subset {s['hash'][:12]} | {t['norm']} eps={t['eps']:.6g} | suite {record['suite']['name']} v{record['suite']['version']} "
+            f"({record['suite']['budget']} budget)")
     return f"{head}\n{table}\nrobust accuracy (worst case over the suite): {_pct(record['robust'])} in {record['timing']['seconds']:.1f} s"
 
 
@@ -133,6 +147,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     config = RunConfig(
         defense=args.defense, threat=args.threat, classifier=args.classifier, dataset=args.dataset, suite=args.suite,
+        budget=args.budget,
         eps=args.eps, n=args.n, seed=args.seed, device=args.device, batch_size=args.batch_size, out=args.out,
         download=args.download, defense_options=parse_options(args.defense_option),
     )
@@ -146,7 +161,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     trainer = TRAINERS.get(args.defense)
     names = {"transform": "transform", "purifier": "purifier", "adv_target": "adv_target", "rec_target": "rec_target",
-             "lam": "lam", "pretrain_epochs": "pretrain_epochs", "epochs": "finetune_epochs"}
+             "lam": "lam", "pretrain_epochs": "pretrain_epochs", "epochs": "finetune_epochs", "pretrained": "pretrained"}
     extra = {key: getattr(args, flag) for flag, key in names.items() if getattr(args, flag) is not None}
     options = TrainOptions(defense=args.defense, classifier=args.classifier, dataset=args.dataset, epochs=args.epochs,
                            train_size=args.train_size, batch_size=args.batch_size, seed=args.seed, device=args.device,

@@ -101,30 +101,33 @@ def _clean_pass(model, subset: Subset, batch_size: int, device, seed: int, who: 
 
 def _attack_batch(
     model: CountingModule, attack: Attack, label: str, x: torch.Tensor, y: torch.Tensor, threat: Threat, draws: int
-) -> Tuple[np.ndarray, Dict[str, Any]]:
+) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
+    """Attack one batch; return (fooled on any draw, correct draws per point, cost)."""
     before, start = model.counter.snapshot(), time.perf_counter()
     x_adv = attack.perturb(model, x, y)
     check_in_ball(x_adv, x, threat, label)
-    fooled = np.zeros(len(y), dtype=bool)
-    with torch.no_grad():  # worst case over the draws: one misclassified draw breaks the point
+    correct = np.zeros(len(y), dtype=np.int64)
+    with torch.inference_mode():  # worst case over the draws: one misclassified draw breaks the point
         for _ in range(draws):
-            fooled |= (model(x_adv).argmax(1) != y).cpu().numpy()
+            correct += (model(x_adv).argmax(1) == y).cpu().numpy()
     after = model.counter.snapshot()
     cost = {k: after[k] - before[k] for k in after}
     cost["seconds"] = time.perf_counter() - start
-    return fooled, cost
+    return correct < draws, correct, cost
 
 
 def evaluate(
     model: nn.Module, subset: Subset, plans: Sequence[Tuple[str, Attack]], threat: Threat, *, who: str,
     batch_size: int = 128, device: str | torch.device = "cpu", seed: int = 0, state_dir: Optional[Path] = None,
-    success_draws: int = 1,
+    success_draws: int = 1, independent: bool = False,
 ) -> Evaluation:
     """Clean accuracy, then every attack in ``plans`` on the points still robust.
 
     ``success_draws`` > 1 (for stochastic defenses) classifies each adversarial example that many times and
     counts it as broken if any draw is wrong, so an attack that found a real weakness is not lost to one
-    lucky forward pass.
+    lucky forward pass; the mean over the draws is kept as well.
+    ``independent`` runs every attack on all clean-correct points (each attack's own accuracy is then
+    ``robust_alone``); the overall result is still the per-sample worst case.
     """
     state = BatchState(state_dir)
     counting = CountingModule(model, PassCounter())
@@ -134,27 +137,34 @@ def evaluate(
     broken_by: List[Optional[str]] = [None] * subset.n
     outcomes = []
     for k, (label, attack) in enumerate(plans):
-        positions = np.flatnonzero(robust)
+        positions = np.flatnonzero(clean_pred == labels if independent else robust)
         total = {"forward": 0, "backward": 0, "forward_images": 0, "backward_images": 0, "seconds": 0.0}
-        broken = 0
+        broken, correct_draws = 0, 0
         bar = tqdm(_batches(positions, batch_size), desc=label, unit="batch", disable=not progress_enabled(), leave=False)
         for b, pos in enumerate(bar):
             key = f"attack{k}-{b}"
             saved = state.load(key)
             if saved is None or saved["positions"] != pos.tolist():
                 torch.manual_seed(derived_seed(seed, "attack", k, b))
-                fooled, cost = _attack_batch(counting, attack, label, subset.x[pos].to(device), subset.y[pos].to(device),
-                                             threat, success_draws)
-                saved = {"positions": pos.tolist(), "fooled": fooled.tolist(), "cost": cost}
+                fooled, correct, cost = _attack_batch(counting, attack, label, subset.x[pos].to(device),
+                                                      subset.y[pos].to(device), threat, success_draws)
+                saved = {"positions": pos.tolist(), "fooled": fooled.tolist(), "correct": correct.tolist(), "cost": cost}
                 state.save(key, saved)
             for p, hit in zip(pos, saved["fooled"]):
                 if hit:
-                    robust[p], broken_by[p] = False, label
+                    if robust[p]:
+                        broken_by[p] = label
+                    robust[p] = False
                     broken += 1
+            correct_draws += sum(saved["correct"])
             for name in total:
                 total[name] += saved["cost"][name]
-        outcomes.append({
+        outcome = {
             "label": label, **attack.describe(), "attacked": int(len(positions)), "broken": broken,
             "robust_after": accuracy_summary(int(robust.sum()), subset.n), "cost": total,
-        })
+        }
+        if independent:  # this attack alone: worst case over the draws, and the mean over the draws
+            outcome["robust_alone"] = accuracy_summary(int(len(positions)) - broken, subset.n)
+            outcome["robust_alone_mean"] = correct_draws / (success_draws * subset.n)
+        outcomes.append(outcome)
     return Evaluation(clean_pred, clean_pred == labels, robust, broken_by, outcomes)

@@ -21,7 +21,7 @@ import torch
 
 from attacks.adaptive import default_chunk_images
 from attacks.base import Threat
-from attacks.suite import load_suite
+from attacks.suite import BUDGETS, default_budget, load_suite
 from bench.classifiers import load_classifier
 from bench.errors import BenchError
 from bench.evaluate import evaluate
@@ -42,6 +42,7 @@ class RunConfig:
     classifier: str = "resnet20"
     dataset: str = "cifar10-jpeg"
     suite: Optional[str] = None
+    budget: str = "auto"  # smoke, cpu, paper, or auto (paper on CUDA, cpu on CPU)
     eps: Optional[float] = None
     n: int = 512
     seed: int = 0
@@ -67,7 +68,7 @@ def record_filename(record: Dict[str, Any]) -> str:
     """Readable and unique: the run-id prefix separates runs that differ only in options or weights."""
     threat = record["threat"]
     parts = [record["subset"]["dataset"], record["classifier"]["name"], record["defense"]["name"],
-             record["suite"]["name"], f"{threat['norm']}-{threat['eps']:.6g}", f"n{record['subset']['n']}",
+             record["suite"]["name"], record["suite"]["budget"], f"{threat['norm']}-{threat['eps']:.6g}", f"n{record['subset']['n']}",
              f"s{record['subset']['seed']}", record["run_id"][:8]]
     return re.sub(r"[^A-Za-z0-9._+-]", "-", "_".join(parts)) + ".json"
 
@@ -77,7 +78,10 @@ def run(config: RunConfig) -> Tuple[Dict[str, Any], Path]:
     if config.batch_size < 1:
         raise BenchError(f"--batch-size must be >= 1, got {config.batch_size}")
     device = resolve_device(config.device)
-    suite = load_suite(config.suite, config.threat)
+    if config.budget not in ("auto", *BUDGETS):
+        raise BenchError(f"--budget must be auto or one of {', '.join(BUDGETS)}, got {config.budget!r}")
+    budget = default_budget(device) if config.budget == "auto" else config.budget
+    suite = load_suite(config.suite, config.threat, budget)
     threat = Threat(suite.threat.norm, config.eps if config.eps is not None else suite.threat.eps)
     subset = load_subset(config.dataset, config.n, config.seed, download=config.download)
     classifier = load_classifier(config.classifier, device)
@@ -98,9 +102,11 @@ def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: Ru
     run_id = hashlib.sha256(json.dumps(key_source, sort_keys=True, default=str).encode()).hexdigest()[:24]
     state_dir = Path(config.out) / ".state" / run_id
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
-    log.info("run %s: %s on %s (%s, n=%d), suite %s", run_id, config.defense, config.classifier, subset.dataset, subset.n, suite.name)
+    log.info("run %s: %s on %s (%s, n=%d), suite %s (%s budget)", run_id, config.defense, config.classifier,
+             subset.dataset, subset.n, suite.name, suite.budget)
     result = evaluate(defense, subset, plans, threat, who=config.defense, batch_size=config.batch_size,
-                      device=device, seed=config.seed, state_dir=state_dir, success_draws=draws)
+                      device=device, seed=config.seed, state_dir=state_dir, success_draws=draws,
+                      independent=suite.independent)
     record = {
         "schema_version": SCHEMA_VERSION, "run_id": run_id, "defense": described,
         "classifier": defense.classifier.info.to_dict(), "subset": subset.to_dict(), "threat": threat.to_dict(),

@@ -1,8 +1,9 @@
 """Shared plumbing for ``bench train``: options, epoch checkpoints with a manifest, resumption.
 
 A training run writes into one folder: ``<name>.pt`` (tensors only: model and optimizer state, epoch)
-after every epoch, and ``manifest.json`` (command, data, seed, resolved options, per-epoch losses and
-the sha256 of the checkpoint). Restarting the same command resumes after the last finished epoch.
+after every epoch, and ``<name>.manifest.json`` (command, data, seed, resolved options, per-epoch losses
+and the sha256 of the checkpoint). Restarting the same command resumes after the last finished epoch.
+A finished stage also exports ``<name>.weights.pt``: the inference weights alone, the file to ship.
 """
 
 from __future__ import annotations
@@ -76,6 +77,18 @@ class Checkpointer:
             raise BenchError(f"{self.path} was trained with another configuration; use another --out or delete it")
         self.history = manifest["history"]
         return torch.load(self.path, map_location="cpu", weights_only=True)
+
+    def export(self, tensors: Dict[str, Any]) -> Path:
+        """Write the inference weights alone (``<name>.weights.pt``, small enough to ship) and note them
+        in the manifest with their sha256."""
+        path = self.folder / f"{self.name}.weights.pt"
+        tmp = path.with_suffix(".pt.tmp")
+        torch.save(tensors, tmp)
+        tmp.replace(path)
+        manifest = json.loads(self.manifest_path.read_text())
+        manifest.update(weights=path.name, weights_sha256=sha256_file(path))
+        write_json_atomic(self.manifest_path, manifest)
+        return path
 
     def save(self, state: Dict[str, Any], epoch_log: Dict[str, Any], finished: bool) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -5,35 +5,41 @@ Named variants ``atop-<rt1|rt2|rt3>-<gan|ae>-<pre|ft>`` cover the transform x pu
 only, fine-tuned} grid of the paper's Tables 7-9. The pipeline is stochastic (fresh masks and noise on
 every call) and exactly differentiable, so the suites attack it end to end with EOT.
 
-Weights come from ``bench train --defense atop`` (see ``defenses/atop_training.py``), stored under
-``$BENCH_CHECKPOINT_DIR/atop/<classifier>/<transform>-<purifier>/<stage>.pt``; ``checkpoint=`` overrides.
+Weights come from ``bench train --defense atop`` (see ``defenses/atop_training.py``). They are looked up in
+this order: ``checkpoint=PATH`` (a defense option); what you trained, under
+``$BENCH_CHECKPOINT_DIR/atop/<classifier>/<transform>-<purifier>/<stage>.pt``; the small checkpoints
+shipped in ``defenses/checkpoints/`` (trained here with ``bench train``, each beside its manifest). The
+record stores the path, where it came from and its sha256.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from torch import nn
 
 from bench.classifiers.base import load_state_dict
 from bench.errors import BenchError
 from bench.paths import checkpoint_dir
+from bench.training import sha256_file
 from defenses.base import Defense, register_defense
 from defenses.purifiers import PURIFIERS
-from defenses.transforms import RT1, RT2, RT3, MaskedEnsemble
+from defenses.transforms import RT1, RT2, RT3, MaskedEnsemble, MaskedInpainting
 
 TRANSFORMS = {"rt1": RT1, "rt2": RT2, "rt3": RT3}
 STAGES = {"pre": "pretrain", "ft": "finetune"}
+BUNDLED_DIR = Path(__file__).with_name("checkpoints")
 
 
-def atop_checkpoint(classifier: str, transform: str, purifier: str, stage: str) -> Path:
-    return checkpoint_dir() / "atop" / classifier.replace(":", "-") / f"{transform}-{purifier}" / f"{stage}.pt"
+def atop_checkpoint(classifier: str, transform: str, purifier: str, stage: str, root: Optional[Path] = None) -> Path:
+    root = checkpoint_dir() if root is None else root
+    return root / "atop" / classifier.replace(":", "-") / f"{transform}-{purifier}" / f"{stage}.pt"
 
 
 def build_purifier(transform: nn.Module, generator: nn.Module) -> nn.Module:
     """RT3 runs the generator on each masked copy and aggregates; RT1/RT2 use it directly."""
-    return MaskedEnsemble(generator, transform.n_masks) if isinstance(transform, RT3) else generator
+    return MaskedEnsemble(generator, transform.n_masks) if isinstance(transform, RT3) else MaskedInpainting(generator)
 
 
 @register_defense("atop")
@@ -55,22 +61,40 @@ class AToP(Defense):
             raise BenchError(f"atop: unknown transform/purifier/stage {self.transform_name}/{self.purifier_name}/{self.stage}")
         generator = PURIFIERS[self.purifier_name]()
         self.checkpoint_path: Optional[Path] = None
+        self.checkpoint_source, self.checkpoint_sha256 = "untrained", None
         if not untrained:
-            self.checkpoint_path = self._checkpoint(classifier, checkpoint)
+            self.checkpoint_path, self.checkpoint_source = self._checkpoint(classifier, checkpoint)
             generator.load_state_dict(load_state_dict(self.checkpoint_path, key="generator"), strict=True)
+            self.checkpoint_sha256 = sha256_file(self.checkpoint_path)
         transform_module = TRANSFORMS[self.transform_name]()
         super().__init__(classifier, transform_module, build_purifier(transform_module, generator.eval()))
         self.purifier.requires_grad_(False)
 
-    def _checkpoint(self, classifier: nn.Module, explicit: Optional[str]) -> Path:
+    def _checkpoint(self, classifier: nn.Module, explicit: Optional[str]) -> Tuple[Path, str]:
+        """(path, source): the explicit file, else one trained by the user, else the shipped one."""
+        if explicit:
+            path = Path(explicit)
+            if not path.is_file():
+                raise BenchError(f"checkpoint={explicit}: no such file")
+            return path, "option"
         name = getattr(getattr(classifier, "info", None), "name", "classifier")
-        path = Path(explicit) if explicit else atop_checkpoint(name, self.transform_name, self.purifier_name, self.stage)
-        if not path.is_file():
-            raise BenchError(
-                f"no trained AToP purifier at {path}; train it with `bench train --defense atop --classifier {name} "
-                f"--transform {self.transform_name} --purifier {self.purifier_name}` (or pass checkpoint=...)"
-            )
-        return path
+        key = (name, self.transform_name, self.purifier_name, self.stage)
+        for path, source in ((atop_checkpoint(*key), "trained"), (atop_checkpoint(*key, root=BUNDLED_DIR), "shipped")):
+            if path.is_file():
+                return path, source
+        raise BenchError(
+            f"no trained AToP purifier for {name} at {atop_checkpoint(*key)} (nor shipped with the package); train it with "
+            f"`bench train --defense atop --classifier {name} --transform {self.transform_name} --purifier {self.purifier_name}` "
+            f"(or pass --defense-option checkpoint=PATH)"
+        )
+
+    def _display_path(self) -> Optional[str]:
+        """Shipped files by their place in the package (the same on every machine), others as given."""
+        if self.checkpoint_path is None:
+            return None
+        if self.checkpoint_source == "shipped":
+            return self.checkpoint_path.relative_to(BUNDLED_DIR.parent.parent).as_posix()
+        return str(self.checkpoint_path)
 
     @classmethod
     def for_testing(cls, classifier: nn.Module) -> "AToP":
@@ -80,7 +104,8 @@ class AToP(Defense):
         return {
             "transform": self.transform_name, "purifier": self.purifier_name, "stage": self.stage,
             "transform_config": self.transform.config(),
-            "checkpoint": str(self.checkpoint_path) if self.checkpoint_path else None,
+            "checkpoint": self._display_path(),
+            "checkpoint_source": self.checkpoint_source, "checkpoint_sha256": self.checkpoint_sha256,
         }
 
 

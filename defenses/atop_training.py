@@ -12,13 +12,17 @@ Eq. 9 as printed reconstructs x' itself (``rec_target="adv"``, the default); ``"
 
 from __future__ import annotations
 
+import hashlib
+import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.errors import BenchError
 from bench.training import TRAINERS
 from defenses.purifiers import PURIFIERS, PatchDiscriminator
 from defenses.transforms import RT2, RT3
@@ -30,12 +34,14 @@ class AToPSettings:
     purifier: str = "gan"
     pretrain_epochs: int = 8
     finetune_epochs: int = 2
-    lr: float = 1e-3
+    pretrain_lr: float = 2e-3  # Adam, cosine decay to 1% over the stage
+    finetune_lr: float = 5e-4
     gan_weight: float = 0.1
     lam: float = 0.1
     fgsm_eps: float = 8 / 255
     adv_target: str = "classifier"
     rec_target: str = "adv"
+    pretrained: Optional[str] = None  # start fine-tuning from this pre-trained purifier instead of pre-training
 
     def to_dict(self) -> Dict[str, object]:
         return asdict(self)
@@ -55,8 +61,17 @@ class AToPTrainer:
         self.pretrain_transform = RT2(self.transform.sigma, self.transform.patch_fraction, 1.0 / n) if isinstance(self.transform, RT3) else self.transform
         self.purify = build_purifier(self.transform, self.generator)
         self.discriminator = PatchDiscriminator().to(device) if settings.purifier == "gan" else None
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=settings.lr, betas=(0.5, 0.999))
-        self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=settings.lr, betas=(0.5, 0.999)) if self.discriminator else None
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=settings.pretrain_lr, betas=(0.5, 0.999))
+        self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=settings.pretrain_lr, betas=(0.5, 0.999)) if self.discriminator else None
+
+    def set_lr(self, stage: str, progress: float) -> float:
+        """Cosine decay from the stage's base rate to 1% of it; ``progress`` in [0, 1] over the stage."""
+        base = self.s.pretrain_lr if stage == "pretrain" else self.s.finetune_lr
+        lr = base * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0))))
+        for opt in filter(None, (self.opt_g, self.opt_d)):
+            for group in opt.param_groups:
+                group["lr"] = lr
+        return lr
 
     def pipeline(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.purify(self.transform(x)))
@@ -140,9 +155,11 @@ def _run_stage(trainer: AToPTrainer, stage: str, epochs: int, data, options, che
         torch.manual_seed(options.seed * 1000 + epoch)
         totals: Dict[str, float] = {}
         steps = 0
-        bar = tqdm(_batches(images, labels, order, options.batch_size, trainer.device), total=-(-len(order) // options.batch_size),
+        per_epoch = -(-len(order) // options.batch_size)
+        bar = tqdm(_batches(images, labels, order, options.batch_size, trainer.device), total=per_epoch,
                    desc=f"{stage} {epoch + 1}/{epochs}", disable=not progress_enabled())
         for x, y in bar:
+            trainer.set_lr(stage, (epoch * per_epoch + steps) / (epochs * per_epoch))
             logs = trainer.pretrain_step(x) if stage == "pretrain" else trainer.finetune_step(x, y)
             steps += 1
             for key, value in logs.items():
@@ -152,11 +169,30 @@ def _run_stage(trainer: AToPTrainer, stage: str, epochs: int, data, options, che
                           finished=epoch + 1 == epochs)
 
 
+def _adopt_pretrained(source: Path, folder: Path, config: Dict[str, object]) -> None:
+    """Use another run's pre-trained purifier as this run's pre-training (e.g. RT3's copies are RT2 inputs
+    with missing rate 1/N, so RT2's pre-training serves RT3): copy its weights and say where they came from."""
+    from bench.record import write_json_atomic
+    from bench.training import sha256_file
+
+    if not source.is_file():
+        raise BenchError(f"--pretrained {source}: no such file")
+    state = torch.load(source, map_location="cpu", weights_only=True)
+    if "generator" not in state:
+        raise BenchError(f"--pretrained {source} holds no 'generator' weights")
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "pretrain.pt"
+    if not target.is_file():
+        torch.save({k: v for k, v in state.items() if k in ("generator", "discriminator")}, target)
+        write_json_atomic(folder / "pretrain.manifest.json", {
+            "copied_from": str(source), "source_sha256": sha256_file(source), "checkpoint": target.name,
+            "sha256": sha256_file(target), "config": config, "finished": True,
+        })
+
+
 @TRAINERS.register("atop")
 def train_atop(options) -> "Path":
     """``bench train --defense atop``: pre-train, then fine-tune; resumable per epoch."""
-    from pathlib import Path
-
     from bench.classifiers import load_classifier
     from bench.datasets import load_dataset
     from bench.runner import resolve_device
@@ -164,6 +200,8 @@ def train_atop(options) -> "Path":
     from defenses.atop import atop_checkpoint
 
     settings = AToPSettings(**options.extra)
+    if settings.adv_target not in ("classifier", "pipeline") or settings.rec_target not in ("adv", "clean"):
+        raise BenchError(f"atop: adv_target must be classifier|pipeline and rec_target adv|clean, got {settings}")
     device = resolve_device(options.device)
     classifier = load_classifier(options.classifier, device)
     train = load_dataset(options.dataset, "train")
@@ -171,8 +209,14 @@ def train_atop(options) -> "Path":
     folder = Path(options.out) if options.out else atop_checkpoint(options.classifier, settings.transform, settings.purifier, "x").parent
     trainer = AToPTrainer(settings, classifier, device)
     config = {"settings": settings.to_dict(), "classifier": options.classifier, "dataset": options.dataset,
-              "train_size": options.train_size, "batch_size": options.batch_size, "seed": options.seed}
-    for stage, epochs in (("pretrain", settings.pretrain_epochs), ("finetune", settings.finetune_epochs)):
+              "train_size": options.train_size, "train_indices_sha256": hashlib.sha256(data[2].tobytes()).hexdigest(),
+              "batch_size": options.batch_size, "seed": options.seed,
+              "generator": f"{type(trainer.generator).__name__}, {sum(p.numel() for p in trainer.generator.parameters())} parameters"}
+    stages = [("pretrain", settings.pretrain_epochs), ("finetune", settings.finetune_epochs)]
+    if settings.pretrained:
+        _adopt_pretrained(Path(settings.pretrained), folder, config)
+        stages = stages[1:]
+    for stage, epochs in stages:
         checkpointer = Checkpointer(folder, stage, options, {**config, "stage": stage})
         saved = checkpointer.resume()
         if saved is None and stage == "finetune":
@@ -181,4 +225,5 @@ def train_atop(options) -> "Path":
             trainer.load(saved)
         start = int(saved["epoch"]) if saved is not None else 0
         _run_stage(trainer, stage, epochs, data, options, checkpointer, start)
+        checkpointer.export({"generator": trainer.generator.state_dict()})
     return folder

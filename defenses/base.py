@@ -9,7 +9,7 @@ ones come from ``--plugin file.py`` or the ``bench.defenses`` entry-point group.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, Optional
+from typing import Any, ClassVar, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -41,11 +41,23 @@ class Defense(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.purifier(self.transform(x)))
 
-    def bpda_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Same output as ``forward``; non-differentiable stages back-propagate through their surrogate."""
+    def bpda_forward(self, x: torch.Tensor, stages: Tuple[str, ...] = ()) -> torch.Tensor:
+        """Same output as ``forward``; non-differentiable stages back-propagate through their surrogate.
+
+        ``stages`` names stages ("transform", "purifier") to treat the same way although they are
+        differentiable; such a stage must declare a ``surrogate`` (the identity of a 4-channel purifier
+        input is not an image, so there is no silent default).
+        """
+        unknown = set(stages) - {"transform", "purifier"}
+        if unknown:
+            raise BenchError(f"unknown pipeline stages {sorted(unknown)}; use transform and/or purifier")
         h = x
-        for stage in (self.transform, self.purifier):
-            h = _bpda_stage(stage, h)
+        for name in ("transform", "purifier"):
+            stage = getattr(self, name)
+            forced = name in stages
+            if forced and getattr(stage, "surrogate", None) is None and not isinstance(stage, nn.Identity):
+                raise BenchError(f"defense {self.name}: its {name} declares no surrogate for BPDA")
+            h = _bpda_stage(stage, h, forced)
         return self.classifier(h)
 
     def config(self) -> Dict[str, Any]:
@@ -64,8 +76,8 @@ class Defense(nn.Module):
         }
 
 
-def _bpda_stage(stage: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    if getattr(stage, "differentiable", True):
+def _bpda_stage(stage: nn.Module, h: torch.Tensor, forced: bool = False) -> torch.Tensor:
+    if getattr(stage, "differentiable", True) and not forced:
         return stage(h)
     surrogate = getattr(stage, "surrogate", None)
     approx = surrogate(h) if surrogate is not None else h

@@ -110,12 +110,39 @@ class RT3(RandomTransform):
         return {**super().config(), "n_masks": self.n_masks}
 
 
+class MaskedInpainting(nn.Module):
+    """RT1/RT2's purification: the purifier restores the whole image from ``cat([x_t, mask])``.
+
+    ``surrogate`` (used only when an attack is told to skip the purifier in the gradient) is the
+    transformed image x_t itself: the "BPDA identity through the purifier" of the paper's Sec. 4.4.
+    """
+
+    def __init__(self, purifier: nn.Module) -> None:
+        super().__init__()
+        self.purifier = purifier
+
+    def forward(self, transformed: torch.Tensor) -> torch.Tensor:
+        return self.purifier(transformed)
+
+    def surrogate(self, transformed: torch.Tensor) -> torch.Tensor:
+        return transformed[:, :3]
+
+
 class MaskedEnsemble(nn.Module):
-    """RT3's purification: run ``purifier`` on each masked copy, keep only the pixels it generated."""
+    """RT3's purification: run ``purifier`` on each masked copy, keep only the pixels it generated.
+
+    ``surrogate`` is the noisy image x + eta: every pixel is kept in N - 1 of the N copies.
+    """
 
     def __init__(self, purifier: nn.Module, n_masks: int) -> None:
         super().__init__()
+        if n_masks < 2:
+            raise BenchError(f"RT3 needs at least 2 masks, got {n_masks}")
         self.purifier, self.n_masks = purifier, n_masks
+
+    def surrogate(self, stacked: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = stacked.shape
+        return stacked.view(b, self.n_masks, 4, h, w)[:, :, :3].sum(dim=1) / (self.n_masks - 1)
 
     def forward(self, stacked: torch.Tensor) -> torch.Tensor:
         b, _, h, w = stacked.shape

@@ -53,7 +53,7 @@ def test_bench_train_writes_manifest_resumes_and_loads(tmp_path, capsys):
     assert main(args) == 0  # finished: resuming trains nothing more
     assert (out / "finetune.pt").stat().st_mtime_ns == before
     code = main(["--plugin", PLUGIN, "run", "--defense", "atop-rt2-ae-ft", "--classifier", "tiny", "--dataset", "tiny-test",
-                 "--suite", "linf-smoke", "--n", "8", "--defense-option", f"checkpoint={out / 'finetune.pt'}",
+                 "--budget", "smoke", "--n", "8", "--defense-option", f"checkpoint={out / 'finetune.pt'}",
                  "--out", str(tmp_path / "runs")])
     assert code == 0, capsys.readouterr().err
     record = json.loads(next((tmp_path / "runs").glob("*.json")).read_text())
@@ -69,3 +69,49 @@ def test_missing_checkpoint_says_how_to_train(capsys, tmp_path, monkeypatch):
                  "--n", "8", "--out", str(tmp_path / "runs")])
     err = capsys.readouterr().err
     assert code == 2 and "bench train --defense atop" in err
+
+
+def test_skipping_the_purifier_in_the_gradient_keeps_the_forward_and_passes_x_t():
+    """BPDA identity through the purifier: same logits, gradient = mask * dL/d(purified image)."""
+    defense = AToP(NearestColor(), transform="rt2", purifier="gan", untrained=True).eval()
+    x = torch.rand(3, 3, 32, 32, requires_grad=True)
+    torch.manual_seed(5)
+    skipped = defense.bpda_forward(x, stages=("purifier",))
+    torch.manual_seed(5)
+    transformed = defense.transform(x)
+    purified = defense.purifier(transformed).detach().requires_grad_(True)
+    exact = defense.classifier(purified)
+    assert torch.allclose(skipped, exact)
+    (grad_skipped,) = torch.autograd.grad(skipped.sum(), x)
+    (grad_image,) = torch.autograd.grad(exact.sum(), purified)
+    assert torch.allclose(grad_skipped, transformed[:, 3:] * grad_image, atol=1e-6)
+    (grad_exact,) = torch.autograd.grad(defense(x).sum(), x)
+    assert not torch.allclose(grad_exact, grad_skipped)  # the purifier's own Jacobian is not the identity
+
+
+def test_rt3_surrogate_is_the_noisy_image():
+    from defenses.transforms import RT3, MaskedEnsemble
+
+    x = torch.rand(2, 3, 32, 32)
+    stacked = RT3(sigma=0.0)(x)
+    assert torch.allclose(MaskedEnsemble(torch.nn.Identity(), 4).surrogate(stacked), x, atol=1e-6)
+
+
+def test_a_stage_without_surrogate_cannot_be_skipped():
+    from bench.errors import BenchError
+    from defenses.base import Defense
+
+    defense = Defense(NearestColor(), purifier=torch.nn.Conv2d(3, 3, 1))
+    with pytest.raises(BenchError, match="declares no surrogate"):
+        defense.bpda_forward(torch.rand(1, 3, 8, 8), stages=("purifier",))
+
+
+def test_a_few_finetuning_steps_lower_the_classification_loss():
+    torch.manual_seed(0)
+    trainer = AToPTrainer(AToPSettings(purifier="ae", finetune_lr=1e-3), NearestColor(), torch.device("cpu"))
+    trainer.set_lr("finetune", 0.0)
+    x = torch.rand(16, 3, 1, 1).expand(16, 3, 32, 32).contiguous()
+    y = torch.arange(16) % 10
+    first = sum(trainer.finetune_step(x, y)["ce"] for _ in range(3)) / 3
+    last = [trainer.finetune_step(x, y)["ce"] for _ in range(40)]
+    assert sum(last[-3:]) / 3 < 0.8 * first

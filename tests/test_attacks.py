@@ -152,7 +152,7 @@ def test_linf_eps_out_of_range_is_a_user_error(bad):
 def test_suite_adds_bpda_and_eot_variants():
     from attacks import SUITES
 
-    suite = SUITES.get("linf-smoke")
+    suite = SUITES.get("linf")["smoke"]
     threat = suite.threat
     assert [label for label, _ in suite.build(threat, stochastic=False, differentiable=True)] == ["fgsm", "pgd"]
     labels = [label for label, _ in suite.build(threat, stochastic=True, differentiable=False)]
@@ -167,3 +167,41 @@ def test_reference_autoattack_runs_through_the_harness(version, tiny_net, batch)
     x_adv = attack.perturb(tiny_net, x, y)
     assert (x_adv - x).abs().max() <= 0.3 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
     assert (tiny_net(x_adv).argmax(1) != y).all()
+
+
+def test_suites_come_in_budgets_and_record_them():
+    from attacks.suite import load_suite
+
+    smoke, cpu, paper = (load_suite("linf", "linf", b) for b in ("smoke", "cpu", "paper"))
+    assert (smoke.eot_draws, cpu.eot_draws, paper.eot_draws) == (2, 10, 20)
+    assert paper.to_dict()["budget"] == "paper" and paper.to_dict()["name"] == "linf"
+    assert not paper.independent and load_suite("atop-table7", "linf", "cpu").independent
+    with pytest.raises(BenchError, match="is for threat linf"):
+        load_suite("linf", "l2", "cpu")
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"budgets": {"huge": {"eot_draws": 1, "attacks": [{"attack": "fgsm"}]}}}, "budgets must be"),
+    ({"budgets": {"cpu": {"eot_draws": 0, "attacks": [{"attack": "fgsm"}]}}}, "eot_draws >= 1"),
+    ({"budgets": {"cpu": {"eot_draws": 1, "attacks": [{"attack": "fgsm", "bpda": ["classifier"]}]}}}, "bpda stages"),
+    ({"budgets": {"cpu": {"eot_draws": 1, "attacks": [{"atack": "fgsm"}]}}}, "needs 'attack'"),
+    ({"budget": {}}, "unknown keys"),
+])
+def test_broken_suite_files_are_one_line_errors(bad, match):
+    from attacks.suite import parse_suite
+
+    data = {"name": "x", "version": "1", "threat": {"norm": "linf", "eps": 0.03}, **bad}
+    data.setdefault("budgets", {"cpu": {"eot_draws": 1, "attacks": [{"attack": "fgsm"}]}})
+    with pytest.raises(BenchError, match=match):
+        parse_suite(data, "test")
+
+
+def test_suite_spec_can_skip_a_stage_in_the_gradient():
+    from attacks.suite import load_suite
+
+    suite = load_suite("atop-table7", "linf", "smoke")
+    plans = suite.build(suite.threat, stochastic=True, differentiable=True, eot_chunk_images=64)
+    labels = [label for label, _ in plans]
+    assert labels == ["fgsm+eot2", "pgd+eot2", "pgd+bpda[purifier]+eot2"]
+    described = plans[-1][1].describe()
+    assert described["bpda"] and described["bpda_stages"] == ["purifier"] and described["eot"] == 2

@@ -33,7 +33,7 @@ def assert_user_error(args, capsys, tmp_path, *fragments):
 
 
 def test_plugin_defense_runs_end_to_end(capsys, tmp_path):
-    code, out, err = run_cli(["run", "--defense", "plugin-blur", "--suite", "linf-smoke", *TINY, "--out", str(tmp_path)], capsys)
+    code, out, err = run_cli(["run", "--defense", "plugin-blur", "--budget", "smoke", *TINY, "--out", str(tmp_path)], capsys)
     assert code == 0, err
     record = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert record["defense"]["name"] == "plugin-blur" and record["subset"]["n"] == 16
@@ -46,7 +46,7 @@ def test_unknown_defense(capsys, tmp_path):
 
 def test_unknown_classifier_and_suite(capsys, tmp_path):
     assert_user_error(["run", "--defense", "none", *TINY, "--classifier", "resnet21"], capsys, tmp_path, "Did you mean")
-    assert_user_error(["run", "--defense", "none", *TINY, "--suite", "linf-smok"], capsys, tmp_path, "Did you mean: linf-smoke")
+    assert_user_error(["run", "--defense", "none", *TINY, "--suite", "linff"], capsys, tmp_path, "Did you mean: linf")
 
 
 @pytest.mark.parametrize("threat,eps", [("linf", "2"), ("linf", "0"), ("l2", "-1")])
@@ -105,7 +105,7 @@ def test_robustbench_weights_missing_says_where(capsys, tmp_path, monkeypatch):
 def test_list_shows_every_registry(capsys):
     code, out, _ = run_cli(["list"], capsys)
     assert code == 0
-    for fragment in ("defenses:", "none", "attacks:", "apgd-t", "suites:", "linf-smoke v1", "classifiers:", "resnet4b", "datasets:", "cifar10-jpeg"):
+    for fragment in ("defenses:", "none", "attacks:", "apgd-t", "suites:", "linf v2 smoke", "classifiers:", "resnet4b", "datasets:", "cifar10-jpeg"):
         assert fragment in out
 
 

@@ -25,7 +25,7 @@ def test_record_of_a_plugin_run_is_complete(tmp_path):
     from bench.plugins import load_plugin
 
     load_plugin(PLUGIN)
-    record, path = run(RunConfig(defense="plugin-blur", classifier="tiny", dataset="tiny-test", suite="linf-smoke", n=20,
+    record, path = run(RunConfig(defense="plugin-blur", classifier="tiny", dataset="tiny-test", budget="smoke", n=20,
                                  batch_size=8, out=tmp_path))
     on_disk = json.loads(path.read_text())
     validate_record(on_disk)
@@ -46,7 +46,7 @@ def _bench(args):
 
 def test_killed_run_resumes_to_the_same_record(tmp_path):
     """SIGKILL a run in the middle of its second attack, rerun the same command, compare with a clean run."""
-    args = ["--defense", "plugin-slow", "--classifier", "tiny", "--dataset", "tiny-test", "--suite", "linf-smoke",
+    args = ["--defense", "plugin-slow", "--classifier", "tiny", "--dataset", "tiny-test", "--budget", "smoke",
             "--n", "40", "--batch-size", "4"]
     killed = _bench([*args, "--out", str(tmp_path / "resumed")])
     state = tmp_path / "resumed" / ".state"
@@ -139,3 +139,26 @@ def test_stochastic_success_check_takes_the_worst_draw():
     assert lucky.robust.all()
     worst = evaluate(Flicker(), subset, plans, threat, who="flicker", success_draws=10)
     assert not worst.robust.any()
+
+
+def test_independent_suites_attack_every_clean_correct_point():
+    from attacks import ATTACKS, Threat
+    from bench.evaluate import evaluate
+    from bench.subset import Subset
+    from tests.helpers import NearestColor
+
+    model = NearestColor()
+    x = torch.rand(32, 3, 1, 1).expand(32, 3, 8, 8).contiguous()
+    y = model(x).argmax(1)
+    subset = Subset("toy", "test", 32, 0, np.arange(32), x, y, 10, "0" * 64, "0" * 64)
+    threat = Threat("linf", 0.03)
+    plans = [("fgsm", ATTACKS.get("fgsm")(threat)), ("pgd", ATTACKS.get("pgd")(threat, steps=10))]
+    chained = evaluate(model, subset, plans, threat, who="toy")
+    alone = evaluate(model, subset, plans, threat, who="toy", independent=True)
+    assert [a["attacked"] for a in alone.attacks] == [32, 32]
+    assert chained.attacks[1]["attacked"] == 32 - chained.attacks[0]["broken"]
+    assert (alone.robust == chained.robust).all()  # same worst case, different bookkeeping
+    fgsm, pgd = alone.attacks
+    assert 0 < pgd["robust_alone"]["correct"] <= fgsm["robust_alone"]["correct"] < 32
+    assert pgd["robust_alone_mean"] == pgd["robust_alone"]["accuracy"]  # deterministic: mean = worst case
+    assert alone.robust.sum() <= min(fgsm["robust_alone"]["correct"], pgd["robust_alone"]["correct"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from attacks.base import Threat
-from attacks.suite import SUITES, AttackSpec, Suite
+from attacks.suite import AttackSpec, Suite, load_suite
 from bench.classifiers import load_classifier
 from bench.evaluate import evaluate
 from bench.subset import load_subset
@@ -26,8 +26,8 @@ def test_linf_suite_is_no_weaker_than_autoattack_standard():
     assert eps == pytest.approx(2 / 255)
     threat = Threat("linf", eps)
     subset = load_subset("cifar10-jpeg", N_IMAGES, seed=0)
-    ours = evaluate(model, subset, SUITES.get("linf").build(threat, False, True), threat, who="none", batch_size=64)
-    reference = Suite("autoattack-standard", "1", "", threat, 1, (AttackSpec("autoattack", (("version", "standard"),)),))
+    ours = evaluate(model, subset, load_suite("linf", "linf", "paper").build(threat, False, True), threat, who="none", batch_size=64)
+    reference = Suite("autoattack-standard", "1", "paper", "", threat, 1, (AttackSpec("autoattack", (("version", "standard"),)),))
     theirs = evaluate(model, subset, reference.build(threat, False, True), threat, who="none", batch_size=64)
     assert (ours.clean_correct == theirs.clean_correct).all()
     ours_acc, theirs_acc = ours.robust.mean() * 100, theirs.robust.mean() * 100
