@@ -120,16 +120,24 @@ def _pct(acc: Dict) -> str:
 
 
 def format_result(record: Dict) -> str:
-    rows: List[List[object]] = [["clean", record["subset"]["n"], "", _pct(record["clean"]), "", "", ""]]
+    independent = record["suite"].get("independent", False)
+    rows: List[List[object]] = []
     for a in record["attacks"]:
         c = a["cost"]
-        rows.append([a["label"], a["attacked"], a["broken"], _pct(a["robust_after"]), c["forward"], c["backward"], f"{c['seconds']:.1f}"])
-    table = tabulate(rows, headers=["attack", "attacked", "broken", "accuracy after [95% CI]", "fwd", "bwd", "s"])
+        alone = [_pct(a["robust_alone"]), f"{100 * a['robust_alone_mean']:.2f}%"] if independent else []
+        rows.append([a["label"], a["attacked"], a["broken"], *alone, _pct(a["robust_after"]), c["forward"], c["backward"],
+                     f"{c['seconds']:.1f}"])
+    alone_headers = ["alone [95% CI]", "alone, mean of draws"] if independent else []
+    headers = ["attack", "attacked", "broken", *alone_headers, "worst case so far [95% CI]", "fwd", "bwd", "s"]
+    table = tabulate(rows, headers=headers)
     s, t = record["subset"], record["threat"]
     head = (f"{record['defense']['name']} on {record['classifier']['name']} | {s['dataset']} n={s['n']} seed={s['seed']} "
             f"subset {s['hash'][:12]} | {t['norm']} eps={t['eps']:.6g} | suite {record['suite']['name']} v{record['suite']['version']} "
             f"({record['suite']['budget']} budget)")
-    return f"{head}\n{table}\nrobust accuracy (worst case over the suite): {_pct(record['robust'])} in {record['timing']['seconds']:.1f} s"
+    draws = record["settings"].get("success_draws", 1)
+    rule = f"; each adversarial example classified {draws} times, broken if any draw is wrong" if draws > 1 else ""
+    return (f"{head}\nclean accuracy: {_pct(record['clean'])}\n{table}\n"
+            f"robust accuracy (worst case over the suite{rule}): {_pct(record['robust'])} in {record['timing']['seconds']:.1f} s")
 
 
 def parse_options(pairs: Sequence[str]) -> Dict[str, str]:

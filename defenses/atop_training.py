@@ -13,7 +13,9 @@ Eq. 9 as printed reconstructs x' itself (``rec_target="adv"``, the default); ``"
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Optional
@@ -26,6 +28,8 @@ from bench.errors import BenchError
 from bench.training import TRAINERS
 from defenses.purifiers import PURIFIERS, PatchDiscriminator
 from defenses.transforms import RT2, RT3
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,7 @@ def _run_stage(trainer: AToPTrainer, stage: str, epochs: int, data, options, che
         order = indices[np.random.RandomState(options.seed * 1000 + epoch).permutation(len(indices))]
         torch.manual_seed(options.seed * 1000 + epoch)
         totals: Dict[str, float] = {}
-        steps = 0
+        steps, started = 0, time.perf_counter()
         per_epoch = -(-len(order) // options.batch_size)
         bar = tqdm(_batches(images, labels, order, options.batch_size, trainer.device), total=per_epoch,
                    desc=f"{stage} {epoch + 1}/{epochs}", disable=not progress_enabled())
@@ -165,8 +169,10 @@ def _run_stage(trainer: AToPTrainer, stage: str, epochs: int, data, options, che
             for key, value in logs.items():
                 totals[key] = totals.get(key, 0.0) + value
             bar.set_postfix(l1=f"{totals['l1'] / steps:.4f}")
-        checkpointer.save(trainer.state(epoch + 1), {"epoch": epoch + 1, **{k: v / steps for k, v in totals.items()}},
-                          finished=epoch + 1 == epochs)
+        epoch_log = {"epoch": epoch + 1, **{k: v / steps for k, v in totals.items()}, "seconds": time.perf_counter() - started}
+        checkpointer.save(trainer.state(epoch + 1), epoch_log, finished=epoch + 1 == epochs)
+        log.info("%s epoch %d/%d: %s", stage, epoch + 1, epochs,
+                 ", ".join(f"{k} {v:.4g}" for k, v in epoch_log.items() if k != "epoch"))
 
 
 def _adopt_pretrained(source: Path, folder: Path, config: Dict[str, object]) -> None:

@@ -1,0 +1,1 @@
+"""Leaderboards and paper tables rendered from run records; ``leaderboards/papers/`` holds the papers' numbers."""
