@@ -52,6 +52,12 @@ class AttackSpec:
         except TypeError as exc:
             raise BenchError(f"bad parameters for attack {self.attack}: {exc}") from None
 
+    @property
+    def label(self) -> str:
+        """The attack's name, with its step count when the spec sets one (``pgd-10``, ``pgd-20``)."""
+        steps = dict(self.params).get("steps")
+        return self.attack if steps is None else f"{self.attack}-{steps}"
+
     def to_dict(self) -> Dict[str, Any]:
         return {"attack": self.attack, "params": dict(self.params), **({"bpda": list(self.bpda)} if self.bpda else {})}
 
@@ -76,7 +82,7 @@ class Suite:
         plans: List[Tuple[str, Attack]] = []
         for spec in self.attacks:
             attack = spec.build(threat)
-            label = spec.attack
+            label = spec.label
             if spec.bpda:
                 if not attack.uses_oracle:
                     raise BenchError(f"suite {self.name}: {spec.attack} runs its own model loop; it cannot take bpda stages")
@@ -88,6 +94,9 @@ class Suite:
                 if variant.uses_oracle and stochastic:
                     label, variant = f"{label}+eot{self.eot_draws}", EOT(variant, self.eot_draws, eot_chunk_images)
                 plans.append((label, variant))
+        labels = [label for label, _ in plans]
+        if len(set(labels)) != len(labels):
+            raise BenchError(f"suite {self.name} ({self.budget}): two attacks share a label in {labels}")
         return plans
 
     def to_dict(self) -> Dict[str, Any]:

@@ -136,7 +136,8 @@ def format_result(record: Dict) -> str:
             f"({record['suite']['budget']} budget)")
     draws = record["settings"].get("success_draws", 1)
     rule = f"; each adversarial example classified {draws} times, broken if any draw is wrong" if draws > 1 else ""
-    return (f"{head}\nclean accuracy: {_pct(record['clean'])}\n{table}\n"
+    clean_mean = f" (mean over {draws} draws: {100 * record['clean_mean']:.2f}%)" if draws > 1 else ""
+    return (f"{head}\nclean accuracy: {_pct(record['clean'])}{clean_mean}\n{table}\n"
             f"robust accuracy (worst case over the suite{rule}): {_pct(record['robust'])} in {record['timing']['seconds']:.1f} s")
 
 

@@ -78,25 +78,35 @@ class Evaluation:
     robust: np.ndarray
     broken_by: List[Optional[str]]
     attacks: List[Dict[str, Any]]
+    clean_mean: float  # mean accuracy over the clean re-classification draws (= clean accuracy if deterministic)
 
 
 def _batches(positions: np.ndarray, size: int) -> List[np.ndarray]:
     return [positions[i : i + size] for i in range(0, len(positions), size)]
 
 
-def _clean_pass(model, subset: Subset, batch_size: int, device, seed: int, who: str, state: BatchState) -> np.ndarray:
+def _clean_pass(
+    model, subset: Subset, batch_size: int, device, seed: int, who: str, state: BatchState, draws: int = 1
+) -> Tuple[np.ndarray, np.ndarray]:
+    """The clean prediction (first draw) of every image, and how many of ``draws`` forward passes were right."""
     preds = np.empty(subset.n, dtype=np.int64)
+    correct = np.zeros(subset.n, dtype=np.int64)
     for b, pos in enumerate(_batches(np.arange(subset.n), batch_size)):
         saved = state.load(f"clean-{b}")
         if saved is None:
             torch.manual_seed(derived_seed(seed, "clean", b))
-            with torch.no_grad():
-                logits = model(subset.x[pos].to(device))
-            check_logits(logits, len(pos), subset.num_classes, who)
-            saved = {"positions": pos.tolist(), "pred": logits.argmax(1).cpu().tolist()}
+            x, y = subset.x[pos].to(device), subset.y[pos].to(device)
+            with torch.inference_mode():
+                logits = model(x)
+                check_logits(logits, len(pos), subset.num_classes, who)
+                right = (logits.argmax(1) == y).long()
+                for _ in range(draws - 1):
+                    right += model(x).argmax(1) == y
+            saved = {"positions": pos.tolist(), "pred": logits.argmax(1).cpu().tolist(), "correct": right.cpu().tolist()}
             state.save(f"clean-{b}", saved)
         preds[pos] = saved["pred"]
-    return preds
+        correct[pos] = saved["correct"]
+    return preds, correct
 
 
 def _attack_batch(
@@ -131,7 +141,7 @@ def evaluate(
     """
     state = BatchState(state_dir)
     counting = CountingModule(model, PassCounter())
-    clean_pred = _clean_pass(counting, subset, batch_size, device, seed, who, state)
+    clean_pred, clean_draws_correct = _clean_pass(counting, subset, batch_size, device, seed, who, state, success_draws)
     labels = subset.y.numpy()
     robust = clean_pred == labels
     broken_by: List[Optional[str]] = [None] * subset.n
@@ -167,4 +177,5 @@ def evaluate(
             outcome["robust_alone"] = accuracy_summary(int(len(positions)) - broken, subset.n)
             outcome["robust_alone_mean"] = correct_draws / (success_draws * subset.n)
         outcomes.append(outcome)
-    return Evaluation(clean_pred, clean_pred == labels, robust, broken_by, outcomes)
+    clean_mean = float(clean_draws_correct.sum()) / (success_draws * subset.n)
+    return Evaluation(clean_pred, clean_pred == labels, robust, broken_by, outcomes, clean_mean)

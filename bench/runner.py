@@ -112,6 +112,7 @@ def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: Ru
         "classifier": defense.classifier.info.to_dict(), "subset": subset.to_dict(), "threat": threat.to_dict(),
         "suite": suite.to_dict(), "attacks": result.attacks,
         "clean": accuracy_summary(int(result.clean_correct.sum()), subset.n),
+        "clean_mean": result.clean_mean,
         "robust": accuracy_summary(int(result.robust.sum()), subset.n),
         "samples": {
             "index": subset.indices.tolist(), "label": subset.y.tolist(), "clean_pred": result.clean_pred.tolist(),

@@ -58,7 +58,7 @@ def test_bench_train_writes_manifest_resumes_and_loads(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     record = json.loads(next((tmp_path / "runs").glob("*.json")).read_text())
     assert record["defense"]["stochastic"] and record["defense"]["config"]["transform"] == "rt2"
-    assert [a["label"] for a in record["attacks"]] == ["fgsm+eot2", "pgd+eot2"]
+    assert [a["label"] for a in record["attacks"]] == ["fgsm+eot2", "pgd-10+eot2"]
     assert all(a["eot_chunk_images"] == 128 for a in record["attacks"])  # resolved from the CPU device up front
     assert record["settings"]["success_draws"] == 10
 
@@ -115,3 +115,33 @@ def test_a_few_finetuning_steps_lower_the_classification_loss():
     first = sum(trainer.finetune_step(x, y)["ce"] for _ in range(3)) / 3
     last = [trainer.finetune_step(x, y)["ce"] for _ in range(40)]
     assert sum(last[-3:]) / 3 < 0.8 * first
+
+
+SHIPPED = sorted(p for p in (Path(__file__).resolve().parent.parent / "defenses" / "checkpoints").glob("atop/*/*/*.pt"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[f"{p.parent.name}/{p.stem}" for p in SHIPPED])
+def test_shipped_checkpoints_are_small_match_their_manifest_and_load(path):
+    from bench.training import sha256_file
+    from defenses.purifiers import PURIFIERS
+
+    manifest = json.loads(path.with_suffix(".manifest.json").read_text())
+    assert path.stat().st_size <= 5 * 2**20
+    assert sha256_file(path) == manifest["shipped_sha256"]
+    transform, purifier = path.parent.name.split("-")
+    assert manifest["config"]["settings"]["purifier"] == purifier
+    PURIFIERS[purifier]().load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["generator"], strict=True)
+
+
+def test_the_default_atop_ships_with_the_package(monkeypatch, tmp_path):
+    """`bench run --defense atop` works offline on a fresh clone: RT2 + GAN, fine-tuned, for resnet20."""
+    from bench.classifiers.base import ClassifierInfo
+
+    monkeypatch.setenv("BENCH_CHECKPOINT_DIR", str(tmp_path))  # nothing trained here: the shipped file is used
+    classifier = NearestColor()
+    classifier.info = ClassifierInfo("resnet20", "resnet20", "cifar10", 10, None, None, "standard", None, "-", "-")
+    defense = AToP(classifier)
+    config = defense.config()
+    assert config["checkpoint_source"] == "shipped" and config["stage"] == "finetune"
+    assert config["checkpoint"] == "defenses/checkpoints/atop/resnet20/rt2-gan/finetune.pt"
+    assert len(config["checkpoint_sha256"]) == 64

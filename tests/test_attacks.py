@@ -154,9 +154,9 @@ def test_suite_adds_bpda_and_eot_variants():
 
     suite = SUITES.get("linf")["smoke"]
     threat = suite.threat
-    assert [label for label, _ in suite.build(threat, stochastic=False, differentiable=True)] == ["fgsm", "pgd"]
+    assert [label for label, _ in suite.build(threat, stochastic=False, differentiable=True)] == ["fgsm", "pgd-10"]
     labels = [label for label, _ in suite.build(threat, stochastic=True, differentiable=False)]
-    assert labels == ["fgsm+eot2", "fgsm+bpda+eot2", "pgd+eot2", "pgd+bpda+eot2"]
+    assert labels == ["fgsm+eot2", "fgsm+bpda+eot2", "pgd-10+eot2", "pgd-10+bpda+eot2"]
 
 
 @pytest.mark.parametrize("version", ["standard", "rand"])
@@ -202,6 +202,6 @@ def test_suite_spec_can_skip_a_stage_in_the_gradient():
     suite = load_suite("atop-table7", "linf", "smoke")
     plans = suite.build(suite.threat, stochastic=True, differentiable=True, eot_chunk_images=64)
     labels = [label for label, _ in plans]
-    assert labels == ["fgsm+eot2", "pgd+eot2", "pgd+bpda[purifier]+eot2"]
+    assert labels == ["fgsm+eot2", "pgd-3+eot2", "pgd-3+bpda[purifier]+eot2"]
     described = plans[-1][1].describe()
     assert described["bpda"] and described["bpda_stages"] == ["purifier"] and described["eot"] == 2

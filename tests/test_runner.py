@@ -33,7 +33,7 @@ def test_record_of_a_plugin_run_is_complete(tmp_path):
     samples = record["samples"]
     assert len(samples["index"]) == 20 and sum(samples["robust"]) == record["robust"]["correct"]
     assert all(c or not r for c, r in zip(samples["clean_correct"], samples["robust"]))  # robust implies clean-correct
-    assert [a["label"] for a in record["attacks"]] == ["fgsm", "pgd"]
+    assert [a["label"] for a in record["attacks"]] == ["fgsm", "pgd-10"]
     assert record["attacks"][0]["attacked"] == record["clean"]["correct"]
     assert record["attacks"][1]["attacked"] == record["clean"]["correct"] - record["attacks"][0]["broken"]
     assert not (tmp_path / ".state" / record["run_id"]).exists()  # state is removed once the record is written

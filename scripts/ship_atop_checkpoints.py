@@ -1,0 +1,55 @@
+"""Copy trained AToP purifiers into ``defenses/checkpoints/`` so the package works offline without training.
+
+For every ``<root>/atop/<classifier>/<transform>-<purifier>/<stage>.pt`` written by ``bench train``, this
+writes the generator weights alone (what inference needs) to the same place under ``defenses/checkpoints``,
+and beside it the training manifest with two fields added: ``shipped_from`` (the full checkpoint's sha256)
+and ``shipped_sha256`` (the shipped file's own sha256, checked by the tests).
+
+    python scripts/ship_atop_checkpoints.py /path/to/checkpoint/root [--max-mib 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from bench.record import write_json_atomic
+from bench.training import sha256_file
+from defenses.atop import BUNDLED_DIR
+
+
+def ship(source: Path, target: Path, max_bytes: int) -> None:
+    state = torch.load(source, map_location="cpu", weights_only=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"generator": state["generator"]}, target)
+    size = target.stat().st_size
+    if size > max_bytes:
+        target.unlink()
+        raise SystemExit(f"{target}: {size} bytes is over the limit of {max_bytes}")
+    manifest = json.loads(source.with_suffix(".manifest.json").read_text())
+    manifest.update(shipped_from=sha256_file(source), shipped_sha256=sha256_file(target))
+    write_json_atomic(target.with_suffix(".manifest.json"), manifest)
+    print(f"{target} ({target.stat().st_size / 2**20:.2f} MiB) <- {source}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", type=Path, help="the folder holding atop/<classifier>/<transform>-<purifier>/")
+    parser.add_argument("--max-mib", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    sources = sorted(args.root.glob("atop/*/*/*.pt"))
+    sources = [p for p in sources if p.stem in ("pretrain", "finetune")]
+    if not sources:
+        print(f"no checkpoints under {args.root}/atop", file=sys.stderr)
+        return 1
+    for source in sources:
+        ship(source, BUNDLED_DIR / source.relative_to(args.root), int(args.max_mib * 2**20))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
