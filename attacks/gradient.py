@@ -74,15 +74,21 @@ class PGD(Attack):
         fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         active = torch.arange(x.shape[0], device=x.device)
         x_adv = self.threat.random_start(x) if self.random_start else x.clone()
+        memory = torch.zeros_like(x)  # per-point state of the ascent direction (momentum), if any
         for _ in range(self.steps):
             _, grad, logits = oracle.loss_grad(x_adv, y[active], self._loss_fn)
             keep = self._record(x_out, fooled, active, x_adv, logits, y)
-            active, x_adv, grad = active[keep], x_adv[keep], grad[keep]
+            active, x_adv, grad, memory = active[keep], x_adv[keep], grad[keep], memory[keep]
             if active.numel() == 0:
                 return x_out, fooled
-            x_adv = self.threat.project(self.threat.step(x_adv, grad, self.step_size), x[active])
+            direction, memory = self.direction(grad, memory)
+            x_adv = self.threat.project(self.threat.step(x_adv, direction, self.step_size), x[active])
         self._record(x_out, fooled, active, x_adv, oracle.logits(x_adv), y)
         return x_out, fooled
+
+    def direction(self, grad: torch.Tensor, memory: torch.Tensor):
+        """The ascent direction from this step's gradient (and per-point memory); PGD uses the gradient."""
+        return grad, memory
 
     @staticmethod
     def _record(x_out, fooled, active, x_adv, logits, y) -> torch.Tensor:

@@ -47,6 +47,9 @@ def main(argv=None) -> int:
         print(f"no checkpoints under {args.root}/atop", file=sys.stderr)
         return 1
     for source in sources:
+        if not json.loads(source.with_suffix(".manifest.json").read_text()).get("finished"):
+            print(f"skipped {source}: its training has not finished")
+            continue
         ship(source, BUNDLED_DIR / source.relative_to(args.root), int(args.max_mib * 2**20))
     return 0
 

@@ -21,9 +21,10 @@ ORACLE_ATTACKS = [n for n in ATTACKS.names() if ATTACKS.get(n).uses_oracle]
 @pytest.mark.parametrize("threat", THREATS, ids=lambda t: t.norm)
 @pytest.mark.parametrize("name", ORACLE_ATTACKS)
 def test_attack_stays_in_ball_and_box(name, threat, tiny_net, batch):
-    x, y = batch
+    x, _ = batch
     x[0] = 0.0  # corners of the box must be respected too
     x[1] = 1.0
+    y = tiny_net(x).argmax(1)  # every point starts correct, so every attack must move
     params = {"steps": 5} if name != "fgsm" else {}
     if name == "apgd-t":
         params["targets"] = 2
@@ -48,7 +49,7 @@ def test_pgd_and_apgd_break_an_undefended_model(tiny_net, batch):
     x, y = batch
     y = tiny_net(x).argmax(1)  # all correct by construction
     threat = Threat("linf", 0.5)
-    for name in ("pgd", "apgd-ce", "apgd-dlr"):
+    for name in ("pgd", "apgd-ce", "apgd-dlr", "mim"):
         x_adv = ATTACKS.get(name)(threat, steps=20).run(Oracle(tiny_net), x, y)
         assert (tiny_net(x_adv).argmax(1) != y).float().mean() >= 0.5, name
 
@@ -205,3 +206,39 @@ def test_suite_spec_can_skip_a_stage_in_the_gradient():
     assert labels == ["fgsm+eot2", "pgd-3+eot2", "pgd-3+bpda[purifier]+eot2"]
     described = plans[-1][1].describe()
     assert described["bpda"] and described["bpda_stages"] == ["purifier"] and described["eot"] == 2
+
+
+def test_mim_accumulates_l1_normalised_gradients():
+    from attacks.momentum import MIM
+
+    mim = MIM(Threat("linf", 0.03), steps=4, mu=0.5)
+    g1, g2 = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    d1, memory = mim.direction(g1, torch.zeros_like(g1))
+    d2, _ = mim.direction(g2, memory)
+    l1 = lambda g: g.abs().flatten(1).sum(1).view(-1, 1, 1, 1)  # noqa: E731
+    assert torch.allclose(d2, 0.5 * g1 / l1(g1) + g2 / l1(g2))
+    assert mim.step_size == pytest.approx(0.03 / 4) and not mim.random_start
+
+
+def test_ti_bim_smooths_the_gradient_with_a_normalised_gaussian():
+    from attacks.momentum import TIBIM, gaussian_kernel
+
+    assert gaussian_kernel(5).sum().item() == pytest.approx(1.0)
+    spike = torch.zeros(1, 3, 9, 9)
+    spike[:, :, 4, 4] = 1.0
+    smoothed, _ = TIBIM(Threat("linf", 0.03), kernel=5).direction(spike, spike)
+    assert smoothed[0, 0, 4, 4] < 1 and smoothed[0, 0, 2:7, 2:7].sum() == pytest.approx(1.0, abs=1e-5)
+    assert (smoothed[0, 0, 2:7, 2:7] > 0).all() and smoothed[0, 0, 0, 0] == 0
+    with pytest.raises(BenchError, match="odd kernel"):
+        TIBIM(Threat("linf", 0.03), kernel=4)
+
+
+def test_ti_bim_with_a_one_pixel_kernel_is_bim(tiny_net, batch):
+    from attacks.momentum import TIBIM
+
+    x, _ = batch
+    y = tiny_net(x).argmax(1)
+    threat = Threat("linf", 0.5)
+    ti = TIBIM(threat, steps=20, kernel=1).run(Oracle(tiny_net), x, y)
+    bim = ATTACKS.get("pgd")(threat, steps=20, step_size=0.5 / 20, random_start=False).run(Oracle(tiny_net), x, y)
+    assert torch.allclose(ti, bim) and (tiny_net(ti).argmax(1) != y).all()
