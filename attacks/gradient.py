@@ -97,3 +97,13 @@ class PGD(Attack):
         x_out[active] = x_adv
         fooled[active[hit]] = True
         return ~hit
+
+
+@register_attack("cw-linf")
+class CWLinf(PGD):
+    """The CW margin loss under PGD (the "CW-linf" of Madry et al. and many purification papers): projected
+    steps on max_{i != y} z_i - z_y, which ignores how confident the softmax is."""
+
+    def __init__(self, threat: Threat, steps: int = 100, step_size: float | None = None, random_start: bool = True,
+                 restarts: int = 1) -> None:
+        super().__init__(threat, steps, step_size, "margin", random_start, restarts)

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 from tabulate import tabulate
 
 PAPERS = Path(__file__).with_name("papers")
-# Table 7 column -> label of our attack in the record (exact gradients); "clean" is the clean pass.
+# Table 7 column -> key of our attack in the record (exact gradients); "clean" is the clean pass.
 COLUMNS = {"FGSM": "fgsm", "PGD-10": "pgd10", "PGD-20": "pgd20"}
 
 

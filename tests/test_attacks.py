@@ -49,7 +49,7 @@ def test_pgd_and_apgd_break_an_undefended_model(tiny_net, batch):
     x, y = batch
     y = tiny_net(x).argmax(1)  # all correct by construction
     threat = Threat("linf", 0.5)
-    for name in ("pgd", "apgd-ce", "apgd-dlr", "mim"):
+    for name in ("pgd", "apgd-ce", "apgd-dlr", "mim", "cw-linf"):
         x_adv = ATTACKS.get(name)(threat, steps=20).run(Oracle(tiny_net), x, y)
         assert (tiny_net(x_adv).argmax(1) != y).float().mean() >= 0.5, name
 
