@@ -11,8 +11,11 @@ import torch
 from bench.cli import main
 from defenses.atop import AToP
 from defenses.atop_training import AToPSettings, AToPTrainer
+from tests.conftest import needs_resnet20
 from tests.helpers import NearestColor
 
+# Clean accuracy of the shipped RT2 purifiers before ResNet-20, 128 images, mean of 3 draws from seed 0 (measured).
+MEASURED_RT2 = {"pretrain": 0.370, "finetune": 0.435}
 PLUGIN = str(Path(__file__).with_name("plugin_examples.py"))
 
 
@@ -145,3 +148,25 @@ def test_the_default_atop_ships_with_the_package(monkeypatch, tmp_path):
     assert config["checkpoint_source"] == "shipped" and config["stage"] == "finetune"
     assert config["checkpoint"] == "defenses/checkpoints/atop/resnet20/rt2-gan/finetune.pt"
     assert len(config["checkpoint_sha256"]) == 64
+
+
+@needs_resnet20
+def test_shipped_rt2_purifiers_keep_their_measured_clean_accuracy(monkeypatch, tmp_path):
+    """Regression check on real data: clean accuracy of the shipped RT2 purifiers in front of ResNet-20
+    (128 images of the fixed subset, mean of 3 draws), and AToP fine-tuning raising it."""
+    from bench.classifiers import load_classifier
+    from bench.subset import load_subset
+
+    monkeypatch.setenv("BENCH_CHECKPOINT_DIR", str(tmp_path))
+    classifier, subset = load_classifier("resnet20"), load_subset("cifar10-jpeg", 128, seed=0)
+    accuracy = {}
+    for stage in ("pretrain", "finetune"):
+        defense = AToP(classifier, transform="rt2", purifier="gan", stage=stage).eval()
+        torch.manual_seed(0)
+        with torch.no_grad():
+            draws = [(defense(subset.x).argmax(1) == subset.y).float().mean().item() for _ in range(3)]
+        accuracy[stage] = sum(draws) / 3
+    print(f"shipped RT2 purifiers, clean accuracy on 128 images: {accuracy}")
+    assert abs(accuracy["pretrain"] - MEASURED_RT2["pretrain"]) < 0.08
+    assert abs(accuracy["finetune"] - MEASURED_RT2["finetune"]) < 0.08
+    assert accuracy["finetune"] > accuracy["pretrain"]
