@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="attack budget of the suite: smoke (seconds, tests), cpu (reduced, fits a CPU session), "
                           "paper (full strength, a GPU job); auto = paper on CUDA, cpu on CPU (default)")
     run.add_argument("--eps", type=parse_eps, default=None, help="override the suite's eps, e.g. 2/255")
+    run.add_argument("--headline", choices=("worst", "mean", "majority"), default="worst",
+                     help="robust accuracy to lead with for stochastic defenses: worst (broken if any of 10 draws is "
+                          "wrong, default), mean (over the draws) or majority (vote over the draws)")
     run.add_argument("--dataset", default="cifar10-jpeg")
     run.add_argument("--classifier", default="resnet20")
     run.add_argument("--n", type=int, default=512)
@@ -137,8 +140,13 @@ def format_result(record: Dict) -> str:
     draws = record["settings"].get("success_draws", 1)
     rule = f"; each adversarial example classified {draws} times, broken if any draw is wrong" if draws > 1 else ""
     clean_mean = f" (mean over {draws} draws: {100 * record['clean_mean']:.2f}%)" if draws > 1 else ""
-    return (f"{head}\nclean accuracy: {_pct(record['clean'])}{clean_mean}\n{table}\n"
-            f"robust accuracy (worst case over the suite{rule}): {_pct(record['robust'])} in {record['timing']['seconds']:.1f} s")
+    lines = [head, f"clean accuracy: {_pct(record['clean'])}{clean_mean}", table,
+             f"robust accuracy (worst case over the suite{rule}): {_pct(record['robust'])}"]
+    if draws > 1:
+        lines.append(f"  mean over the draws: {100 * record['robust_mean']:.2f}%, majority vote: {_pct(record['robust_majority'])}")
+    h = record["headline"]
+    lines.append(f"headline ({h['metric']}): {100 * h['accuracy']:.2f}% in {record['timing']['seconds']:.1f} s")
+    return "\n".join(lines)
 
 
 def parse_options(pairs: Sequence[str]) -> Dict[str, str]:
@@ -156,7 +164,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     config = RunConfig(
         defense=args.defense, threat=args.threat, classifier=args.classifier, dataset=args.dataset, suite=args.suite,
-        budget=args.budget,
+        budget=args.budget, headline=args.headline,
         eps=args.eps, n=args.n, seed=args.seed, device=args.device, batch_size=args.batch_size, out=args.out,
         download=args.download, defense_options=parse_options(args.defense_option),
     )

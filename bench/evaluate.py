@@ -79,6 +79,18 @@ class Evaluation:
     broken_by: List[Optional[str]]
     attacks: List[Dict[str, Any]]
     clean_mean: float  # mean accuracy over the clean re-classification draws (= clean accuracy if deterministic)
+    draws_right: np.ndarray  # per point: fewest right re-classification draws after any attack (0 if clean-wrong)
+    draws: int  # re-classification draws per adversarial example
+
+    @property
+    def robust_mean(self) -> float:
+        """Mean over points and draws of being classified right: the expected accuracy of one forward pass."""
+        return float(self.draws_right.sum()) / (self.draws * len(self.draws_right))
+
+    @property
+    def robust_majority(self) -> np.ndarray:
+        """Points that a majority vote over the draws classifies right."""
+        return self.draws_right * 2 > self.draws
 
 
 def _batches(positions: np.ndarray, size: int) -> List[np.ndarray]:
@@ -144,6 +156,9 @@ def evaluate(
     clean_pred, clean_draws_correct = _clean_pass(counting, subset, batch_size, device, seed, who, state, success_draws)
     labels = subset.y.numpy()
     robust = clean_pred == labels
+    # Per point, the fewest re-classification draws that were right after any attack it met (clean-correct
+    # points start at all draws); mean and majority-vote robust accuracy come from it.
+    draws_right = np.where(robust, success_draws, 0)
     broken_by: List[Optional[str]] = [None] * subset.n
     outcomes = []
     for k, (label, attack) in enumerate(plans):
@@ -160,7 +175,8 @@ def evaluate(
                                                       subset.y[pos].to(device), threat, success_draws)
                 saved = {"positions": pos.tolist(), "fooled": fooled.tolist(), "correct": correct.tolist(), "cost": cost}
                 state.save(key, saved)
-            for p, hit in zip(pos, saved["fooled"]):
+            for p, hit, right in zip(pos, saved["fooled"], saved["correct"]):
+                draws_right[p] = min(draws_right[p], right)
                 if hit:
                     if robust[p]:
                         broken_by[p] = label
@@ -178,4 +194,4 @@ def evaluate(
             outcome["robust_alone_mean"] = correct_draws / (success_draws * subset.n)
         outcomes.append(outcome)
     clean_mean = float(clean_draws_correct.sum()) / (success_draws * subset.n)
-    return Evaluation(clean_pred, clean_pred == labels, robust, broken_by, outcomes, clean_mean)
+    return Evaluation(clean_pred, clean_pred == labels, robust, broken_by, outcomes, clean_mean, draws_right, success_draws)

@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional
 import jsonschema
 import torch
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA_PATH = Path(__file__).with_name("schemas") / "record.schema.json"
 _PACKAGES = ("torch", "torchvision", "numpy", "pyautoattack", "robustbench", "pandas", "jsonschema")
 

@@ -47,6 +47,7 @@ class RunConfig:
     n: int = 512
     seed: int = 0
     success_draws: int = 10  # re-classifications of each adversarial example, for stochastic defenses
+    headline: str = "worst"  # which robust accuracy a table leads with: worst (any draw wrong), mean or majority
     device: str = "auto"
     batch_size: int = 128
     out: Path = Path("runs")
@@ -78,6 +79,8 @@ def run(config: RunConfig) -> Tuple[Dict[str, Any], Path]:
     if config.batch_size < 1:
         raise BenchError(f"--batch-size must be >= 1, got {config.batch_size}")
     device = resolve_device(config.device)
+    if config.headline not in ("worst", "mean", "majority"):
+        raise BenchError(f"--headline must be worst, mean or majority, got {config.headline!r}")
     if config.budget not in ("auto", *BUDGETS):
         raise BenchError(f"--budget must be auto or one of {', '.join(BUDGETS)}, got {config.budget!r}")
     budget = default_budget(device) if config.budget == "auto" else config.budget
@@ -107,6 +110,8 @@ def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: Ru
     result = evaluate(defense, subset, plans, threat, who=config.defense, batch_size=config.batch_size,
                       device=device, seed=config.seed, state_dir=state_dir, success_draws=draws,
                       independent=suite.independent)
+    headline = {"worst": float(result.robust.mean()), "mean": result.robust_mean,
+                "majority": float(result.robust_majority.mean())}[config.headline]
     record = {
         "schema_version": SCHEMA_VERSION, "run_id": run_id, "defense": described,
         "classifier": defense.classifier.info.to_dict(), "subset": subset.to_dict(), "threat": threat.to_dict(),
@@ -114,9 +119,13 @@ def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: Ru
         "clean": accuracy_summary(int(result.clean_correct.sum()), subset.n),
         "clean_mean": result.clean_mean,
         "robust": accuracy_summary(int(result.robust.sum()), subset.n),
+        "robust_mean": result.robust_mean,
+        "robust_majority": accuracy_summary(int(result.robust_majority.sum()), subset.n),
+        "headline": {"metric": config.headline, "accuracy": headline},
         "samples": {
             "index": subset.indices.tolist(), "label": subset.y.tolist(), "clean_pred": result.clean_pred.tolist(),
             "clean_correct": result.clean_correct.tolist(), "robust": result.robust.tolist(), "broken_by": result.broken_by,
+            "draws_right": result.draws_right.tolist(),
         },
         "unreliable": False, "unreliable_reasons": [],
         "settings": {"device": str(device), "batch_size": config.batch_size, "seed": config.seed,

@@ -37,6 +37,13 @@ def test_record_of_a_plugin_run_is_complete(tmp_path):
     assert record["attacks"][0]["attacked"] == record["clean"]["correct"]
     assert record["attacks"][1]["attacked"] == record["clean"]["correct"] - record["attacks"][0]["broken"]
     assert not (tmp_path / ".state" / record["run_id"]).exists()  # state is removed once the record is written
+    # a deterministic defense: one draw, so mean, majority and worst case agree, and the headline is the worst case
+    assert record["schema_version"] == 3 and record["settings"]["success_draws"] == 1
+    assert record["robust_mean"] == record["robust"]["accuracy"] == record["robust_majority"]["accuracy"]
+    assert record["headline"] == {"metric": "worst", "accuracy": record["robust"]["accuracy"]}
+    mean_run, _ = run(RunConfig(defense="plugin-blur", classifier="tiny", dataset="tiny-test", budget="smoke", n=20,
+                                batch_size=8, out=tmp_path, headline="mean"))
+    assert mean_run["headline"] == {"metric": "mean", "accuracy": mean_run["robust_mean"]}
 
 
 def _bench(args):
@@ -162,3 +169,36 @@ def test_independent_suites_attack_every_clean_correct_point():
     assert 0 < pgd["robust_alone"]["correct"] <= fgsm["robust_alone"]["correct"] < 32
     assert pgd["robust_alone_mean"] == pgd["robust_alone"]["accuracy"]  # deterministic: mean = worst case
     assert alone.robust.sum() <= min(fgsm["robust_alone"]["correct"], pgd["robust_alone"]["correct"])
+
+
+class EveryFourthCallWrong(torch.nn.Module):
+    """A 'stochastic defense' that is wrong on every fourth call (calls 4, 8, ...) and right otherwise."""
+
+    stochastic = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        right = torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), 10).float()
+        return (1 - right if self.calls % 4 == 0 else right) + self.weight * x.mean()
+
+
+def test_robust_accuracy_is_reported_as_worst_case_mean_and_majority_vote():
+    from attacks import ATTACKS, Threat
+    from bench.evaluate import evaluate
+    from bench.subset import Subset
+
+    x, y = torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)
+    subset = Subset("toy", "test", 4, 0, np.arange(4), x, y, 10, "0" * 64, "0" * 64)
+    threat = Threat("linf", 1e-3)
+    # clean: calls 1-4 (first draw right, 3 of 4 right); FGSM gradient: call 5; re-classification: calls 6-9 (8 wrong)
+    result = evaluate(EveryFourthCallWrong(), subset, [("fgsm", ATTACKS.get("fgsm")(threat))], threat, who="cycle",
+                      success_draws=4)
+    assert result.clean_correct.all() and result.clean_mean == 0.75
+    assert not result.robust.any()  # worst case: one wrong draw breaks every point
+    assert result.robust_mean == 0.75 and result.robust_majority.all()
+    assert result.draws_right.tolist() == [3, 3, 3, 3]
