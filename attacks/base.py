@@ -150,6 +150,8 @@ class Attack:
     name: ClassVar[str] = ""
     #: False for attacks that need an ``nn.Module`` rather than an oracle (e.g. pyautoattack).
     uses_oracle: ClassVar[bool] = True
+    #: False for score-based attacks: they never ask for a gradient, so a BPDA variant would repeat them.
+    uses_gradients: ClassVar[bool] = True
 
     def __init__(self, threat: Threat) -> None:
         self.threat = threat

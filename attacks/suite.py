@@ -88,7 +88,7 @@ class Suite:
                     raise BenchError(f"suite {self.name}: {spec.attack} runs its own model loop; it cannot take bpda stages")
                 label, attack = f"{label}+bpda[{','.join(spec.bpda)}]", BPDA(attack, stages=spec.bpda)
             variants = [(label, attack)]
-            if attack.uses_oracle and not differentiable:
+            if attack.uses_oracle and attack.uses_gradients and not differentiable:
                 variants.append((f"{label}+bpda", BPDA(spec.build(threat), stages=spec.bpda)))
             for label, variant in variants:
                 if variant.uses_oracle and stochastic:
