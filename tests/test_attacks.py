@@ -255,3 +255,19 @@ def test_square_is_a_score_based_attack_that_eot_can_wrap(tiny_net, batch):
     x_adv = EOT(square, n=2, chunk_images=64).perturb(counting, x, y)
     assert (x_adv - x).abs().max() <= 0.5 + 1e-6 and (tiny_net(x_adv).argmax(1) != y).float().mean() >= 0.5
     assert counting.counter.backward == 0  # no gradient was ever asked for
+
+
+def test_transfer_attack_crafts_on_the_bare_classifier_and_costs_no_defense_gradients(tiny_net, batch):
+    x, _ = batch
+    y = tiny_net(x).argmax(1)
+
+    class Shifted(Defense):  # a defense whose purifier the transfer attack never sees
+        def __init__(self, classifier):
+            super().__init__(classifier, purifier=nn.Identity())
+
+    counting = CountingModule(Shifted(tiny_net))
+    transfer = ATTACKS.get("transfer")(Threat("linf", 0.5), steps=10)
+    x_adv = transfer.perturb(counting, x, y)
+    assert counting.counter.forward == 0 and counting.counter.backward == 0
+    assert (x_adv - x).abs().max() <= 0.5 + 1e-6 and (tiny_net(x_adv).argmax(1) != y).float().mean() >= 0.5
+    assert transfer.params()["source"] == "classifier"

@@ -1,0 +1,58 @@
+"""Transfer attack: adversarial examples crafted on a *source* model, then shown to the defense.
+
+``source="classifier"`` (default) attacks the defense's own bare classifier, the "oblivious" attack that
+purification papers often report; any registered classifier name (``resnet56``, ``robustbench:...``) attacks
+another model. The source is attacked with PGD (``steps``, step 2.5 * eps / steps, random start) through a
+plain oracle, so it costs no passes through the defense; only the final examples are classified by it. A
+transfer attack that beats every white-box attack on some points is a sign of masked gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+from torch import nn
+
+from attacks.base import Attack, Oracle, Threat, register_attack
+from attacks.gradient import PGD
+from bench.errors import BenchError
+
+
+def _defense_of(model: nn.Module) -> nn.Module:
+    """Unwrap counting and view wrappers down to the defense."""
+    while not hasattr(model, "classifier") and hasattr(model, "model"):
+        model = model.model
+    return model
+
+
+@register_attack("transfer")
+class Transfer(Attack):
+    """PGD on a source model; the defense only sees the result."""
+
+    uses_oracle = False
+
+    def __init__(self, threat: Threat, source: str = "classifier", steps: int = 20, loss: str = "ce") -> None:
+        super().__init__(threat)
+        self.source, self.steps, self.loss = source, steps, loss
+        self._pgd = PGD(threat, steps=steps, loss=loss)
+        self._source_model = None
+
+    def params(self) -> Dict[str, Any]:
+        return {"source": self.source, "steps": self.steps, "step_size": self._pgd.step_size, "loss": self.loss}
+
+    def source_model(self, model: nn.Module, device: torch.device) -> nn.Module:
+        if self.source == "classifier":
+            defense = _defense_of(model)
+            if not hasattr(defense, "classifier"):
+                raise BenchError("transfer source 'classifier' needs a defense with a .classifier")
+            return defense.classifier
+        if self._source_model is None:
+            from bench.classifiers import load_classifier
+
+            self._source_model = load_classifier(self.source, device)
+        return self._source_model
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        source = self.source_model(model, x.device)
+        return self.threat.project(self._pgd.run(Oracle(source), x, y).detach(), x)
