@@ -81,6 +81,7 @@ class Evaluation:
     clean_mean: float  # mean accuracy over the clean re-classification draws (= clean accuracy if deterministic)
     draws_right: np.ndarray  # per point: fewest right re-classification draws after any attack (0 if clean-wrong)
     draws: int  # re-classification draws per adversarial example
+    broken_points: Dict[str, set]  # attack label -> positions it broke (for the integrity checks)
 
     @property
     def robust_mean(self) -> float:
@@ -160,6 +161,7 @@ def evaluate(
     # points start at all draws); mean and majority-vote robust accuracy come from it.
     draws_right = np.where(robust, success_draws, 0)
     broken_by: List[Optional[str]] = [None] * subset.n
+    broken_points: Dict[str, set] = {}
     outcomes = []
     for k, (label, attack) in enumerate(plans):
         positions = np.flatnonzero(clean_pred == labels if independent else robust)
@@ -178,6 +180,7 @@ def evaluate(
             for p, hit, right in zip(pos, saved["fooled"], saved["correct"]):
                 draws_right[p] = min(draws_right[p], right)
                 if hit:
+                    broken_points.setdefault(label, set()).add(int(p))
                     if robust[p]:
                         broken_by[p] = label
                     robust[p] = False
@@ -194,4 +197,5 @@ def evaluate(
             outcome["robust_alone_mean"] = correct_draws / (success_draws * subset.n)
         outcomes.append(outcome)
     clean_mean = float(clean_draws_correct.sum()) / (success_draws * subset.n)
-    return Evaluation(clean_pred, clean_pred == labels, robust, broken_by, outcomes, clean_mean, draws_right, success_draws)
+    return Evaluation(clean_pred, clean_pred == labels, robust, broken_by, outcomes, clean_mean, draws_right, success_draws,
+                      broken_points)

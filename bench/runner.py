@@ -25,6 +25,7 @@ from attacks.suite import BUDGETS, default_budget, load_suite
 from bench.classifiers import load_classifier
 from bench.errors import BenchError
 from bench.evaluate import evaluate
+from bench.integrity import run_checks
 from bench.record import SCHEMA_VERSION, environment, to_json_data, write_record
 from bench.stats import accuracy_summary
 from bench.subset import load_subset
@@ -48,6 +49,7 @@ class RunConfig:
     seed: int = 0
     success_draws: int = 10  # re-classifications of each adversarial example, for stochastic defenses
     headline: str = "worst"  # which robust accuracy a table leads with: worst (any draw wrong), mean or majority
+    checks: bool = True  # run the integrity checks (bench/integrity.py) after the attacks
     device: str = "auto"
     batch_size: int = 128
     out: Path = Path("runs")
@@ -112,6 +114,16 @@ def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: Ru
                       independent=suite.independent)
     headline = {"worst": float(result.robust.mean()), "mean": result.robust_mean,
                 "majority": float(result.robust_majority.mean())}[config.headline]
+    findings, checks = None, {"ran": False}
+    if config.checks:
+        t_checks = time.perf_counter()
+        findings = run_checks(defense, subset, result, threat, stochastic=defense.stochastic,
+                              differentiable=defense.differentiable, eot=suite.eot_draws, draws=draws,
+                              independent=suite.independent, device=device, probe_n=8 if suite.budget == "smoke" else 32,
+                              seed=config.seed)
+        checks = {"ran": True, "seconds": time.perf_counter() - t_checks, **findings.measurements}
+        for reason in findings.reasons:
+            log.warning("unreliable: %s", reason)
     record = {
         "schema_version": SCHEMA_VERSION, "run_id": run_id, "defense": described,
         "classifier": defense.classifier.info.to_dict(), "subset": subset.to_dict(), "threat": threat.to_dict(),
@@ -127,7 +139,8 @@ def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: Ru
             "clean_correct": result.clean_correct.tolist(), "robust": result.robust.tolist(), "broken_by": result.broken_by,
             "draws_right": result.draws_right.tolist(),
         },
-        "unreliable": False, "unreliable_reasons": [],
+        "unreliable": bool(findings and findings.unreliable),
+        "unreliable_reasons": list(findings.reasons) if findings else [], "checks": checks,
         "settings": {"device": str(device), "batch_size": config.batch_size, "seed": config.seed,
                      "success_draws": draws, "success_rule": "broken if any draw misclassifies"},
         "environment": environment(),

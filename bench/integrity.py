@@ -1,0 +1,179 @@
+"""Integrity checks: evidence that an evaluation under-attacked a defense.
+
+Each check returns the reasons it found (empty when it passed). A record with any reason is marked
+``unreliable: true`` and its tables carry the mark. The checks follow PROTOCOL.md's list:
+
+- ``randomness``: two forward passes on the same images differ although the defense did not declare
+  randomness, or are identical although it did;
+- ``gradients``: the input gradient of the loss (exact, or through the BPDA surrogate for a defense with
+  non-differentiable stages) is NaN, zero on some points or vanishing;
+- ``probabilities``: the outputs look like probabilities or log-probabilities rather than logits (a softmax
+  inside the model flattens the loss the attacks climb);
+- ``black_box``: a score-based or transfer attack broke points that every gradient attack before it missed;
+- ``monotone``: on a small probe set, PGD accuracy does not fall when eps doubles or when the steps grow;
+- ``unbounded``: PGD at eps = 1 (the whole image box) does not drive accuracy to about 0%.
+
+The probes (``monotone``, ``unbounded``) run a cheap PGD with the suite's EOT draws on at most
+``probe_n`` clean-correct points, so they cost a small fraction of the evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from attacks.adaptive import BPDAView, EOT
+from attacks.base import ATTACKS, Threat
+from attacks.losses import ce
+
+# A gradient whose mean absolute value is below this (per input pixel) counts as vanishing.
+VANISHING = 1e-10
+# Accuracy may rise by this much (fraction of probe points) between probes before it is called a rise:
+# a probe of 32 points with a stochastic defense moves by a point or two between runs by chance alone.
+RISE_TOLERANCE = 0.05
+# An eps = 1 attack may leave at most this fraction of probe points correct.
+UNBOUNDED_LIMIT = 0.05
+
+
+@dataclass
+class Findings:
+    reasons: List[str] = field(default_factory=list)
+    measurements: Dict[str, object] = field(default_factory=dict)
+
+    @property
+    def unreliable(self) -> bool:
+        return bool(self.reasons)
+
+
+def _same_draw_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+def check_randomness(model: nn.Module, x: torch.Tensor, declared: bool, seed: int = 0) -> List[str]:
+    _same_draw_seed(seed)
+    with torch.inference_mode():
+        first, second = model(x), model(x)
+    observed = not torch.equal(first, second)
+    if observed and not declared:
+        return ["randomness not declared but observed: two forward passes on the same images differ "
+                "(declare stochastic = True so the suites attack it with EOT)"]
+    if declared and not observed:
+        return ["randomness declared but not observed: two forward passes on the same images were identical"]
+    return []
+
+
+def check_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, differentiable: bool) -> List[str]:
+    view = model if differentiable else BPDAView(model)
+    xg = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(ce(view(xg), y).sum(), xg)
+    how = "exact" if differentiable else "BPDA"
+    if not torch.isfinite(grad).all():
+        return [f"NaN or infinite input gradients ({how})"]
+    per_point = grad.flatten(1).abs().mean(dim=1)
+    reasons = []
+    zero = int((per_point == 0).sum())
+    if zero:
+        reasons.append(f"zero input gradients ({how}) on {zero} of {len(per_point)} points")
+    elif float(per_point.min()) < VANISHING:
+        reasons.append(f"vanishing input gradients ({how}): mean |grad| down to {float(per_point.min()):.2e}")
+    return reasons
+
+
+def check_probabilities(logits: torch.Tensor) -> List[str]:
+    rows = logits.detach().float()
+    if bool(((rows >= 0) & (rows <= 1)).all()) and torch.allclose(rows.sum(1), torch.ones(len(rows)), atol=1e-3):
+        return ["outputs look like probabilities (in [0, 1], rows sum to 1), not logits"]
+    if bool((rows <= 0).all()) and torch.allclose(rows.logsumexp(1), torch.zeros(len(rows)), atol=1e-3):
+        return ["outputs look like log-probabilities (rows log-sum-exp to 0), not logits"]
+    return []
+
+
+def check_black_box(outcomes: Sequence[Dict[str, object]], broken_by: Sequence[Optional[str]], independent: bool,
+                    per_attack_broken: Optional[Dict[str, set]] = None) -> List[str]:
+    """Points broken by a score-based/transfer attack that the gradient attacks before it had missed."""
+    black = {o["label"] for o in outcomes if o["attack"] in ("square", "transfer")}
+    if not black:
+        return []
+    if independent and per_attack_broken is not None:
+        white = set().union(*(v for k, v in per_attack_broken.items() if k not in black)) if per_attack_broken else set()
+        extra = set().union(*(per_attack_broken[k] for k in black)) - white
+    else:  # sequential: a black-box attack only ever sees points the earlier attacks missed
+        first_black = min(i for i, o in enumerate(outcomes) if o["label"] in black)
+        earlier_white = any(o["label"] not in black for o in outcomes[:first_black])
+        extra = {i for i, who in enumerate(broken_by) if who in black} if earlier_white else set()
+    if extra:
+        return [f"a black-box or transfer attack broke {len(extra)} points every gradient attack missed "
+                "(gradients are masked or the gradient attacks are too weak)"]
+    return []
+
+
+def _pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, steps: int, eot: int,
+                  stochastic: bool, differentiable: bool, draws: int) -> float:
+    from attacks.adaptive import BPDA
+
+    attack = ATTACKS.get("pgd")(threat, steps=steps)
+    if not differentiable:
+        attack = BPDA(attack)
+    if stochastic:
+        attack = EOT(attack, eot)
+    x_adv = attack.perturb(model, x, y)
+    right = torch.ones(len(y), dtype=torch.bool, device=y.device)
+    with torch.inference_mode():
+        for _ in range(draws):
+            right &= model(x_adv).argmax(1) == y
+    return float(right.float().mean())
+
+
+def probe_attacks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, *, stochastic: bool,
+                  differentiable: bool, eot: int, draws: int, steps: int = 10) -> Findings:
+    """The eps sweep, the steps check and the eps = 1 attack on clean-correct probe points."""
+    findings = Findings()
+    run = lambda t, s: _pgd_accuracy(model, x, y, t, s, eot, stochastic, differentiable, draws)  # noqa: E731
+    limit = 1.0 if threat.norm == "linf" else float("inf")
+    sweep = {eps: run(Threat(threat.norm, min(eps, limit)), steps) for eps in (threat.eps / 2, threat.eps, 2 * threat.eps)}
+    more_steps = run(threat, 4 * steps)
+    unbounded_threat = Threat("linf", 1.0) if threat.norm == "linf" else Threat("l2", float(x[0].numel()) ** 0.5)
+    unbounded = run(unbounded_threat, steps)
+    findings.measurements = {
+        "probe_points": int(len(y)), "pgd_steps": steps,
+        "eps_sweep": {f"{eps:.6g}": acc for eps, acc in sweep.items()},
+        f"pgd{4 * steps}_at_eps": more_steps, "unbounded_eps": unbounded_threat.eps, "unbounded_accuracy": unbounded,
+    }
+    accs = list(sweep.values())
+    if accs[1] > accs[0] + RISE_TOLERANCE or accs[2] > accs[1] + RISE_TOLERANCE:
+        findings.reasons.append(f"robust accuracy does not fall as eps grows (PGD-{steps} at eps/2, eps, 2 eps: "
+                                + ", ".join(f"{100 * a:.1f}%" for a in accs) + ")")
+    if more_steps > accs[1] + RISE_TOLERANCE:
+        findings.reasons.append(f"robust accuracy rises with more steps (PGD-{steps} {100 * accs[1]:.1f}%, "
+                                f"PGD-{4 * steps} {100 * more_steps:.1f}%)")
+    if unbounded > UNBOUNDED_LIMIT:
+        findings.reasons.append(f"an unbounded attack (PGD-{steps}, {unbounded_threat.norm} eps {unbounded_threat.eps:.3g}) "
+                                f"leaves {100 * unbounded:.1f}% accuracy instead of about 0%")
+    return findings
+
+
+def run_checks(model: nn.Module, subset, evaluation, threat: Threat, *, stochastic: bool, differentiable: bool,
+               eot: int, draws: int, independent: bool, device, probe_n: int = 32, seed: int = 0) -> Findings:
+    """Every check, on the evaluated model and subset; ``evaluation`` is the result of ``bench.evaluate``."""
+    import numpy as np
+
+    findings = Findings()
+    head = subset.x[: min(32, subset.n)].to(device)
+    findings.reasons += check_randomness(model, head, stochastic, seed)
+    with torch.inference_mode():
+        findings.reasons += check_probabilities(model(head))
+    correct = np.flatnonzero(evaluation.clean_correct)[:probe_n]
+    if len(correct):
+        x, y = subset.x[correct].to(device), subset.y[correct].to(device)
+        findings.reasons += check_gradients(model, x, y, differentiable)
+        torch.manual_seed(seed)
+        probes = probe_attacks(model, x, y, threat, stochastic=stochastic, differentiable=differentiable, eot=eot,
+                               draws=draws)
+        findings.reasons += probes.reasons
+        findings.measurements.update(probes.measurements)
+    findings.reasons += check_black_box(evaluation.attacks, evaluation.broken_by, independent, evaluation.broken_points)
+    return findings

@@ -1,0 +1,99 @@
+"""Integrity checks: planted broken defenses are flagged with the right reason; honest ones are not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from attacks import ATTACKS, Threat
+from bench.evaluate import evaluate
+from bench.integrity import check_black_box, check_gradients, check_probabilities, check_randomness, run_checks
+from bench.subset import Subset
+from defenses.base import Defense
+from tests.helpers import NearestColor
+
+
+class Quantize(nn.Module):
+    """Round to 8 levels: the gradient is zero almost everywhere (not declared)."""
+
+    def forward(self, x):
+        return torch.round(x * 7) / 7
+
+
+class HiddenNoise(nn.Module):
+    """Heavy Gaussian noise, randomness not declared."""
+
+    def forward(self, x):
+        return (x + 0.3 * torch.randn_like(x)).clamp(0, 1)
+
+
+class Softmaxed(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x).softmax(dim=1)
+
+
+def _toy(n=24):
+    model = NearestColor()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 3, 1, 1, generator=g).expand(n, 3, 8, 8).contiguous()
+    y = model(x).argmax(1)
+    return model, Subset("toy", "test", n, 0, np.arange(n), x, y, 10, "0" * 64, "0" * 64)
+
+
+def test_an_honest_model_raises_no_flag():
+    model, subset = _toy()
+    threat = Threat("linf", 0.03)
+    result = evaluate(model, subset, [("pgd-10", ATTACKS.get("pgd")(threat, steps=10))], threat, who="toy")
+    findings = run_checks(model, subset, result, threat, stochastic=False, differentiable=True, eot=1, draws=1,
+                          independent=False, device="cpu")
+    assert findings.reasons == [], findings.reasons
+    assert findings.measurements["unbounded_accuracy"] == 0.0
+
+
+def test_undeclared_and_phantom_randomness_are_flagged():
+    x = torch.rand(4, 3, 8, 8)
+    noisy = Defense(NearestColor(), purifier=HiddenNoise())
+    assert "randomness not declared but observed" in check_randomness(noisy, x, declared=False)[0]
+    assert "randomness declared but not observed" in check_randomness(NearestColor(), x, declared=True)[0]
+    assert check_randomness(noisy, x, declared=True) == []
+
+
+def test_zero_gradients_of_a_quantizer_are_flagged():
+    x, defense = torch.rand(6, 3, 8, 8), Defense(NearestColor(), purifier=Quantize())
+    y = defense(x).argmax(1)
+    reasons = check_gradients(defense, x, y, differentiable=True)
+    assert reasons and "zero input gradients (exact) on 6 of 6 points" in reasons[0]
+    assert check_gradients(NearestColor(), x, y, differentiable=True) == []
+
+
+def test_probability_outputs_are_flagged():
+    x = torch.rand(5, 3, 8, 8)
+    assert "probabilities" in check_probabilities(Softmaxed(NearestColor())(x))[0]
+    assert "log-probabilities" in check_probabilities(Softmaxed(NearestColor())(x).log())[0]
+    assert check_probabilities(NearestColor()(x)) == []
+
+
+def test_a_black_box_attack_beating_the_gradient_attacks_is_flagged():
+    outcomes = [{"label": "pgd-10", "attack": "pgd"}, {"label": "square", "attack": "square"}]
+    assert check_black_box(outcomes, [None, "pgd-10", "square"], independent=False)
+    assert check_black_box(outcomes, [None, "pgd-10", None], independent=False) == []
+    broken = {"pgd-10": {1}, "square": {1, 2}}
+    assert check_black_box(outcomes, [None, "pgd-10", "pgd-10"], independent=True, per_attack_broken=broken)
+
+
+def test_a_masked_defense_fails_the_unbounded_attack_probe():
+    model, subset = _toy()
+    defense = Defense(model, purifier=Quantize())  # gradients are zero: PGD cannot move
+    threat = Threat("linf", 0.03)
+    result = evaluate(defense, subset, [("pgd-10", ATTACKS.get("pgd")(threat, steps=10, random_start=False))], threat,
+                      who="quantize")
+    findings = run_checks(defense, subset, result, threat, stochastic=False, differentiable=True, eot=1, draws=1,
+                          independent=False, device="cpu")
+    joined = " | ".join(findings.reasons)
+    assert "zero input gradients" in joined and "unbounded attack" in joined
