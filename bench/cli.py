@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--headline", choices=("worst", "mean", "majority"), default="worst",
                      help="robust accuracy to lead with for stochastic defenses: worst (broken if any of 10 draws is "
                           "wrong, default), mean (over the draws) or majority (vote over the draws)")
+    run.add_argument("--no-checks", dest="checks", action="store_false",
+                     help="skip the integrity checks after the attacks (the record then says checks.ran = false)")
     run.add_argument("--dataset", default="cifar10-jpeg")
     run.add_argument("--classifier", default="resnet20")
     run.add_argument("--n", type=int, default=512)
@@ -168,7 +170,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     config = RunConfig(
         defense=args.defense, threat=args.threat, classifier=args.classifier, dataset=args.dataset, suite=args.suite,
-        budget=args.budget, headline=args.headline,
+        budget=args.budget, headline=args.headline, checks=args.checks,
         eps=args.eps, n=args.n, seed=args.seed, device=args.device, batch_size=args.batch_size, out=args.out,
         download=args.download, defense_options=parse_options(args.defense_option),
     )
