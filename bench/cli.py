@@ -75,6 +75,16 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--lam", type=float, default=None, help="weight of the adversarial CE loss (AToP lambda)")
     train.add_argument("--pretrained", default=None, metavar="PATH",
                        help="AToP: skip pre-training and fine-tune this pre-trained purifier (e.g. RT2's for RT3)")
+    aud = sub.add_parser("audit", help="run only the integrity checks on a defense and print a verdict")
+    aud.add_argument("--defense", required=True)
+    aud.add_argument("--threat", choices=("linf", "l2"), default="linf")
+    aud.add_argument("--eps", type=parse_eps, default=None, help="override the threat's eps, e.g. 2/255")
+    aud.add_argument("--classifier", default="resnet20")
+    aud.add_argument("--dataset", default="cifar10-jpeg")
+    aud.add_argument("--n", type=int, default=64, help="images of the fixed subset to audit on (default 64)")
+    aud.add_argument("--seed", type=int, default=0)
+    aud.add_argument("--device", default="auto")
+    aud.add_argument("--defense-option", action="append", default=[], metavar="KEY=VALUE")
     lst = sub.add_parser("list", help="list registered names")
     lst.add_argument("what", nargs="?", choices=LIST_KINDS, default=None)
     return parser
@@ -193,6 +203,27 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"checkpoints and manifests: {folder}")
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Print the verdict; exit code 1 when the defense is flagged unreliable."""
+    from bench.runner import RunConfig, audit
+
+    config = RunConfig(defense=args.defense, threat=args.threat, eps=args.eps, classifier=args.classifier,
+                       dataset=args.dataset, n=args.n, seed=args.seed, device=args.device,
+                       defense_options=parse_options(args.defense_option))
+    findings, result = audit(config)
+    print(f"audit of {args.defense} on {args.classifier} ({args.dataset}, n={args.n}, {args.threat})")
+    print(f"clean {100 * result.clean_correct.mean():.2f}%, after PGD-10 / Square / transfer {100 * result.robust.mean():.2f}%")
+    for key, value in findings.measurements.items():
+        print(f"  {key}: {value}")
+    if findings.unreliable:
+        print("verdict: UNRELIABLE")
+        for reason in findings.reasons:
+            print(f"  - {reason}")
+        return 1
+    print("verdict: no integrity problem found")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
@@ -205,6 +236,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cmd_list(args.what)
         elif args.command == "train":
             cmd_train(args)
+        elif args.command == "audit":
+            return cmd_audit(args)
         else:
             cmd_run(args)
     except BenchError as exc:

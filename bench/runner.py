@@ -151,3 +151,33 @@ def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: Ru
     path = write_record(Path(config.out) / record_filename(record), record)
     shutil.rmtree(state_dir, ignore_errors=True)
     return record, path
+
+
+AUDIT_ATTACKS = (("pgd", (("steps", 10),)), ("square", (("queries", 1000),)), ("transfer", ()))
+
+
+def audit(config: RunConfig):
+    """``bench audit``: only the integrity checks, on ``config.n`` images (no record).
+
+    A short sequential suite (PGD-10 with EOT, then Square with 1000 queries, then a transfer attack from the
+    bare classifier) gives the black-box check something to compare; the probes and the other checks run as
+    after every evaluation. Returns (findings, evaluation).
+    """
+    from attacks.suite import AttackSpec, Suite
+
+    device = resolve_device(config.device)
+    base = load_suite(config.suite, config.threat, "cpu" if config.budget == "auto" else config.budget)
+    threat = Threat(base.threat.norm, config.eps if config.eps is not None else base.threat.eps)
+    subset = load_subset(config.dataset, config.n, config.seed, download=config.download)
+    classifier = load_classifier(config.classifier, device)
+    defense = build_defense(config.defense, classifier, **config.defense_options).to(device).eval()
+    specs = tuple(AttackSpec(name, params) for name, params in AUDIT_ATTACKS)
+    suite = Suite("audit", "1", base.budget, "integrity audit", threat, base.eot_draws, specs)
+    plans = suite.build(threat, defense.stochastic, defense.differentiable, default_chunk_images(device))
+    draws = config.success_draws if defense.stochastic else 1
+    result = evaluate(defense, subset, plans, threat, who=config.defense, batch_size=config.batch_size, device=device,
+                      seed=config.seed, success_draws=draws)
+    findings = run_checks(defense, subset, result, threat, stochastic=defense.stochastic,
+                          differentiable=defense.differentiable, eot=suite.eot_draws, draws=draws, independent=False,
+                          device=device, seed=config.seed)
+    return findings, result

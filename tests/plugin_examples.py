@@ -60,3 +60,16 @@ class PluginNaN(Defense):
 class PluginWrongShape(Defense):
     def forward(self, x):
         return super().forward(x)[:, :3]
+
+
+class _Round8(torch.nn.Module):
+    def forward(self, x):
+        return torch.round(x * 7) / 7
+
+
+@register_defense("planted-quantize")
+class PlantedQuantize(Defense):
+    """A planted broken defense: rounding to 8 levels, zero gradients, nothing declared."""
+
+    def __init__(self, classifier):
+        super().__init__(classifier, purifier=_Round8())

@@ -119,3 +119,13 @@ def test_file_classifier_roundtrip(capsys, tmp_path):
     mine = load_classifier(f"file:resnet20:{path}")
     x = torch.rand(2, 3, 32, 32)
     assert torch.equal(mine(x), reference(x))
+
+
+def test_audit_flags_a_planted_broken_defense_and_passes_an_honest_one(capsys):
+    base = ["--plugin", str(Path(__file__).with_name("plugin_examples.py")), "audit", "--classifier", "tiny",
+            "--dataset", "tiny-test", "--n", "16"]
+    assert main([*base, "--defense", "planted-quantize"]) == 1
+    out = capsys.readouterr().out
+    assert "verdict: UNRELIABLE" in out and "zero input gradients (exact)" in out
+    assert main([*base, "--defense", "plugin-blur"]) == 0
+    assert "verdict: no integrity problem found" in capsys.readouterr().out
