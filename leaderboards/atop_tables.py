@@ -60,14 +60,17 @@ def atop_table7(records: Sequence[Dict[str, object]], field: str = "robust_alone
         for atop in (False, True):
             record, theirs = ours.get((transform, atop)), paper_rows[(transform, atop)]
             measured = _per_attack(record, field) if record else {}
-            clean = 100 * record["clean"]["accuracy"] if record else None
+            clean_value = (record.get("clean_mean", record["clean"]["accuracy"]) if field == "robust_alone_mean"
+                           else record["clean"]["accuracy"]) if record else None
+            clean = None if clean_value is None else 100 * clean_value
             rows.append([transform.upper(), "✓" if atop else "✗", _cell(clean, theirs["clean"]),
                          *(_cell(measured.get(key), theirs[col]) for col, key in COLUMNS.items()),
                          *(_cell(measured.get(f"{key}+skip"), None) for key in COLUMNS.values())])
     headers = ["transform", "AToP", "clean", *COLUMNS, *(f"{c}, purifier skipped" for c in COLUMNS)]
     any_record = records[0]
     s, suite = any_record["subset"], any_record["suite"]
-    what = "worst case over the re-classification draws" if field == "robust_alone" else "mean over the re-classification draws"
+    what = ("worst case over the re-classification draws; clean = one draw" if field == "robust_alone"
+            else "mean over the re-classification draws; clean = mean over the same number of draws")
     note = (f"{s['dataset']}, n = {s['n']} (seed {s['seed']}, subset {s['hash'][:12]}), classifier "
             f"{any_record['classifier']['name']}, suite {suite['name']} v{suite['version']} ({suite['budget']} budget, "
             f"EOT-{suite['eot_draws']}); robust accuracy = {what}. Cells: measured (paper: {paper['setting']['classifier']}, "
