@@ -116,20 +116,20 @@ def test_default_run_on_resnet20(tmp_path):
     assert seconds < 600
 
 
-class Flicker(torch.nn.Module):
-    """A 'stochastic defense' that is right on even calls and wrong on odd ones."""
+class WrongEveryKthCall(torch.nn.Module):
+    """A 'stochastic defense' that is wrong on calls k, 2k, ... and right (class 0) on the others."""
 
     stochastic = True
 
-    def __init__(self) -> None:
+    def __init__(self, k: int) -> None:
         super().__init__()
-        self.calls = 0
+        self.k, self.calls = k, 0
         self.weight = torch.nn.Parameter(torch.zeros(()))
 
     def forward(self, x):
         self.calls += 1
         right = torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), 10).float()
-        return (right if self.calls % 2 == 1 else 1 - right) + self.weight * x.mean()
+        return (1 - right if self.calls % self.k == 0 else right) + self.weight * x.mean()
 
 
 def test_stochastic_success_check_takes_the_worst_draw():
@@ -142,9 +142,9 @@ def test_stochastic_success_check_takes_the_worst_draw():
     threat = Threat("linf", 1e-3)
     plans = [("fgsm", ATTACKS.get("fgsm")(threat))]
     # call 1 (clean): right; call 2 (FGSM gradient): wrong; call 3 (single success check): right
-    lucky = evaluate(Flicker(), subset, plans, threat, who="flicker", success_draws=1)
+    lucky = evaluate(WrongEveryKthCall(2), subset, plans, threat, who="flicker", success_draws=1)
     assert lucky.robust.all()
-    worst = evaluate(Flicker(), subset, plans, threat, who="flicker", success_draws=10)
+    worst = evaluate(WrongEveryKthCall(2), subset, plans, threat, who="flicker", success_draws=10)
     assert not worst.robust.any()
 
 
@@ -171,22 +171,6 @@ def test_independent_suites_attack_every_clean_correct_point():
     assert alone.robust.sum() <= min(fgsm["robust_alone"]["correct"], pgd["robust_alone"]["correct"])
 
 
-class EveryFourthCallWrong(torch.nn.Module):
-    """A 'stochastic defense' that is wrong on every fourth call (calls 4, 8, ...) and right otherwise."""
-
-    stochastic = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-        self.weight = torch.nn.Parameter(torch.zeros(()))
-
-    def forward(self, x):
-        self.calls += 1
-        right = torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), 10).float()
-        return (1 - right if self.calls % 4 == 0 else right) + self.weight * x.mean()
-
-
 def test_robust_accuracy_is_reported_as_worst_case_mean_and_majority_vote():
     from attacks import ATTACKS, Threat
     from bench.evaluate import evaluate
@@ -196,7 +180,7 @@ def test_robust_accuracy_is_reported_as_worst_case_mean_and_majority_vote():
     subset = Subset("toy", "test", 4, 0, np.arange(4), x, y, 10, "0" * 64, "0" * 64)
     threat = Threat("linf", 1e-3)
     # clean: calls 1-4 (first draw right, 3 of 4 right); FGSM gradient: call 5; re-classification: calls 6-9 (8 wrong)
-    result = evaluate(EveryFourthCallWrong(), subset, [("fgsm", ATTACKS.get("fgsm")(threat))], threat, who="cycle",
+    result = evaluate(WrongEveryKthCall(4), subset, [("fgsm", ATTACKS.get("fgsm")(threat))], threat, who="cycle",
                       success_draws=4)
     assert result.clean_correct.all() and result.clean_mean == 0.75
     assert not result.robust.any()  # worst case: one wrong draw breaks every point
