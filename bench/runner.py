@@ -119,7 +119,7 @@ def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: Ru
         t_checks = time.perf_counter()
         findings = run_checks(defense, subset, result, threat, stochastic=defense.stochastic,
                               differentiable=defense.differentiable, eot=suite.eot_draws, draws=draws,
-                              independent=suite.independent, device=device, probe_n=8 if suite.budget == "smoke" else 32,
+                              independent=suite.independent, device=device, probe_n={"smoke": 8, "cpu": 16}.get(suite.budget, 32),
                               seed=config.seed)
         checks = {"ran": True, "seconds": time.perf_counter() - t_checks, **findings.measurements}
         for reason in findings.reasons:
