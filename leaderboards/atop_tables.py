@@ -49,13 +49,22 @@ def atop_table7(records: Sequence[Dict[str, object]], field: str = "robust_alone
         raise ValueError(f"records come from {len(hashes)} different subsets; a table needs one")
     paper = paper_table("atop", "7")
     paper_rows = {(row["transform"], row["atop"]): dict(zip(paper["columns"], row["values"])) for row in paper["rows"]}
-    ours = {}
+    ours, bare = {}, None
     for record in records:
-        if record["suite"]["name"] != "atop-table7" or not record["defense"]["name"].startswith("atop"):
-            raise ValueError(f"{record['defense']['name']} / {record['suite']['name']}: not an AToP Table 7 record")
+        name = record["defense"]["name"]
+        if record["suite"]["name"] != "atop-table7" or not (name.startswith("atop") or name == "none"):
+            raise ValueError(f"{name} / {record['suite']['name']}: not an AToP Table 7 record")
+        if name == "none":
+            bare = record
+            continue
         config = record["defense"]["config"]
         ours[(config["transform"], config["stage"] == "finetune")] = record
     rows: List[List[str]] = []
+    if bare is not None:  # the bare classifier on the same images (PROTOCOL rule 8); the paper has no such row
+        measured = _per_attack(bare, field)
+        rows.append(["none (bare classifier)", "", _cell(100 * bare["clean"]["accuracy"], None),
+                     *(_cell(measured.get(key), None) for key in COLUMNS.values()),
+                     *(_cell(measured.get(f"{key}+skip"), None) for key in COLUMNS.values())])
     for transform in ("rt1", "rt2", "rt3"):
         for atop in (False, True):
             record, theirs = ours.get((transform, atop)), paper_rows[(transform, atop)]
@@ -75,7 +84,7 @@ def atop_table7(records: Sequence[Dict[str, object]], field: str = "robust_alone
             f"{any_record['classifier']['name']}, suite {suite['name']} v{suite['version']} ({suite['budget']} budget, "
             f"EOT-{suite['eot_draws']}); robust accuracy = {what}. Cells: measured (paper: {paper['setting']['classifier']}, "
             f"{paper['setting']['dataset']}, {paper['setting']['gradients']}).")
-    return tabulate(rows, headers=headers, tablefmt="github") + "\n\n" + note + "\n"
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True) + "\n\n" + note + "\n"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
