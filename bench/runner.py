@@ -80,9 +80,15 @@ def run(config: RunConfig) -> Tuple[Dict[str, Any], Path]:
     """Evaluate ``config``; return the record and the path it was written to."""
     if config.batch_size < 1:
         raise BenchError(f"--batch-size must be >= 1, got {config.batch_size}")
-    device = resolve_device(config.device)
     if config.headline not in ("worst", "mean", "majority"):
         raise BenchError(f"--headline must be worst, mean or majority, got {config.headline!r}")
+    device, suite, threat, subset, defense = _resolve(config)
+    return evaluate_defense(defense, subset, suite, threat, config, device)
+
+
+def _resolve(config: RunConfig):
+    """(device, suite budget, threat, subset, defense) named by ``config``."""
+    device = resolve_device(config.device)
     if config.budget not in ("auto", *BUDGETS):
         raise BenchError(f"--budget must be auto or one of {', '.join(BUDGETS)}, got {config.budget!r}")
     budget = default_budget(device) if config.budget == "auto" else config.budget
@@ -91,7 +97,15 @@ def run(config: RunConfig) -> Tuple[Dict[str, Any], Path]:
     subset = load_subset(config.dataset, config.n, config.seed, download=config.download)
     classifier = load_classifier(config.classifier, device)
     defense = build_defense(config.defense, classifier, **config.defense_options).to(device).eval()
-    return evaluate_defense(defense, subset, suite, threat, config, device)
+    return device, suite, threat, subset, defense
+
+
+def _run_checks(defense: Defense, subset, result, threat: Threat, suite, draws: int, device, seed: int):
+    """The integrity checks with probe sizes by budget (8 points for smoke, 16 for cpu, 32 for paper)."""
+    return run_checks(defense, subset, result, threat, stochastic=defense.stochastic,
+                      differentiable=defense.differentiable, eot=suite.eot_draws, draws=draws,
+                      independent=suite.independent, device=device, seed=seed,
+                      probe_n={"smoke": 8, "cpu": 16}.get(suite.budget, 32))
 
 
 def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: RunConfig, device) -> Tuple[Dict[str, Any], Path]:
@@ -117,10 +131,7 @@ def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: Ru
     findings, checks = None, {"ran": False}
     if config.checks:
         t_checks = time.perf_counter()
-        findings = run_checks(defense, subset, result, threat, stochastic=defense.stochastic,
-                              differentiable=defense.differentiable, eot=suite.eot_draws, draws=draws,
-                              independent=suite.independent, device=device, probe_n={"smoke": 8, "cpu": 16}.get(suite.budget, 32),
-                              seed=config.seed)
+        findings = _run_checks(defense, subset, result, threat, suite, draws, device, config.seed)
         checks = {"ran": True, "seconds": time.perf_counter() - t_checks, **findings.measurements}
         for reason in findings.reasons:
             log.warning("unreliable: %s", reason)
@@ -165,19 +176,11 @@ def audit(config: RunConfig):
     """
     from attacks.suite import AttackSpec, Suite
 
-    device = resolve_device(config.device)
-    base = load_suite(config.suite, config.threat, "cpu" if config.budget == "auto" else config.budget)
-    threat = Threat(base.threat.norm, config.eps if config.eps is not None else base.threat.eps)
-    subset = load_subset(config.dataset, config.n, config.seed, download=config.download)
-    classifier = load_classifier(config.classifier, device)
-    defense = build_defense(config.defense, classifier, **config.defense_options).to(device).eval()
+    device, base, threat, subset, defense = _resolve(config)
     specs = tuple(AttackSpec(name, params) for name, params in AUDIT_ATTACKS)
     suite = Suite("audit", "1", base.budget, "integrity audit", threat, base.eot_draws, specs)
     plans = suite.build(threat, defense.stochastic, defense.differentiable, default_chunk_images(device))
     draws = config.success_draws if defense.stochastic else 1
     result = evaluate(defense, subset, plans, threat, who=config.defense, batch_size=config.batch_size, device=device,
                       seed=config.seed, success_draws=draws)
-    findings = run_checks(defense, subset, result, threat, stochastic=defense.stochastic,
-                          differentiable=defense.differentiable, eot=suite.eot_draws, draws=draws, independent=False,
-                          device=device, seed=config.seed)
-    return findings, result
+    return _run_checks(defense, subset, result, threat, suite, draws, device, config.seed), result
