@@ -170,3 +170,18 @@ def test_shipped_rt2_purifiers_keep_their_measured_clean_accuracy(monkeypatch, t
     assert abs(accuracy["pretrain"] - MEASURED_RT2["pretrain"]) < 0.08
     assert abs(accuracy["finetune"] - MEASURED_RT2["finetune"]) < 0.08
     assert accuracy["finetune"] > accuracy["pretrain"]
+
+
+def test_rt3_can_fine_tune_another_run_s_pre_trained_purifier(tmp_path):
+    common = ["--plugin", PLUGIN, "train", "--defense", "atop", "--classifier", "tiny", "--dataset", "tiny-test",
+              "--purifier", "ae", "--train-size", "16", "--batch-size", "8"]
+    assert main([*common, "--transform", "rt2", "--pretrain-epochs", "1", "--epochs", "1", "--out", str(tmp_path / "rt2")]) == 0
+    source = tmp_path / "rt2" / "pretrain.pt"
+    assert main([*common, "--transform", "rt3", "--epochs", "1", "--pretrained", str(source), "--out", str(tmp_path / "rt3")]) == 0
+    adopted = json.loads((tmp_path / "rt3" / "pretrain.manifest.json").read_text())
+    assert adopted["copied_from"] == str(source) and adopted["finished"] and len(adopted["source_sha256"]) == 64
+    finetune = json.loads((tmp_path / "rt3" / "finetune.manifest.json").read_text())
+    assert finetune["finished"] and finetune["config"]["settings"]["pretrained"] == str(source)
+    assert (tmp_path / "rt3" / "finetune.weights.pt").is_file()
+    assert main([*common, "--transform", "rt3", "--epochs", "1", "--pretrained", str(tmp_path / "missing.pt"),
+                 "--out", str(tmp_path / "rt3b")]) == 2

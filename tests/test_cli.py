@@ -129,3 +129,15 @@ def test_audit_flags_a_planted_broken_defense_and_passes_an_honest_one(capsys):
     assert "verdict: UNRELIABLE" in out and "zero input gradients (exact)" in out
     assert main([*base, "--defense", "plugin-blur"]) == 0
     assert "verdict: no integrity problem found" in capsys.readouterr().out
+
+
+def test_run_records_the_checks_or_their_absence(tmp_path, capsys):
+    base = ["--plugin", str(Path(__file__).with_name("plugin_examples.py")), "run", "--defense", "planted-quantize",
+            "--classifier", "tiny", "--dataset", "tiny-test", "--n", "16", "--budget", "smoke"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    flagged = json.loads(next((tmp_path / "a").glob("*.json")).read_text())
+    assert flagged["unreliable"] and flagged["checks"]["ran"] and "UNRELIABLE" in capsys.readouterr().out
+    assert any("zero input gradients" in reason for reason in flagged["unreliable_reasons"])
+    assert main([*base, "--no-checks", "--out", str(tmp_path / "b")]) == 0
+    unchecked = json.loads(next((tmp_path / "b").glob("*.json")).read_text())
+    assert unchecked["checks"] == {"ran": False} and not unchecked["unreliable"]
