@@ -122,7 +122,7 @@ def _clean_pass(
     return preds, correct
 
 
-def _attack_batch(
+def attack_batch(
     model: CountingModule, attack: Attack, label: str, x: torch.Tensor, y: torch.Tensor, threat: Threat, draws: int
 ) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
     """Attack one batch; return (fooled on any draw, correct draws per point, cost)."""
@@ -173,7 +173,7 @@ def evaluate(
             saved = state.load(key)
             if saved is None or saved["positions"] != pos.tolist():
                 torch.manual_seed(derived_seed(seed, "attack", k, b))
-                fooled, correct, cost = _attack_batch(counting, attack, label, subset.x[pos].to(device),
+                fooled, correct, cost = attack_batch(counting, attack, label, subset.x[pos].to(device),
                                                       subset.y[pos].to(device), threat, success_draws)
                 saved = {"positions": pos.tolist(), "fooled": fooled.tolist(), "correct": correct.tolist(), "cost": cost}
                 state.save(key, saved)

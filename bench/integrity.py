@@ -21,14 +21,18 @@ a small fraction of the evaluation; the record's ``checks`` gives their settings
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 from torch import nn
 
-from attacks.adaptive import BPDAView, EOT
-from attacks.base import ATTACKS, Threat
+import numpy as np
+
+from attacks.adaptive import BPDAView
+from attacks.base import CountingModule, Threat
 from attacks.losses import ce
+from attacks.suite import AttackSpec, Suite
+from bench.evaluate import attack_batch
 
 # A gradient whose mean absolute value is below this (per input pixel) counts as vanishing.
 VANISHING = 1e-10
@@ -51,12 +55,8 @@ class Findings:
         return bool(self.reasons)
 
 
-def _same_draw_seed(seed: int) -> None:
-    torch.manual_seed(seed)
-
-
 def check_randomness(model: nn.Module, x: torch.Tensor, declared: bool, seed: int = 0) -> List[str]:
-    _same_draw_seed(seed)
+    torch.manual_seed(seed)
     with torch.inference_mode():
         first, second = model(x), model(x)
     observed = not torch.equal(first, second)
@@ -95,19 +95,19 @@ def check_probabilities(logits: torch.Tensor) -> List[str]:
     return []
 
 
-def check_black_box(outcomes: Sequence[Dict[str, object]], broken_by: Sequence[Optional[str]], independent: bool,
-                    per_attack_broken: Optional[Dict[str, set]] = None) -> List[str]:
-    """Points broken by a score-based/transfer attack that the gradient attacks before it had missed."""
+def check_black_box(outcomes: Sequence[Dict[str, object]], broken_points: Dict[str, set]) -> List[str]:
+    """Points a score-based or transfer attack broke that no gradient attack broke.
+
+    In a sequential suite a black-box attack only sees the points the attacks before it missed, so the check
+    needs a gradient attack to have run before the first black-box one; in an independent suite every attack
+    saw every point and the sets compare directly.
+    """
+    labels = [o["label"] for o in outcomes]
     black = {o["label"] for o in outcomes if o["attack"] in ("square", "transfer")}
-    if not black:
+    if not black or not any(label not in black for label in labels[: min(labels.index(b) for b in black)]):
         return []
-    if independent and per_attack_broken is not None:
-        white = set().union(*(v for k, v in per_attack_broken.items() if k not in black)) if per_attack_broken else set()
-        extra = set().union(*(per_attack_broken[k] for k in black)) - white
-    else:  # sequential: a black-box attack only ever sees points the earlier attacks missed
-        first_black = min(i for i, o in enumerate(outcomes) if o["label"] in black)
-        earlier_white = any(o["label"] not in black for o in outcomes[:first_black])
-        extra = {i for i, who in enumerate(broken_by) if who in black} if earlier_white else set()
+    union = lambda keys: set().union(*(broken_points.get(k, set()) for k in keys))  # noqa: E731
+    extra = union(black) - union(set(labels) - black)
     if extra:
         return [f"a black-box or transfer attack broke {len(extra)} points every gradient attack missed "
                 "(gradients are masked or the gradient attacks are too weak)"]
@@ -116,19 +116,13 @@ def check_black_box(outcomes: Sequence[Dict[str, object]], broken_by: Sequence[O
 
 def _pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, steps: int, eot: int,
                   stochastic: bool, differentiable: bool, draws: int) -> float:
-    from attacks.adaptive import BPDA
-
-    attack = ATTACKS.get("pgd")(threat, steps=steps)
-    if not differentiable:
-        attack = BPDA(attack)
-    if stochastic:
-        attack = EOT(attack, eot)
-    x_adv = attack.perturb(model, x, y)
-    right = torch.ones(len(y), dtype=torch.bool, device=y.device)
-    with torch.inference_mode():
-        for _ in range(draws):
-            right &= model(x_adv).argmax(1) == y
-    return float(right.float().mean())
+    """PGD accuracy on the probe points, wrapped (EOT, BPDA) and re-classified exactly as a suite would."""
+    suite = Suite("probe", "1", "cpu", "integrity probe", threat, eot, (AttackSpec("pgd", (("steps", steps),)),))
+    fooled = np.zeros(len(y), dtype=bool)
+    counting = CountingModule(model)
+    for label, attack in suite.build(threat, stochastic, differentiable):  # exact, and BPDA if declared
+        fooled |= attack_batch(counting, attack, label, x, y, threat, draws)[0]
+    return float(1 - fooled.mean())
 
 
 def probe_attacks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, *, stochastic: bool,
@@ -160,10 +154,8 @@ def probe_attacks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Th
 
 
 def run_checks(model: nn.Module, subset, evaluation, threat: Threat, *, stochastic: bool, differentiable: bool,
-               eot: int, draws: int, independent: bool, device, probe_n: int = 32, seed: int = 0) -> Findings:
+               eot: int, draws: int, device, probe_n: int = 32, seed: int = 0) -> Findings:
     """Every check, on the evaluated model and subset; ``evaluation`` is the result of ``bench.evaluate``."""
-    import numpy as np
-
     findings = Findings()
     head = subset.x[: min(32, subset.n)].to(device)
     findings.reasons += check_randomness(model, head, stochastic, seed)
@@ -178,5 +170,5 @@ def run_checks(model: nn.Module, subset, evaluation, threat: Threat, *, stochast
                                eot=min(eot, PROBE_EOT), draws=draws)
         findings.reasons += probes.reasons
         findings.measurements.update(probes.measurements)
-    findings.reasons += check_black_box(evaluation.attacks, evaluation.broken_by, independent, evaluation.broken_points)
+    findings.reasons += check_black_box(evaluation.attacks, evaluation.broken_points)
     return findings

@@ -103,8 +103,7 @@ def _resolve(config: RunConfig):
 def _run_checks(defense: Defense, subset, result, threat: Threat, suite, draws: int, device, seed: int):
     """The integrity checks with probe sizes by budget (8 points for smoke, 16 for cpu, 32 for paper)."""
     return run_checks(defense, subset, result, threat, stochastic=defense.stochastic,
-                      differentiable=defense.differentiable, eot=suite.eot_draws, draws=draws,
-                      independent=suite.independent, device=device, seed=seed,
+                      differentiable=defense.differentiable, eot=suite.eot_draws, draws=draws, device=device, seed=seed,
                       probe_n={"smoke": 8, "cpu": 16}.get(suite.budget, 32))
 
 

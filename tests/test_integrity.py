@@ -50,8 +50,7 @@ def test_an_honest_model_raises_no_flag():
     model, subset = _toy()
     threat = Threat("linf", 0.03)
     result = evaluate(model, subset, [("pgd-10", ATTACKS.get("pgd")(threat, steps=10))], threat, who="toy")
-    findings = run_checks(model, subset, result, threat, stochastic=False, differentiable=True, eot=1, draws=1,
-                          independent=False, device="cpu")
+    findings = run_checks(model, subset, result, threat, stochastic=False, differentiable=True, eot=1, draws=1, device="cpu")
     assert findings.reasons == [], findings.reasons
     assert findings.measurements["unbounded_accuracy"] == 0.0
 
@@ -81,10 +80,11 @@ def test_probability_outputs_are_flagged():
 
 def test_a_black_box_attack_beating_the_gradient_attacks_is_flagged():
     outcomes = [{"label": "pgd-10", "attack": "pgd"}, {"label": "square", "attack": "square"}]
-    assert check_black_box(outcomes, [None, "pgd-10", "square"], independent=False)
-    assert check_black_box(outcomes, [None, "pgd-10", None], independent=False) == []
-    broken = {"pgd-10": {1}, "square": {1, 2}}
-    assert check_black_box(outcomes, [None, "pgd-10", "pgd-10"], independent=True, per_attack_broken=broken)
+    assert check_black_box(outcomes, {"pgd-10": {1}, "square": {2}})  # sequential: square found a new point
+    assert check_black_box(outcomes, {"pgd-10": {1}}) == []
+    assert check_black_box(outcomes, {"pgd-10": {1, 2}, "square": {1, 2}}) == []  # independent: nothing new
+    assert check_black_box(outcomes, {"pgd-10": {1}, "square": {1, 2}})
+    assert check_black_box(outcomes[::-1], {"square": {2}}) == []  # no gradient attack ran before it
 
 
 def test_a_masked_defense_fails_the_unbounded_attack_probe():
@@ -93,7 +93,6 @@ def test_a_masked_defense_fails_the_unbounded_attack_probe():
     threat = Threat("linf", 0.03)
     result = evaluate(defense, subset, [("pgd-10", ATTACKS.get("pgd")(threat, steps=10, random_start=False))], threat,
                       who="quantize")
-    findings = run_checks(defense, subset, result, threat, stochastic=False, differentiable=True, eot=1, draws=1,
-                          independent=False, device="cpu")
+    findings = run_checks(defense, subset, result, threat, stochastic=False, differentiable=True, eot=1, draws=1, device="cpu")
     joined = " | ".join(findings.reasons)
     assert "zero input gradients" in joined and "unbounded attack" in joined
