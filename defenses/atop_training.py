@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.errors import BenchError
-from bench.training import TRAINERS
+from bench.record import write_json_atomic
+from bench.training import TRAINERS, sha256_file
 from defenses.purifiers import PURIFIERS, PatchDiscriminator
 from defenses.transforms import RT2, RT3
 
@@ -178,9 +179,6 @@ def _run_stage(trainer: AToPTrainer, stage: str, epochs: int, data, options, che
 def _adopt_pretrained(source: Path, folder: Path, config: Dict[str, object]) -> None:
     """Use another run's pre-trained purifier as this run's pre-training (e.g. RT3's copies are RT2 inputs
     with missing rate 1/N, so RT2's pre-training serves RT3): copy its weights and say where they came from."""
-    from bench.record import write_json_atomic
-    from bench.training import sha256_file
-
     if not source.is_file():
         raise BenchError(f"--pretrained {source}: no such file")
     state = torch.load(source, map_location="cpu", weights_only=True)
