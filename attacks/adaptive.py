@@ -15,6 +15,7 @@ gradient, median of 3), milliseconds by images per step and chunk size in images
 Stacking all draws is 3.7x slower at batch 128, a loop is 4x slower at batch 1; about 128 images per pass
 is never worse than either, so that is the CPU default.
 ``BPDA`` runs the defense's real forward but back-propagates through its declared surrogate.
+``Surrogate`` gives the attack a cheaper stand-in model (a defense's ``attack_surrogate``) for its gradients.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from attacks.base import Attack, LossFn, Oracle
+from attacks.base import NORMS, Attack, CountingModule, LossFn, Oracle, input_grad
 from bench.errors import BenchError
 
 CPU_EOT_CHUNK_IMAGES = 128
@@ -72,7 +73,7 @@ class EOTOracle(Oracle):
             with torch.enable_grad():
                 logits = self.model(_repeat(xr, k))
                 loss = loss_fn(logits, _repeat(y, k))
-                (grad,) = torch.autograd.grad(loss.sum(), xr)
+                grad = input_grad(loss, xr)
             loss_sum += loss.detach().view(k, b).sum(0)
             grad_sum += grad
             logit_sum = logit_sum + logits.detach().view(k, b, -1).sum(0)
@@ -81,6 +82,8 @@ class EOTOracle(Oracle):
 
 class _Wrapper(Attack):
     """Delegates to an inner attack; subclasses change the oracle it sees."""
+
+    norms = NORMS  # whatever the inner attack works in
 
     def __init__(self, inner: Attack) -> None:
         if not inner.uses_oracle:
@@ -150,3 +153,21 @@ class BPDA(_Wrapper):
     def wrapper_settings(self) -> Dict[str, Any]:
         extra = {"bpda_stages": list(self.stages)} if self.stages else {}
         return {**self.inner.wrapper_settings(), "bpda": True, **extra}
+
+
+class Surrogate(_Wrapper):
+    """The attack differentiates (and judges its progress on) a stand-in model, e.g. a defense with fewer
+    purification steps; the evaluation still classifies the final examples with the real defense. Passes
+    through the stand-in are counted with the real model's passes."""
+
+    def __init__(self, inner: Attack, model: nn.Module) -> None:
+        super().__init__(inner)
+        self.model = model
+
+    def make_oracle(self, model: nn.Module) -> Oracle:
+        base = self.inner.make_oracle(model)
+        counter = getattr(model, "counter", None)
+        return base.with_model(CountingModule(self.model, counter) if counter is not None else self.model)
+
+    def wrapper_settings(self) -> Dict[str, Any]:
+        return {**self.inner.wrapper_settings(), "surrogate": True}

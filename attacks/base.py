@@ -21,21 +21,36 @@ from bench.registry import Registry
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> per-sample loss
 
 
+#: Threat norms. ``stadv`` bounds a spatial flow field, not a pixel difference: eps is the largest
+#: displacement of any pixel in grid_sample's normalized coordinates (1.0 = half the image side; 0.05 is 0.8
+#: pixels on a 32x32 image), as in Laidlaw et al. (2021), whose setting AToP's Table 6 follows.
+NORMS = ("linf", "l2", "stadv")
+PIXEL_NORMS = ("linf", "l2")
+
+
 @dataclass(frozen=True)
 class Threat:
-    """An lp ball around the clean image, intersected with the [0, 1] box."""
+    """An lp ball around the clean image intersected with the [0, 1] box, or (``stadv``) a bounded flow field."""
 
-    norm: str  # "linf" or "l2"
+    norm: str  # "linf", "l2" or "stadv"
     eps: float
 
     def __post_init__(self) -> None:
-        if self.norm not in ("linf", "l2"):
-            raise BenchError(f"unknown threat norm {self.norm!r}; use linf or l2")
-        limit = 1.0 if self.norm == "linf" else math.sqrt(3 * 32 * 32) * 8
+        if self.norm not in NORMS:
+            raise BenchError(f"unknown threat norm {self.norm!r}; use one of {', '.join(NORMS)}")
+        limit = {"linf": 1.0, "l2": math.sqrt(3 * 32 * 32) * 8, "stadv": 2.0}[self.norm]
         if not (0.0 < self.eps <= limit) or not math.isfinite(self.eps):
             raise BenchError(f"eps {self.eps} is out of range for {self.norm} (0 < eps <= {limit:g})")
 
+    @property
+    def pixel(self) -> bool:
+        """True for the lp balls (the perturbation is a pixel difference that can be projected and checked)."""
+        return self.norm in PIXEL_NORMS
+
     def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Into the ball and [0, 1]; for ``stadv`` only into [0, 1] (the attack bounds its own flow)."""
+        if not self.pixel:
+            return x_adv.clamp(0.0, 1.0)
         delta = x_adv - x
         if self.norm == "linf":
             delta = delta.clamp(-self.eps, self.eps)
@@ -45,6 +60,7 @@ class Threat:
         return (x + delta).clamp(0.0, 1.0)
 
     def random_start(self, x: torch.Tensor) -> torch.Tensor:
+        self._needs_pixel("a random start")
         if self.norm == "linf":
             noise = (2 * torch.rand_like(x) - 1) * self.eps
         else:
@@ -56,10 +72,15 @@ class Threat:
 
     def step(self, x_adv: torch.Tensor, grad: torch.Tensor, size: torch.Tensor | float) -> torch.Tensor:
         """Steepest-ascent step of the given size (sign for linf, normalized gradient for l2)."""
+        self._needs_pixel("a pixel step")
         if self.norm == "linf":
             return x_adv + _expand(size, x_adv) * grad.sign()
         norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
         return x_adv + _expand(size, x_adv) * grad / norms
+
+    def _needs_pixel(self, what: str) -> None:
+        if not self.pixel:
+            raise BenchError(f"{what} needs an lp threat (linf or l2), not {self.norm}")
 
     def to_dict(self) -> Dict[str, Any]:
         return {"norm": self.norm, "eps": self.eps}
@@ -120,6 +141,18 @@ class CountingModule(nn.Module):
         return bool(getattr(self.model, "stochastic", False))
 
 
+def input_grad(loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """d loss.sum() / d x, and zeros (not an exception) where the model cut ``x`` out of the graph.
+
+    A defense with a hard non-differentiable step (argmax, ``.detach()``, integer indexing) gives no gradient
+    path at all; attacks then see the zero gradient it really has and the integrity checks flag it.
+    """
+    if not loss.requires_grad:
+        return torch.zeros_like(x)
+    (grad,) = torch.autograd.grad(loss.sum(), x, allow_unused=True)
+    return torch.zeros_like(x) if grad is None else grad
+
+
 class Oracle:
     """What an attack may ask of the model: logits, and a per-sample loss with its input gradient."""
 
@@ -140,7 +173,7 @@ class Oracle:
         with torch.enable_grad():
             logits = self.model(x)
             loss = loss_fn(logits, y)
-            (grad,) = torch.autograd.grad(loss.sum(), x)
+            grad = input_grad(loss, x)
         return loss.detach(), grad.detach(), logits.detach()
 
 
@@ -152,8 +185,13 @@ class Attack:
     uses_oracle: ClassVar[bool] = True
     #: False for score-based attacks: they never ask for a gradient, so a BPDA variant would repeat them.
     uses_gradients: ClassVar[bool] = True
+    #: The threat norms the attack can work in.
+    norms: ClassVar[Tuple[str, ...]] = PIXEL_NORMS
 
     def __init__(self, threat: Threat) -> None:
+        if threat.norm not in self.norms:
+            raise BenchError(f"attack {self.name or type(self).__name__} works in {', '.join(self.norms)}, "
+                             f"not in the {threat.norm} threat")
         self.threat = threat
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -26,16 +26,16 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from attacks.adaptive import BPDA, EOT
+from attacks.adaptive import BPDA, EOT, Surrogate
 from attacks.base import ATTACKS, Attack, Threat
 from bench.errors import BenchError
 from bench.registry import Registry
 
 SUITE_DIR = Path(__file__).with_name("suites")
 BUDGETS = ("smoke", "cpu", "paper")
-STAGES = ("transform", "purifier")
+STAGES = ("transform", "purifier", "pipeline")
 _SUITE_KEYS = {"name", "version", "description", "threat", "independent", "budgets"}
-_BUDGET_KEYS = {"description", "eot_draws", "attacks"}
+_BUDGET_KEYS = {"description", "eot_draws", "attacks", "surrogate"}
 _SPEC_KEYS = {"attack", "params", "bpda"}
 
 
@@ -74,22 +74,34 @@ class Suite:
     eot_draws: int
     attacks: Tuple[AttackSpec, ...]
     independent: bool = False
+    standard_eps: Tuple[float, ...] = ()  # the eps values the field reports for this threat (``--eps``)
+    surrogate: bool = False  # gradient attacks use the defense's attack_surrogate when it has one
 
     def build(
-        self, threat: Threat, stochastic: bool, differentiable: bool, eot_chunk_images: Optional[int] = None
+        self, threat: Threat, stochastic: bool, differentiable: bool, eot_chunk_images: Optional[int] = None,
+        surrogate: Optional[torch.nn.Module] = None,
     ) -> List[Tuple[str, Attack]]:
-        """Resolve the suite for a defense: a list of (label, attack) in the order they run."""
+        """Resolve the suite for a defense: a list of (label, attack) in the order they run.
+
+        ``surrogate`` (the defense's ``attack_surrogate()``) replaces the model in every oracle-based attack
+        when this budget allows it (``"surrogate": true``)."""
         plans: List[Tuple[str, Attack]] = []
-        for spec in self.attacks:
+        stand_in = surrogate if self.surrogate else None
+
+        def build(spec: AttackSpec) -> Attack:
             attack = spec.build(threat)
-            label = spec.label
+            return Surrogate(attack, stand_in) if stand_in is not None and attack.uses_oracle and attack.uses_gradients else attack
+
+        for spec in self.attacks:
+            attack = build(spec)
+            label = spec.label + ("+surrogate" if isinstance(attack, Surrogate) else "")
             if spec.bpda:
                 if not attack.uses_oracle:
                     raise BenchError(f"suite {self.name}: {spec.attack} runs its own model loop; it cannot take bpda stages")
                 label, attack = f"{label}+bpda[{','.join(spec.bpda)}]", BPDA(attack, stages=spec.bpda)
             variants = [(label, attack)]
             if attack.uses_oracle and attack.uses_gradients and not differentiable:
-                variants.append((f"{label}+bpda", BPDA(spec.build(threat), stages=spec.bpda)))
+                variants.append((f"{label}+bpda", BPDA(build(spec), stages=spec.bpda)))
             for label, variant in variants:
                 if variant.uses_oracle and stochastic:
                     label, variant = f"{label}+eot{self.eot_draws}", EOT(variant, self.eot_draws, eot_chunk_images)
@@ -102,7 +114,8 @@ class Suite:
     def to_dict(self) -> Dict[str, Any]:
         return {
             "name": self.name, "version": self.version, "budget": self.budget, "threat": self.threat.to_dict(),
-            "eot_draws": self.eot_draws, "independent": self.independent,
+            "eot_draws": self.eot_draws, "independent": self.independent, "surrogate": self.surrogate,
+            **({"standard_eps": list(self.standard_eps)} if self.standard_eps else {}),
             "attacks": [spec.to_dict() for spec in self.attacks],
         }
 
@@ -125,6 +138,7 @@ def parse_suite(data: Dict[str, Any], origin: str = "<dict>") -> Dict[str, Suite
         raise BenchError(f"suite {origin}: budgets must be a non-empty subset of {list(BUDGETS)}")
     try:
         threat = Threat(data["threat"]["norm"], float(data["threat"]["eps"]))
+        standard_eps = tuple(float(e) for e in data["threat"].get("standard_eps", ()))
     except (KeyError, TypeError, ValueError):
         raise BenchError(f"suite {origin}: threat needs a norm and an eps") from None
     suites = {}
@@ -136,7 +150,7 @@ def parse_suite(data: Dict[str, Any], origin: str = "<dict>") -> Dict[str, Suite
         specs = tuple(_parse_spec(item, origin) for item in body["attacks"])
         description = " ".join(filter(None, (data.get("description", ""), body.get("description", ""))))
         suites[budget] = Suite(data["name"], str(data["version"]), budget, description, threat, int(body["eot_draws"]),
-                               specs, bool(data.get("independent", False)))
+                               specs, bool(data.get("independent", False)), standard_eps, bool(body.get("surrogate", False)))
     return suites
 
 
@@ -154,12 +168,17 @@ def default_budget(device: torch.device | str) -> str:
     return "paper" if torch.device(device).type == "cuda" else "cpu"
 
 
-def load_suite(name: Optional[str], norm: str, budget: str = "paper") -> Suite:
-    """One budget of the named suite (default: the threat's own suite, ``linf`` or ``l2``)."""
+def load_suite(name: Optional[str], norm: str, budget: str = "paper", fallback: bool = False) -> Suite:
+    """One budget of the named suite (default: the threat's own suite, ``linf``, ``l2`` or ``stadv``).
+
+    ``fallback`` (``--budget auto``): a suite without the asked budget gives its strongest one instead (the
+    reference AutoAttack suites have a single, fixed-strength budget)."""
     budgets = SUITES.get(name or norm)
     any_budget = next(iter(budgets.values()))
     if any_budget.threat.norm != norm:
         raise BenchError(f"suite {any_budget.name} is for threat {any_budget.threat.norm}, not {norm}")
+    if budget not in budgets and fallback:
+        budget = max(budgets, key=BUDGETS.index)
     if budget not in budgets:
         raise BenchError(f"suite {any_budget.name} has no {budget!r} budget; it has {', '.join(budgets)}")
     return budgets[budget]

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence
 
 from tabulate import tabulate
 
+from attacks.base import NORMS
 from bench.errors import BenchError
 
 LIST_KINDS = ("defenses", "attacks", "suites", "classifiers", "datasets")
@@ -35,8 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="evaluate a defense on the fixed subset against a suite")
     run.add_argument("--defense", required=True)
-    run.add_argument("--threat", choices=("linf", "l2"), default="linf")
-    run.add_argument("--suite", default=None, help="suite name (default: the threat's own suite, linf or l2)")
+    run.add_argument("--threat", choices=NORMS, default="linf",
+                     help="linf (8/255), l2 (0.5; 1.0 with --eps 1.0) or stadv (flow field bounded by 0.05)")
+    run.add_argument("--suite", default=None, help="suite name (default: the threat's own suite, linf, l2 or stadv)")
     run.add_argument("--budget", choices=("auto", "smoke", "cpu", "paper"), default="auto",
                      help="attack budget of the suite: smoke (seconds, tests), cpu (reduced, fits a CPU session), "
                           "paper (full strength, a GPU job); auto = paper on CUDA, cpu on CPU (default)")
@@ -77,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="AToP: skip pre-training and fine-tune this pre-trained purifier (e.g. RT2's for RT3)")
     aud = sub.add_parser("audit", help="run only the integrity checks on a defense and print a verdict")
     aud.add_argument("--defense", required=True)
-    aud.add_argument("--threat", choices=("linf", "l2"), default="linf")
+    aud.add_argument("--threat", choices=NORMS, default="linf")
     aud.add_argument("--eps", type=parse_eps, default=None, help="override the threat's eps, e.g. 2/255")
     aud.add_argument("--classifier", default="resnet20")
     aud.add_argument("--dataset", default="cifar10-jpeg")
@@ -114,7 +116,8 @@ def cmd_list(what: Optional[str]) -> None:
                 for budget, suite in budgets.items():
                     attacks = ", ".join(_describe_spec(spec) for spec in suite.attacks)
                     mode = ", independent" if suite.independent else ""
-                    print(f"  {name} v{suite.version} {budget} [{suite.threat.norm} eps={suite.threat.eps:.6g}, "
+                    also = "".join(f", --eps {e:g}" for e in suite.standard_eps if e != suite.threat.eps)
+                    print(f"  {name} v{suite.version} {budget} [{suite.threat.norm} eps={suite.threat.eps:.6g}{also}, "
                           f"EOT {suite.eot_draws}{mode}]: {attacks}")
         else:
             for name in registry.names():

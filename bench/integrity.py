@@ -10,12 +10,17 @@ Each check returns the reasons it found (empty when it passed). A record with an
 - ``probabilities``: the outputs look like probabilities or log-probabilities rather than logits (a softmax
   inside the model flattens the loss the attacks climb);
 - ``black_box``: a score-based or transfer attack broke points that every gradient attack before it missed;
-- ``monotone``: on a small probe set, PGD accuracy does not fall when eps doubles or when the steps grow;
+- ``monotone``: on a small probe set, PGD accuracy does not fall when eps doubles, when the steps grow or
+  (stochastic defenses) when the EOT draws grow;
 - ``unbounded``: PGD at eps = 1 (the whole image box) does not drive accuracy to about 0%.
 
-The probes (``monotone``, ``unbounded``) run a cheap PGD-10 on at most ``probe_n`` clean-correct points with
-at most ``PROBE_EOT`` EOT draws (the same for every probe, so their accuracies stay comparable), so they cost
-a small fraction of the evaluation; the record's ``checks`` gives their settings and results.
+The probes (``monotone``, ``unbounded``) run a cheap PGD-10 (StAdv-10 for the ``stadv`` threat) on at most
+``probe_n`` clean-correct points with ``PROBE_EOT`` EOT draws (the same for every probe but the EOT-growth
+one, so their accuracies stay comparable), so they cost a small fraction of the evaluation; the record's
+``checks`` gives their settings and results.
+
+Every reason is filed under the check that found it (``Findings.codes``): the runner reads the codes to
+correct the attack plan (EOT for undeclared randomness, BPDA for missing gradients), see ``bench/runner.py``.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from torch import nn
 import numpy as np
 
 from attacks.adaptive import BPDAView
-from attacks.base import CountingModule, Threat
+from attacks.base import CountingModule, Threat, input_grad
 from attacks.losses import ce
 from attacks.suite import AttackSpec, Suite
 from bench.evaluate import attack_batch
@@ -49,10 +54,16 @@ PROBE_EOT = 4
 class Findings:
     reasons: List[str] = field(default_factory=list)
     measurements: Dict[str, object] = field(default_factory=dict)
+    codes: Dict[str, List[str]] = field(default_factory=dict)  # check name -> its reasons
 
     @property
     def unreliable(self) -> bool:
         return bool(self.reasons)
+
+    def add(self, code: str, reasons: Sequence[str]) -> None:
+        if reasons:
+            self.reasons += list(reasons)
+            self.codes.setdefault(code, []).extend(reasons)
 
 
 def check_randomness(model: nn.Module, x: torch.Tensor, declared: bool, seed: int = 0) -> List[str]:
@@ -72,7 +83,7 @@ def check_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, differen
     view = model if differentiable else BPDAView(model)
     xg = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        (grad,) = torch.autograd.grad(ce(view(xg), y).sum(), xg)
+        grad = input_grad(ce(view(xg), y), xg)
     how = "exact" if differentiable else "BPDA"
     if not torch.isfinite(grad).all():
         return [f"NaN or infinite input gradients ({how})"]
@@ -117,7 +128,8 @@ def check_black_box(outcomes: Sequence[Dict[str, object]], broken_points: Dict[s
 def _pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, steps: int, eot: int,
                   stochastic: bool, differentiable: bool, draws: int) -> float:
     """PGD accuracy on the probe points, wrapped (EOT, BPDA) and re-classified exactly as a suite would."""
-    suite = Suite("probe", "1", "cpu", "integrity probe", threat, eot, (AttackSpec("pgd", (("steps", steps),)),))
+    attack = "pgd" if threat.pixel else "stadv"
+    suite = Suite("probe", "1", "cpu", "integrity probe", threat, eot, (AttackSpec(attack, (("steps", steps),)),))
     fooled = np.zeros(len(y), dtype=bool)
     counting = CountingModule(model)
     for label, attack in suite.build(threat, stochastic, differentiable):  # exact, and BPDA if declared
@@ -129,11 +141,13 @@ def probe_attacks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Th
                   differentiable: bool, eot: int, draws: int, steps: int = 10) -> Findings:
     """The eps sweep, the steps check and the eps = 1 attack on clean-correct probe points."""
     findings = Findings()
-    run = lambda t, s: _pgd_accuracy(model, x, y, t, s, eot, stochastic, differentiable, draws)  # noqa: E731
-    limit = 1.0 if threat.norm == "linf" else float("inf")
+    run = lambda t, s, e=eot: _pgd_accuracy(model, x, y, t, s, e, stochastic, differentiable, draws)  # noqa: E731
+    name = "PGD" if threat.pixel else "StAdv"
+    limit = {"linf": 1.0, "l2": float("inf"), "stadv": 2.0}[threat.norm]
     sweep = {eps: run(Threat(threat.norm, min(eps, limit)), steps) for eps in (threat.eps / 2, threat.eps, 2 * threat.eps)}
     more_steps = run(threat, 4 * steps)
-    unbounded_threat = Threat("linf", 1.0) if threat.norm == "linf" else Threat("l2", float(x[0].numel()) ** 0.5)
+    unbounded_threat = {"linf": Threat("linf", 1.0), "l2": Threat("l2", float(x[0].numel()) ** 0.5),
+                        "stadv": Threat("stadv", 2.0)}[threat.norm]
     unbounded = run(unbounded_threat, steps)
     findings.measurements = {
         "probe_points": int(len(y)), "pgd_steps": steps, "probe_eot": eot if stochastic else 1,
@@ -142,14 +156,20 @@ def probe_attacks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Th
     }
     accs = list(sweep.values())
     if accs[1] > accs[0] + RISE_TOLERANCE or accs[2] > accs[1] + RISE_TOLERANCE:
-        findings.reasons.append(f"robust accuracy does not fall as eps grows (PGD-{steps} at eps/2, eps, 2 eps: "
-                                + ", ".join(f"{100 * a:.1f}%" for a in accs) + ")")
+        findings.add("monotone", [f"robust accuracy does not fall as eps grows ({name}-{steps} at eps/2, eps, 2 eps: "
+                                  + ", ".join(f"{100 * a:.1f}%" for a in accs) + ")"])
     if more_steps > accs[1] + RISE_TOLERANCE:
-        findings.reasons.append(f"robust accuracy rises with more steps (PGD-{steps} {100 * accs[1]:.1f}%, "
-                                f"PGD-{4 * steps} {100 * more_steps:.1f}%)")
+        findings.add("monotone", [f"robust accuracy rises with more steps ({name}-{steps} {100 * accs[1]:.1f}%, "
+                                  f"{name}-{4 * steps} {100 * more_steps:.1f}%)"])
+    if stochastic:  # the EOT-growth probe: 4x the draws must not help the defense
+        more_eot = run(threat, steps, 4 * eot)
+        findings.measurements.update({"eot_growth": [eot, 4 * eot], "pgd_at_eps_more_eot": more_eot})
+        if more_eot > accs[1] + RISE_TOLERANCE:
+            findings.add("monotone", [f"robust accuracy rises with more EOT draws ({name}-{steps} EOT-{eot} "
+                                      f"{100 * accs[1]:.1f}%, EOT-{4 * eot} {100 * more_eot:.1f}%)"])
     if unbounded > UNBOUNDED_LIMIT:
-        findings.reasons.append(f"an unbounded attack (PGD-{steps}, {unbounded_threat.norm} eps {unbounded_threat.eps:.3g}) "
-                                f"leaves {100 * unbounded:.1f}% accuracy instead of about 0%")
+        findings.add("unbounded", [f"an unbounded attack ({name}-{steps}, {unbounded_threat.norm} eps {unbounded_threat.eps:.3g}) "
+                                   f"leaves {100 * unbounded:.1f}% accuracy instead of about 0%"])
     return findings
 
 
@@ -158,17 +178,18 @@ def run_checks(model: nn.Module, subset, evaluation, threat: Threat, *, stochast
     """Every check, on the evaluated model and subset; ``evaluation`` is the result of ``bench.evaluate``."""
     findings = Findings()
     head = subset.x[: min(32, subset.n)].to(device)
-    findings.reasons += check_randomness(model, head, stochastic, seed)
+    findings.add("randomness", check_randomness(model, head, stochastic, seed))
     with torch.inference_mode():
-        findings.reasons += check_probabilities(model(head))
+        findings.add("probabilities", check_probabilities(model(head)))
     correct = np.flatnonzero(evaluation.clean_correct)[:probe_n]
     if len(correct):
         x, y = subset.x[correct].to(device), subset.y[correct].to(device)
-        findings.reasons += check_gradients(model, x, y, differentiable)
+        findings.add("gradients", check_gradients(model, x, y, differentiable))
         torch.manual_seed(seed)
         probes = probe_attacks(model, x, y, threat, stochastic=stochastic, differentiable=differentiable,
                                eot=min(eot, PROBE_EOT), draws=draws)
-        findings.reasons += probes.reasons
+        for code, reasons in probes.codes.items():
+            findings.add(code, reasons)
         findings.measurements.update(probes.measurements)
-    findings.reasons += check_black_box(evaluation.attacks, evaluation.broken_points)
+    findings.add("black_box", check_black_box(evaluation.attacks, evaluation.broken_points))
     return findings

@@ -19,12 +19,12 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from attacks.adaptive import default_chunk_images
+from attacks.adaptive import BPDA, EOT, default_chunk_images
 from attacks.base import Threat
 from attacks.suite import BUDGETS, default_budget, load_suite
 from bench.classifiers import load_classifier
 from bench.errors import BenchError
-from bench.evaluate import evaluate
+from bench.evaluate import BatchState, evaluate, run_attacks
 from bench.integrity import run_checks
 from bench.record import SCHEMA_VERSION, environment, to_json_data, write_record
 from bench.stats import accuracy_summary
@@ -91,8 +91,8 @@ def _resolve(config: RunConfig):
     device = resolve_device(config.device)
     if config.budget not in ("auto", *BUDGETS):
         raise BenchError(f"--budget must be auto or one of {', '.join(BUDGETS)}, got {config.budget!r}")
-    budget = default_budget(device) if config.budget == "auto" else config.budget
-    suite = load_suite(config.suite, config.threat, budget)
+    suite = load_suite(config.suite, config.threat, default_budget(device) if config.budget == "auto" else config.budget,
+                       fallback=config.budget == "auto")
     threat = Threat(suite.threat.norm, config.eps if config.eps is not None else suite.threat.eps)
     subset = load_subset(config.dataset, config.n, config.seed, download=config.download)
     classifier = load_classifier(config.classifier, device)
@@ -107,9 +107,40 @@ def _run_checks(defense: Defense, subset, result, threat: Threat, suite, draws: 
                       probe_n={"smoke": 8, "cpu": 16}.get(suite.budget, 32))
 
 
+def correct_plan(defense: Defense, suite, threat: Threat, findings, device, success_draws: int):
+    """The attacks a failed check adds after the suite, or None: what the defense should have declared.
+
+    - randomness observed but not declared: the suite again with EOT and ``success_draws`` re-classifications;
+    - zero, NaN or vanishing input gradients: the suite again with BPDA, the identity through everything
+      before the classifier on the backward pass (the real forward is kept);
+    both when both fail. The corrected attacks run on the points the suite left robust, so the result is the
+    per-sample worst case over the suite and its correction. Returns (actions, plans, draws).
+    """
+    undeclared_noise = "randomness" in findings.codes and not defense.stochastic
+    no_gradients = "gradients" in findings.codes
+    if not (undeclared_noise or no_gradients):
+        return None
+    actions = []
+    if undeclared_noise:
+        actions.append(f"EOT-{suite.eot_draws} and {success_draws} re-classification draws (undeclared randomness)")
+    if no_gradients:
+        actions.append("BPDA with the identity through the whole pipeline before the classifier (no usable gradients)")
+    plans = []
+    for label, attack in suite.build(threat, stochastic=defense.stochastic or undeclared_noise, differentiable=True,
+                                     eot_chunk_images=default_chunk_images(device)):
+        if no_gradients and attack.uses_oracle and attack.uses_gradients:
+            inner = attack.inner if isinstance(attack, EOT) else attack
+            inner = inner.inner if isinstance(inner, BPDA) else inner  # the pipeline identity replaces stage BPDA
+            wrapped = BPDA(inner, stages=("pipeline",))
+            attack = EOT(wrapped, attack.n, attack.chunk_images) if isinstance(attack, EOT) else wrapped
+            label = label.replace("+eot", "+bpda[pipeline]+eot") if "+eot" in label else f"{label}+bpda[pipeline]"
+        plans.append((label, attack))
+    return actions, plans, success_draws if undeclared_noise else None
+
+
 def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: RunConfig, device) -> Tuple[Dict[str, Any], Path]:
     plans = suite.build(threat, stochastic=defense.stochastic, differentiable=defense.differentiable,
-                        eot_chunk_images=default_chunk_images(device))
+                        eot_chunk_images=default_chunk_images(device), surrogate=defense.attack_surrogate())
     described = defense.describe()
     draws = config.success_draws if defense.stochastic else 1
     key_source = {
@@ -125,15 +156,25 @@ def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: Ru
     result = evaluate(defense, subset, plans, threat, who=config.defense, batch_size=config.batch_size,
                       device=device, seed=config.seed, state_dir=state_dir, success_draws=draws,
                       independent=suite.independent)
-    headline = {"worst": float(result.robust.mean()), "mean": result.robust_mean,
-                "majority": float(result.robust_majority.mean())}[config.headline]
-    findings, checks = None, {"ran": False}
+    findings, checks, corrections = None, {"ran": False}, None
     if config.checks:
         t_checks = time.perf_counter()
         findings = _run_checks(defense, subset, result, threat, suite, draws, device, config.seed)
         checks = {"ran": True, "seconds": time.perf_counter() - t_checks, **findings.measurements}
         for reason in findings.reasons:
             log.warning("unreliable: %s", reason)
+        fix = correct_plan(defense, suite, threat, findings, device, config.success_draws)
+        if fix is not None:
+            actions, fix_plans, fix_draws = fix
+            before = accuracy_summary(int(result.robust.sum()), subset.n)
+            log.warning("correcting the attack plan: %s", "; ".join(actions))
+            run_attacks(result, defense, subset, fix_plans, threat, batch_size=config.batch_size, device=device,
+                        seed=config.seed, state=BatchState(state_dir), success_draws=fix_draws, stage="correction")
+            draws = result.draws
+            corrections = {"actions": actions, "robust_before": before,
+                           "robust_after": accuracy_summary(int(result.robust.sum()), subset.n)}
+    headline = {"worst": float(result.robust.mean()), "mean": result.robust_mean,
+                "majority": float(result.robust_majority.mean())}[config.headline]
     record = {
         "schema_version": SCHEMA_VERSION, "run_id": run_id, "defense": described,
         "classifier": defense.classifier.info.to_dict(), "subset": subset.to_dict(), "threat": threat.to_dict(),
@@ -151,6 +192,7 @@ def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: Ru
         },
         "unreliable": bool(findings and findings.unreliable),
         "unreliable_reasons": list(findings.reasons) if findings else [], "checks": checks,
+        **({"corrections": corrections} if corrections else {}),
         "settings": {"device": str(device), "batch_size": config.batch_size, "seed": config.seed,
                      "success_draws": draws, "success_rule": "broken if any draw misclassifies"},
         "environment": environment(),

@@ -3,6 +3,9 @@
 A defense declares whether it is stochastic and whether exact gradients flow through every stage.
 A stage without useful gradients (``differentiable = False`` on the stage) declares a BPDA surrogate
 (identity by default) that ``bpda_forward`` uses on the backward pass while keeping the real forward.
+A defense may also offer an *attacker surrogate* (``attack_surrogate``): a cheaper model with the same
+interface (fewer purification steps, say) that suites may use for gradients; whether a point is broken is
+always decided by the real defense.
 Defenses register with ``@register_defense("name")`` in their own file under ``defenses/``; third-party
 ones come from ``--plugin file.py`` or the ``bench.defenses`` entry-point group.
 """
@@ -48,9 +51,16 @@ class Defense(nn.Module):
         differentiable; such a stage must declare a ``surrogate`` (the identity of a 4-channel purifier
         input is not an image, so there is no silent default).
         """
-        unknown = set(stages) - {"transform", "purifier"}
+        unknown = set(stages) - {"transform", "purifier", "pipeline"}
         if unknown:
-            raise BenchError(f"unknown pipeline stages {sorted(unknown)}; use transform and/or purifier")
+            raise BenchError(f"unknown pipeline stages {sorted(unknown)}; use transform and/or purifier, or pipeline")
+        if "pipeline" in stages:  # everything before the classifier as one identity on the backward pass
+            with torch.no_grad():
+                h = self.purifier(self.transform(x))
+            if h.shape != x.shape:
+                raise BenchError(f"defense {self.name}: its purified output {tuple(h.shape)} is not image-shaped "
+                                 f"{tuple(x.shape)}; the pipeline has no identity surrogate")
+            return self.classifier(x + (h - x).detach())
         h = x
         for name in ("transform", "purifier"):
             stage = getattr(self, name)
@@ -64,6 +74,16 @@ class Defense(nn.Module):
         """The resolved configuration stored in records (override to add options)."""
         return {}
 
+    def attack_surrogate(self) -> Optional[nn.Module]:
+        """A cheaper model the attacker may differentiate instead of this one (e.g. fewer purification steps),
+        or None. Suites whose budget sets ``"surrogate": true`` use it for gradients; the real defense still
+        classifies every adversarial example. Override together with ``surrogate_config``."""
+        return None
+
+    def surrogate_config(self) -> Dict[str, Any]:
+        """The attack-side settings of ``attack_surrogate`` (stored in records beside ``config``)."""
+        return {}
+
     def describe(self) -> Dict[str, Any]:
         info = getattr(self.classifier, "info", None)
         return {
@@ -72,6 +92,7 @@ class Defense(nn.Module):
             "stochastic": self.stochastic,
             "differentiable": self.differentiable,
             "config": self.config(),
+            **({"surrogate_config": self.surrogate_config()} if self.attack_surrogate() is not None else {}),
             "classifier": info.name if info is not None else type(self.classifier).__name__,
         }
 

@@ -62,6 +62,10 @@ class PluginWrongShape(Defense):
         return super().forward(x)[:, :3]
 
 
+# Planted broken defenses (issue 4): each hides something the integrity checks must find, and each must be
+# driven by the adaptive suite (with its corrections) to the bare classifier's robust accuracy.
+
+
 class _Round8(torch.nn.Module):
     def forward(self, x):
         return torch.round(x * 7) / 7
@@ -69,7 +73,37 @@ class _Round8(torch.nn.Module):
 
 @register_defense("planted-quantize")
 class PlantedQuantize(Defense):
-    """A planted broken defense: rounding to 8 levels, zero gradients, nothing declared."""
+    """Rounding to 8 levels per channel: zero gradients, nothing declared."""
 
     def __init__(self, classifier):
         super().__init__(classifier, purifier=_Round8())
+
+
+class _HeavyNoise(torch.nn.Module):
+    def forward(self, x):
+        return (x + 0.08 * torch.randn_like(x)).clamp(0, 1)
+
+
+@register_defense("planted-noise")
+class PlantedNoise(Defense):
+    """Gaussian noise (sigma 0.08) on every call, randomness not declared (stochastic stays False)."""
+
+    def __init__(self, classifier):
+        super().__init__(classifier, transform=_HeavyNoise())
+
+
+class _ArgmaxPalette(torch.nn.Module):
+    """Each value snapped to the nearest of 16 grey levels through an argmax: no gradient path at all."""
+
+    def forward(self, x):
+        levels = torch.linspace(0, 1, 16, device=x.device)
+        nearest = (-(x.unsqueeze(-1) - levels).abs()).argmax(dim=-1)
+        return levels[nearest]
+
+
+@register_defense("planted-argmax")
+class PlantedArgmax(Defense):
+    """An argmax step before the classifier, declared differentiable (the default)."""
+
+    def __init__(self, classifier):
+        super().__init__(classifier, purifier=_ArgmaxPalette())

@@ -18,8 +18,8 @@ THREATS = [Threat("linf", 8 / 255), Threat("l2", 0.5)]
 ORACLE_ATTACKS = [n for n in ATTACKS.names() if ATTACKS.get(n).uses_oracle]
 
 
-@pytest.mark.parametrize("threat", THREATS, ids=lambda t: t.norm)
-@pytest.mark.parametrize("name", ORACLE_ATTACKS)
+@pytest.mark.parametrize("name,threat", [(n, t) for n in ORACLE_ATTACKS for t in THREATS if t.norm in ATTACKS.get(n).norms],
+                         ids=lambda v: v.norm if isinstance(v, Threat) else v)
 def test_attack_stays_in_ball_and_box(name, threat, tiny_net, batch):
     x, _ = batch
     x[0] = 0.0  # corners of the box must be respected too
@@ -271,3 +271,124 @@ def test_transfer_attack_crafts_on_the_bare_classifier_and_costs_no_defense_grad
     assert counting.counter.forward == 0 and counting.counter.backward == 0
     assert (x_adv - x).abs().max() <= 0.5 + 1e-6 and (tiny_net(x_adv).argmax(1) != y).float().mean() >= 0.5
     assert transfer.params()["source"] == "classifier"
+
+
+def test_an_attack_refuses_a_threat_it_cannot_work_in():
+    with pytest.raises(BenchError, match="works in l2"):
+        ATTACKS.get("cw-l2")(Threat("linf", 8 / 255))
+    with pytest.raises(BenchError, match="works in stadv"):
+        ATTACKS.get("stadv")(Threat("linf", 8 / 255))
+    with pytest.raises(BenchError, match="works in linf, l2"):
+        ATTACKS.get("pgd")(Threat("stadv", 0.05))
+
+
+@pytest.mark.parametrize("name,threat", [("cw-l2", Threat("l2", 5.0)), ("deepfool", Threat("l2", 5.0)),
+                                         ("deepfool", Threat("linf", 0.5))], ids=lambda v: getattr(v, "norm", v))
+def test_minimal_perturbation_attacks_break_an_undefended_model(name, threat, tiny_net, batch):
+    x, _ = batch
+    y = tiny_net(x).argmax(1)
+    params = {"steps": 30, "search_steps": 5, "lr": 0.1} if name == "cw-l2" else {"steps": 30}
+    x_adv = ATTACKS.get(name)(threat, **params).perturb(tiny_net, x, y)
+    fooled = tiny_net(x_adv).argmax(1) != y
+    assert fooled.float().mean() >= 0.5
+    delta = (x_adv - x).flatten(1)
+    size = delta.abs().max(1).values if threat.norm == "linf" else delta.norm(dim=1)
+    assert (size[fooled] <= threat.eps + 1e-5).all()
+    assert size[fooled].mean() < threat.eps  # minimal: well inside the ball, not pushed to its surface
+
+
+def test_cw_l2_keeps_the_smallest_adversarial_example_inside_the_ball(tiny_net, batch):
+    x, _ = batch
+    y = tiny_net(x).argmax(1)
+    small, large = (ATTACKS.get("cw-l2")(Threat("l2", eps), steps=30, search_steps=5, lr=0.1) for eps in (0.05, 5.0))
+    assert (tiny_net(small.perturb(tiny_net, x, y)).argmax(1) != y).sum() <= (tiny_net(large.perturb(tiny_net, x, y)).argmax(1) != y).sum()
+
+
+def _pixel_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))  # position-sensitive, unlike global pooling
+
+
+def test_stadv_moves_pixels_within_the_flow_bound_and_breaks_a_model(monkeypatch):
+    from attacks import stadv
+
+    model, flows = _pixel_net(), []
+    real_warp = stadv.warp
+    monkeypatch.setattr(stadv, "warp", lambda x, f: flows.append(f.detach().abs().max()) or real_warp(x, f))
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 3, 8, 8, generator=g)
+    y = model(x).argmax(1)
+    threat = Threat("stadv", 0.2)
+    x_adv = ATTACKS.get("stadv")(threat, steps=20).perturb(model, x, y)
+    assert max(flows) <= threat.eps + 1e-6
+    assert (model(x_adv).argmax(1) != y).float().mean() >= 0.5
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def test_stadv_warp_and_smoothness_loss():
+    from attacks.stadv import flow_smoothness, warp
+
+    x = torch.rand(2, 3, 6, 6)
+    assert torch.allclose(warp(x, torch.zeros(2, 2, 6, 6)), x, atol=1e-6)
+    shift = torch.zeros(2, 2, 6, 6)
+    shift[:, 0] = 2 / 5  # one pixel to the right in normalized coordinates (align_corners=True)
+    assert torch.allclose(warp(x, shift)[..., :-1], x[..., 1:], atol=1e-5)
+    smooth = flow_smoothness(torch.full((1, 2, 6, 6), 0.3))
+    rough = flow_smoothness(torch.rand(1, 2, 6, 6))
+    assert smooth.item() < 0.05 < 1.0 < rough.item()  # a constant flow costs only the sqrt(1e-8) floor
+
+
+def test_stadv_threat_has_no_pixel_ball():
+    threat = Threat("stadv", 0.05)
+    x = torch.rand(2, 3, 4, 4)
+    assert torch.equal(threat.project(x + 0.5, x), (x + 0.5).clamp(0, 1))
+    with pytest.raises(BenchError, match="needs an lp threat"):
+        threat.random_start(x)
+
+
+class _Blur(nn.Module):
+    def __init__(self, steps: int) -> None:
+        super().__init__()
+        self.steps, self.calls = steps, 0
+
+    def forward(self, x):
+        self.calls += 1
+        for _ in range(self.steps):
+            x = nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+        return x
+
+
+class _WithSurrogate(Defense):
+    """A 'costly' purifier (8 blur steps) whose attacker surrogate runs 2."""
+
+    def __init__(self, classifier):
+        super().__init__(classifier, purifier=_Blur(8))
+        self.cheap = Defense(classifier, purifier=_Blur(2))
+
+    def attack_surrogate(self):
+        return self.cheap
+
+    def surrogate_config(self):
+        return {"blur_steps": 2}
+
+
+def test_suite_uses_the_attacker_surrogate_for_gradients_only(tiny_net, batch):
+    from attacks.suite import AttackSpec, Suite
+    from bench.evaluate import evaluate
+    from bench.subset import Subset
+    import numpy as np
+
+    defense = _WithSurrogate(tiny_net)
+    x, _ = batch
+    y = defense(x).argmax(1)
+    threat = Threat("linf", 8 / 255)
+    specs = (AttackSpec("pgd", (("steps", 5),)), AttackSpec("square", (("queries", 20),)))
+    suite = Suite("s", "1", "cpu", "", threat, 1, specs, surrogate=True)
+    plans = suite.build(threat, False, True, surrogate=defense.attack_surrogate())
+    assert [label for label, _ in plans] == ["pgd-5+surrogate", "square"]  # a score-based attack queries the real defense
+    subset = Subset("toy", "test", len(y), 0, np.arange(len(y)), x, y, 10, "0" * 64, "0" * 64)
+    evaluate(defense, subset, plans[:1], threat, who="surrogate")
+    assert defense.cheap.purifier.calls >= 5  # every PGD gradient came from the surrogate...
+    assert defense.purifier.calls <= 2 + 1  # ...the real defense only classified: clean pass and final check
+    assert defense.describe()["surrogate_config"] == {"blur_steps": 2}
+    assert Suite("s", "1", "cpu", "", threat, 1, specs).build(threat, False, True, surrogate=defense.cheap)[0][0] == "pgd-5"

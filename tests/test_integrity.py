@@ -96,3 +96,65 @@ def test_a_masked_defense_fails_the_unbounded_attack_probe():
     findings = run_checks(defense, subset, result, threat, stochastic=False, differentiable=True, eot=1, draws=1, device="cpu")
     joined = " | ".join(findings.reasons)
     assert "zero input gradients" in joined and "unbounded attack" in joined
+
+
+def _run_planted(name: str, tmp_path, **overrides):
+    from pathlib import Path
+
+    from bench.plugins import load_plugin
+    from bench.runner import RunConfig, run
+
+    load_plugin(Path(__file__).with_name("plugin_examples.py"))  # the tiny dataset, classifier and planted defenses
+    config = RunConfig(defense=name, classifier="tiny", dataset="tiny-test", n=40, budget="smoke",
+                       out=tmp_path / name, **overrides)
+    return run(config)[0]
+
+
+@pytest.mark.parametrize("name,reason,action", [
+    ("planted-quantize", "zero input gradients", "BPDA with the identity"),
+    ("planted-argmax", "zero input gradients", "BPDA with the identity"),
+    ("planted-noise", "randomness not declared but observed", "EOT-2 and 10 re-classification draws"),
+])
+def test_a_failed_check_corrects_the_attack_plan(name, reason, action, tmp_path):
+    bare = _run_planted("none", tmp_path)
+    record = _run_planted(name, tmp_path)
+    assert not bare["unreliable"] and "corrections" not in bare
+    assert record["unreliable"] and any(reason in r for r in record["unreliable_reasons"])
+    corrections = record["corrections"]
+    assert any(action in a for a in corrections["actions"])
+    assert corrections["robust_after"]["accuracy"] == record["robust"]["accuracy"] <= corrections["robust_before"]["accuracy"]
+    corrected = [a for a in record["attacks"] if a.get("stage") == "correction"]
+    assert corrected and all(a["attacked"] <= corrections["robust_before"]["correct"] for a in corrected)
+    # driven to the bare classifier's robust accuracy (the planted step costs clean accuracy, so it may end lower)
+    assert record["robust"]["accuracy"] <= bare["robust"]["accuracy"] + 0.05
+    if name == "planted-noise":
+        assert record["settings"]["success_draws"] == 10 and all("+eot2" in a["label"] for a in corrected)
+    else:
+        assert all("+bpda[pipeline]" in a["label"] and a["bpda_stages"] == ["pipeline"] for a in corrected)
+
+
+def test_stochastic_probes_grow_the_eot_draws():
+    from bench.integrity import probe_attacks
+
+    model, subset = _toy(16)
+
+    class DeclaredNoise(Defense):
+        stochastic = True
+
+    defense = DeclaredNoise(model, purifier=HiddenNoise())
+    findings = probe_attacks(defense, subset.x, subset.y, Threat("linf", 0.03), stochastic=True, differentiable=True,
+                             eot=2, draws=4)
+    assert findings.measurements["eot_growth"] == [2, 8]
+    assert 0.0 <= findings.measurements["pgd_at_eps_more_eot"] <= 1.0
+
+
+def test_stadv_threat_is_probed_with_stadv():
+    from bench.integrity import probe_attacks
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    x = torch.rand(12, 3, 8, 8)
+    findings = probe_attacks(model, x, model(x).argmax(1), Threat("stadv", 0.05), stochastic=False, differentiable=True,
+                             eot=1, draws=1)
+    assert set(findings.measurements["eps_sweep"]) == {"0.025", "0.05", "0.1"}
+    assert findings.measurements["unbounded_eps"] == 2.0
