@@ -4,7 +4,9 @@
 purification papers often report; any registered classifier name (``resnet56``, ``robustbench:...``) attacks
 another model. The source is attacked with PGD (``steps``, step 2.5 * eps / steps, random start) through a
 plain oracle, so it costs no passes through the defense; only the final examples are classified by it. A
-transfer attack that beats every white-box attack on some points is a sign of masked gradients.
+transfer attack that beats every white-box attack on some points is a sign of masked gradients. When the
+source *is* the evaluated model (the bare classifier, or a defense whose stages are all the identity) the attack
+is white-box PGD; the record says so (``source_is_target``) and the black-box integrity check ignores it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Transfer(Attack):
         self.source, self.steps, self.loss = source, steps, loss
         self._pgd = PGD(threat, steps=steps, loss=loss)
         self._source_model = None
+        self.source_is_target: bool | None = None  # known once the attack has run
 
     def params(self) -> Dict[str, Any]:
         return {"source": self.source, "steps": self.steps, "step_size": self._pgd.step_size, "loss": self.loss}
@@ -44,14 +47,21 @@ class Transfer(Attack):
     def source_model(self, model: nn.Module, device: torch.device) -> nn.Module:
         if self.source == "classifier":
             defense = _defense_of(model)
-            if not hasattr(defense, "classifier"):
-                raise BenchError("transfer source 'classifier' needs a defense with a .classifier")
+            if not hasattr(defense, "classifier"):  # a bare classifier is its own source
+                self.source_is_target = True
+                return defense
+            self.source_is_target = all(isinstance(getattr(defense, stage, nn.Identity()), nn.Identity)
+                                        for stage in ("transform", "purifier"))
             return defense.classifier
         if self._source_model is None:
             from bench.classifiers import load_classifier
 
             self._source_model = load_classifier(self.source, device)
         return self._source_model
+
+    def describe(self) -> Dict[str, Any]:
+        extra = {} if self.source_is_target is None else {"source_is_target": self.source_is_target}
+        return {**super().describe(), **extra}
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         source = self.source_model(model, x.device)

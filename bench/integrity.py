@@ -114,7 +114,8 @@ def check_black_box(outcomes: Sequence[Dict[str, object]], broken_points: Dict[s
     saw every point and the sets compare directly.
     """
     labels = [o["label"] for o in outcomes]
-    black = {o["label"] for o in outcomes if o["attack"] in ("square", "transfer")}
+    black = {o["label"] for o in outcomes
+             if o["attack"] == "square" or (o["attack"] == "transfer" and not o.get("source_is_target"))}
     if not black or not any(label not in black for label in labels[: min(labels.index(b) for b in black)]):
         return []
     union = lambda keys: set().union(*(broken_points.get(k, set()) for k in keys))  # noqa: E731

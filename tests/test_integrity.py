@@ -85,6 +85,8 @@ def test_a_black_box_attack_beating_the_gradient_attacks_is_flagged():
     assert check_black_box(outcomes, {"pgd-10": {1, 2}, "square": {1, 2}}) == []  # independent: nothing new
     assert check_black_box(outcomes, {"pgd-10": {1}, "square": {1, 2}})
     assert check_black_box(outcomes[::-1], {"square": {2}}) == []  # no gradient attack ran before it
+    own = [outcomes[0], {"label": "transfer", "attack": "transfer", "source_is_target": True}]
+    assert check_black_box(own, {"pgd-10": {1}, "transfer": {2}}) == []  # a transfer from the model itself is white-box
 
 
 def test_a_masked_defense_fails_the_unbounded_attack_probe():
