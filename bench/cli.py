@@ -143,7 +143,8 @@ def format_result(record: Dict) -> str:
     for a in record["attacks"]:
         c = a["cost"]
         alone = [_pct(a["robust_alone"]), f"{100 * a['robust_alone_mean']:.2f}%"] if independent else []
-        rows.append([a["label"], a["attacked"], a["broken"], *alone, _pct(a["robust_after"]), c["forward"], c["backward"],
+        label = a["label"] + (" (correction)" if a.get("stage") == "correction" else "")
+        rows.append([label, a["attacked"], a["broken"], *alone, _pct(a["robust_after"]), c["forward"], c["backward"],
                      f"{c['seconds']:.1f}"])
     alone_headers = ["alone [95% CI]", "alone, mean of draws"] if independent else []
     headers = ["attack", "attacked", "broken", *alone_headers, "worst case so far [95% CI]", "fwd", "bwd", "s"]
@@ -163,6 +164,10 @@ def format_result(record: Dict) -> str:
     lines.append(f"headline ({h['metric']}): {100 * h['accuracy']:.2f}% in {record['timing']['seconds']:.1f} s")
     if record.get("unreliable"):
         lines.append("UNRELIABLE: " + "; ".join(record["unreliable_reasons"]))
+    fixed = record.get("corrections")
+    if fixed:
+        lines.append(f"attack plan corrected ({'; '.join(fixed['actions'])}): robust accuracy "
+                     f"{_pct(fixed['robust_before'])} as declared -> {_pct(fixed['robust_after'])}")
     elif record.get("checks", {}).get("ran"):
         lines.append(f"integrity checks passed ({record['checks']['seconds']:.1f} s)")
     return "\n".join(lines)

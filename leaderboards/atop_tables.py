@@ -35,6 +35,23 @@ def _per_attack(record: Dict[str, object], field: str) -> Dict[str, float]:
     return {_attack_key(a): 100 * (a[field]["accuracy"] if isinstance(a[field], dict) else a[field]) for a in record["attacks"]}
 
 
+def _mark(record: Optional[Dict[str, object]]) -> str:
+    """† flagged unreliable by the integrity checks, ‡ made without them (``--no-checks``)."""
+    if record is None:
+        return ""
+    if record.get("unreliable"):
+        return " †"
+    return "" if record.get("checks", {}).get("ran") else " ‡"
+
+
+def _footnotes(labelled: Sequence[tuple]) -> List[str]:
+    notes = [f"† {label} unreliable: {'; '.join(r['unreliable_reasons'])}." for label, r in labelled if r.get("unreliable")]
+    unchecked = [label for label, r in labelled if _mark(r) == " ‡"]
+    if unchecked:
+        notes.append(f"‡ integrity checks not run for {', '.join(unchecked)} (record made with --no-checks).")
+    return notes
+
+
 def _cell(measured: Optional[float], paper: Optional[float]) -> str:
     left = "—" if measured is None else f"{measured:.1f}"
     return left if paper is None else f"{left} ({paper:.1f})"
@@ -62,7 +79,7 @@ def atop_table7(records: Sequence[Dict[str, object]], field: str = "robust_alone
     rows: List[List[str]] = []
     if bare is not None:  # the bare classifier on the same images (PROTOCOL rule 8); the paper has no such row
         measured = _per_attack(bare, field)
-        rows.append(["none (bare classifier)", "", _cell(100 * bare["clean"]["accuracy"], None),
+        rows.append(["none (bare classifier)" + _mark(bare), "", _cell(100 * bare["clean"]["accuracy"], None),
                      *(_cell(measured.get(key), None) for key in COLUMNS.values()),
                      *(_cell(measured.get(f"{key}+skip"), None) for key in COLUMNS.values())])
     for transform in ("rt1", "rt2", "rt3"):
@@ -72,7 +89,7 @@ def atop_table7(records: Sequence[Dict[str, object]], field: str = "robust_alone
             clean_value = (record.get("clean_mean", record["clean"]["accuracy"]) if field == "robust_alone_mean"
                            else record["clean"]["accuracy"]) if record else None
             clean = None if clean_value is None else 100 * clean_value
-            rows.append([transform.upper(), "✓" if atop else "✗", _cell(clean, theirs["clean"]),
+            rows.append([transform.upper() + _mark(record), "✓" if atop else "✗", _cell(clean, theirs["clean"]),
                          *(_cell(measured.get(key), theirs[col]) for col, key in COLUMNS.items()),
                          *(_cell(measured.get(f"{key}+skip"), None) for key in COLUMNS.values())])
     headers = ["transform", "AToP", "clean", *COLUMNS, *(f"{c}, purifier skipped" for c in COLUMNS)]
@@ -84,7 +101,10 @@ def atop_table7(records: Sequence[Dict[str, object]], field: str = "robust_alone
             f"{any_record['classifier']['name']}, suite {suite['name']} v{suite['version']} ({suite['budget']} budget, "
             f"EOT-{suite['eot_draws']}); robust accuracy = {what}. Cells: measured (paper: {paper['setting']['classifier']}, "
             f"{paper['setting']['dataset']}, {paper['setting']['gradients']}).")
-    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True) + "\n\n" + note + "\n"
+    labelled = [("none", bare)] if bare is not None else []
+    labelled += [(f"{t.upper()} {'✓' if a else '✗'}", ours[(t, a)]) for t in ("rt1", "rt2", "rt3") for a in (False, True) if (t, a) in ours]
+    notes = "".join(f"\n{line}" for line in _footnotes(labelled))
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True) + "\n\n" + note + notes + "\n"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

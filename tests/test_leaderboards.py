@@ -7,7 +7,8 @@ import pytest
 from leaderboards.atop_tables import atop_table7, paper_table
 
 
-def _record(stage: str, clean: float, pgd10: float, subset_hash: str = "a" * 64) -> dict:
+def _record(stage: str, clean: float, pgd10: float, subset_hash: str = "a" * 64, checks: bool = True,
+            reasons: tuple = ()) -> dict:
     def attack(name, steps, value, skip=False):
         entry = {"attack": name, "params": {"steps": steps} if steps else {},
                  "robust_alone": {"accuracy": value}, "robust_alone_mean": value + 0.1}
@@ -19,6 +20,7 @@ def _record(stage: str, clean: float, pgd10: float, subset_hash: str = "a" * 64)
         "subset": {"dataset": "cifar10-jpeg", "n": 256, "seed": 0, "hash": subset_hash},
         "classifier": {"name": "resnet20"}, "clean": {"accuracy": clean}, "clean_mean": clean - 0.01,
         "attacks": [attack("fgsm", None, 0.2), attack("pgd", 10, pgd10), attack("pgd", 10, pgd10 + 0.05, skip=True)],
+        "checks": {"ran": checks}, "unreliable": bool(reasons), "unreliable_reasons": list(reasons),
     }
 
 
@@ -37,6 +39,14 @@ def test_table7_puts_measured_beside_paper():
     assert "— (76.0)" in text  # rows without a record keep the paper's number
     mean = atop_table7([_record("pretrain", 0.383, 0.031)], field="robust_alone_mean")
     assert "37.3 (84.2) | 30.0 (55.1) | 13.1 (72.3)" in mean  # clean_mean and the mean over draws
+
+
+def test_flagged_and_unchecked_records_carry_a_mark_and_a_footnote():
+    text = atop_table7([_record("pretrain", 0.383, 0.031, reasons=("zero input gradients (exact) on 3 of 16 points",)),
+                        _record("finetune", 0.438, 0.012, checks=False)])
+    assert "| RT2 †       | ✗      |" in text and "| RT2 ‡       | ✓      |" in text
+    assert "† RT2 ✗ unreliable: zero input gradients (exact) on 3 of 16 points." in text
+    assert "‡ integrity checks not run for RT2 ✓" in text
 
 
 def test_records_from_different_subsets_never_share_a_table():
