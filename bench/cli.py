@@ -162,14 +162,14 @@ def format_result(record: Dict) -> str:
         lines.append(f"  mean over the draws: {100 * record['robust_mean']:.2f}%, majority vote: {_pct(record['robust_majority'])}")
     h = record["headline"]
     lines.append(f"headline ({h['metric']}): {100 * h['accuracy']:.2f}% in {record['timing']['seconds']:.1f} s")
+    fixed = record.get("corrections")
     if record.get("unreliable"):
         lines.append("UNRELIABLE: " + "; ".join(record["unreliable_reasons"]))
-    fixed = record.get("corrections")
+    elif record.get("checks", {}).get("ran"):
+        lines.append(f"integrity checks passed ({record['checks']['seconds']:.1f} s)")
     if fixed:
         lines.append(f"attack plan corrected ({'; '.join(fixed['actions'])}): robust accuracy "
                      f"{_pct(fixed['robust_before'])} as declared -> {_pct(fixed['robust_after'])}")
-    elif record.get("checks", {}).get("ran"):
-        lines.append(f"integrity checks passed ({record['checks']['seconds']:.1f} s)")
     return "\n".join(lines)
 
 

@@ -126,7 +126,9 @@ def correct_plan(defense: Defense, suite, threat: Threat, findings, device, succ
     if no_gradients:
         actions.append("BPDA with the identity through the whole pipeline before the classifier (no usable gradients)")
     plans = []
-    for label, attack in suite.build(threat, stochastic=defense.stochastic or undeclared_noise, differentiable=True,
+    # with gradients missing, the pipeline identity replaces the declared BPDA variants (built as differentiable)
+    for label, attack in suite.build(threat, stochastic=defense.stochastic or undeclared_noise,
+                                     differentiable=defense.differentiable or no_gradients,
                                      eot_chunk_images=default_chunk_images(device)):
         if no_gradients and attack.uses_oracle and attack.uses_gradients:
             inner = attack.inner if isinstance(attack, EOT) else attack
