@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from leaderboards.atop_tables import atop_table7, paper_table
+from leaderboards.atop_tables import PAPERS, atop_table7, paper_table
 
 
 def _record(stage: str, clean: float, pgd10: float, subset_hash: str = "a" * 64, checks: bool = True,
@@ -52,3 +54,43 @@ def test_flagged_and_unchecked_records_carry_a_mark_and_a_footnote():
 def test_records_from_different_subsets_never_share_a_table():
     with pytest.raises(ValueError, match="different subsets"):
         atop_table7([_record("pretrain", 0.4, 0.1), _record("finetune", 0.4, 0.1, subset_hash="b" * 64)])
+
+
+def test_every_paper_table_is_well_formed_and_spot_checks_match_the_texts():
+    files = sorted(PAPERS.glob("*.json"))
+    assert {f.stem for f in files} >= {"atop", "aid-purifier", "jatp"}
+    for path in files:
+        data = json.loads(path.read_text())
+        assert {"paper", "citation", "text", "tables"} <= set(data), path.name
+        numbers = [int(t["table"]) for t in data["tables"]]
+        assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers), path.name
+        for table in data["tables"]:
+            where = f"{path.name} table {table.get('table')}"
+            assert {"table", "caption", "setting", "row_keys", "columns", "rows"} <= set(table), where
+            assert isinstance(table["table"], str) and isinstance(table["setting"], dict), where
+            assert table["rows"] and table["columns"], where
+            seen = set()
+            for row in table["rows"]:
+                assert all(key in row for key in table["row_keys"]), (where, row)
+                assert len(row["values"]) == len(table["columns"]), (where, row)
+                assert all(v is None or isinstance(v, float) for v in row["values"]), (where, row)
+                ident = tuple(row[key] for key in table["row_keys"])
+                assert ident not in seen, (where, ident)
+                seen.add(ident)
+
+    def cell(paper, table, column, **keys):
+        t = paper_table(paper, table)
+        row = next(r for r in t["rows"] if all(r[k] == v for k, v in keys.items()))
+        return row["values"][t["columns"].index(column)]
+
+    # AToP (000_cd873d4f46ab8c06.txt)
+    assert cell("atop", "2", "Robust Acc.", classifier="wrn-28-10", method="atop (ours)") == 72.85
+    assert cell("atop", "6", "StAdv", method="atop (ours)") == 56.4
+    assert cell("atop", "9", "PGD-20", transform="rt2", atop=True) == 82.03
+    # AID-Purifier (002_41b00f17c167c020.txt)
+    assert cell("aid-purifier", "3", "Worst", dataset="cifar10", base="madry2017", purifier="none") == 51.64
+    assert cell("aid-purifier", "3", "Worst", dataset="cifar10", base="madry2017", purifier="aid-purifier") == 52.65
+    assert cell("aid-purifier", "1", "Natural training", purifier="pixeldefend+aid-purifier") == 42.67
+    # JATP (003_8340aa819e8b798f.txt)
+    assert cell("jatp", "1", "AA", defense="jatp (ours)") == 43.25
+    assert cell("jatp", "2", "FWA", target_model="mart", defense="jatp' (ours)") == 35.04
