@@ -57,6 +57,27 @@ class RunConfig:
     defense_options: Dict[str, Any] = field(default_factory=dict)
 
 
+def rerun_config(config: RunConfig, suite, threat: Threat) -> Dict[str, Any]:
+    """The ``bench run`` settings that reproduce a record (stored in it; ``config_from_record`` reads them)."""
+    return {"defense": config.defense, "threat": threat.norm, "eps": threat.eps, "classifier": config.classifier,
+            "dataset": config.dataset, "suite": suite.name, "budget": suite.budget, "n": config.n, "seed": config.seed,
+            "success_draws": config.success_draws, "headline": config.headline, "checks": config.checks,
+            "batch_size": config.batch_size, "defense_options": dict(config.defense_options)}
+
+
+def config_from_record(record: Dict[str, Any], **overrides: Any) -> RunConfig:
+    """The RunConfig of a record's run (its stored ``run_config``, or the fields of an older record)."""
+    stored = record.get("settings", {}).get("run_config")
+    if stored is None:
+        stored = {"defense": record["defense"]["name"], "threat": record["threat"]["norm"], "eps": record["threat"]["eps"],
+                  "classifier": record["classifier"]["name"], "dataset": record["subset"]["dataset"],
+                  "suite": record["suite"]["name"], "budget": record["suite"]["budget"], "n": record["subset"]["n"],
+                  "seed": record["subset"]["seed"], "success_draws": record["settings"].get("success_draws", 10) or 10,
+                  "headline": record.get("headline", {}).get("metric", "worst"),
+                  "checks": record.get("checks", {}).get("ran", True), "batch_size": record["settings"]["batch_size"]}
+    return RunConfig(**{**stored, **overrides})
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -196,7 +217,8 @@ def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: Ru
         "unreliable_reasons": list(findings.reasons) if findings else [], "checks": checks,
         **({"corrections": corrections} if corrections else {}),
         "settings": {"device": str(device), "batch_size": config.batch_size, "seed": config.seed,
-                     "success_draws": draws, "success_rule": "broken if any draw misclassifies"},
+                     "success_draws": draws, "success_rule": "broken if any draw misclassifies",
+                     "run_config": rerun_config(config, suite, threat)},
         "environment": environment(),
         "timing": {"started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
                    "seconds": time.perf_counter() - t0},
