@@ -1,4 +1,4 @@
-"""Paper tables rendered from records: AToP Table 7 beside the paper's numbers."""
+"""Leaderboards and paper tables rendered from records (leaderboards/render.py), and the papers' numbers as data."""
 
 from __future__ import annotations
 
@@ -6,7 +6,17 @@ import json
 
 import pytest
 
-from leaderboards.atop_tables import PAPERS, atop_table7, paper_table
+from bench.errors import BenchError
+from leaderboards.render import PAPERS, load_boards, paper_table, render_paper
+
+TABLE7 = next(b for b in load_boards() if b.name == "atop-table7")
+
+
+def atop_table7(records, field="robust_alone"):
+    """The Table 7 section for one field (worst case or mean over the draws)."""
+    text = render_paper(TABLE7, records)
+    mean_at = text.index("## Robust accuracy: mean")
+    return text[mean_at:] if field == "robust_alone_mean" else text[:mean_at]
 
 
 def _record(stage: str, clean: float, pgd10: float, subset_hash: str = "a" * 64, checks: bool = True,
@@ -20,6 +30,7 @@ def _record(stage: str, clean: float, pgd10: float, subset_hash: str = "a" * 64,
         "defense": {"name": f"atop-rt2-gan-{stage[:3]}", "config": {"transform": "rt2", "stage": stage}},
         "suite": {"name": "atop-table7", "version": "1", "budget": "cpu", "eot_draws": 10},
         "subset": {"dataset": "cifar10-jpeg", "n": 256, "seed": 0, "hash": subset_hash},
+        "threat": {"norm": "linf", "eps": 8 / 255},
         "classifier": {"name": "resnet20"}, "clean": {"accuracy": clean}, "clean_mean": clean - 0.01,
         "attacks": [attack("fgsm", None, 0.2), attack("pgd", 10, pgd10), attack("pgd", 10, pgd10 + 0.05, skip=True)],
         "checks": {"ran": checks}, "unreliable": bool(reasons), "unreliable_reasons": list(reasons),
@@ -52,7 +63,7 @@ def test_flagged_and_unchecked_records_carry_a_mark_and_a_footnote():
 
 
 def test_records_from_different_subsets_never_share_a_table():
-    with pytest.raises(ValueError, match="different subsets"):
+    with pytest.raises(BenchError, match="different subsets"):
         atop_table7([_record("pretrain", 0.4, 0.1), _record("finetune", 0.4, 0.1, subset_hash="b" * 64)])
 
 
@@ -94,3 +105,62 @@ def test_every_paper_table_is_well_formed_and_spot_checks_match_the_texts():
     # JATP (003_8340aa819e8b798f.txt)
     assert cell("jatp", "1", "AA", defense="jatp (ours)") == 43.25
     assert cell("jatp", "2", "FWA", target_model="mart", defense="jatp' (ours)") == 35.04
+
+
+def _copy_leaderboards(tmp_path):
+    import shutil
+
+    from leaderboards import render
+
+    root = tmp_path / "leaderboards"
+    shutil.copytree(render.ROOT, root, ignore=shutil.ignore_patterns("__pycache__", ".state"))
+    return root
+
+
+def test_rendering_is_a_pure_function_of_the_records(tmp_path):
+    from leaderboards.render import render_all, stale_files, write_all
+
+    root = _copy_leaderboards(tmp_path)
+    first = render_all(root)
+    assert first == render_all(root)  # byte-identical, PNGs included
+    write_all(root)
+    assert write_all(root) == [] and stale_files(root) == []
+    assert "cifar10-jpeg-linf.md" in first and "atop-table7.md" in first and "jatp-table1.md" in first
+    index = first["README.md"].decode()
+    assert "[atop-table7.md](atop-table7.md)" in index and "[ci-smoke.md](ci-smoke.md)" in index
+    assert first["ci-smoke.png"].startswith(b"\x89PNG")
+
+
+def test_a_record_from_another_subset_or_an_invalid_one_is_refused(tmp_path):
+    from leaderboards.render import load_boards, load_records
+
+    root = _copy_leaderboards(tmp_path)
+    board = next(b for b in load_boards(root) if b.name == "ci-smoke")
+    path = next((root / board.results).glob("*.json"))
+    record = json.loads(path.read_text())
+    (root / board.results / "other.json").write_text(json.dumps({**record, "subset": {**record["subset"], "hash": "f" * 64}}))
+    with pytest.raises(BenchError, match="subset hash ffffffffffff is not the board's"):
+        load_records(board, root)
+    (root / board.results / "other.json").write_text(json.dumps({**record, "clean": {"accuracy": 2.0}}))
+    with pytest.raises(BenchError, match="not a valid run record"):
+        load_records(board, root)
+
+
+def test_check_fails_on_a_moved_number_and_on_stale_markdown(tmp_path):
+    from bench.check import run_check
+
+    root = _copy_leaderboards(tmp_path)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    committed = [json.loads(p.read_text()) for p in sorted((root / "results" / "ci-smoke").glob("*.json"))]
+    for record in committed:
+        (fresh / f"{record['run_id']}.json").write_text(json.dumps(record))
+    failures, compared = run_check(None, fresh, root)
+    assert failures == [] and len(compared) == 2 * len(committed)
+    moved = dict(committed[0], robust={**committed[0]["robust"], "accuracy": committed[0]["robust"]["accuracy"] + 0.1})
+    (fresh / f"{moved['run_id']}.json").write_text(json.dumps(moved))
+    failures, _ = run_check(None, fresh, root)
+    assert [f[2] for f in failures] == ["robust"] and failures[0][-1] == "FAIL"
+    (root / "ci-smoke.md").write_text("edited by hand\n")
+    failures, _ = run_check(None, fresh, root)
+    assert any(f[0] == "ci-smoke.md" and "stale" in f[-1] for f in failures)

@@ -1,0 +1,360 @@
+"""Leaderboards and paper tables as a pure function of committed run records.
+
+``leaderboards/boards.json`` lists what is rendered:
+
+- ``kind: "board"``: a RobustBench-style board for one (dataset, threat): rank, defense, classifier, clean,
+  robust (worst case over the re-classification draws; the mean too for stochastic defenses), its 95% Wilson
+  interval, suite and budget, n, cost per image, and a mark with a footnote for records the integrity checks
+  flagged (†) or that were made without them (‡). Records come from ``results/<board>/``.
+- ``kind: "paper"``: one table of a seed paper (numbers in ``papers/<paper>.json``) in the paper's shape, with
+  our measurements beside the paper's where records exist (``measured (paper)``).
+
+A record is accepted only if it validates against the record schema and its subset hash, dataset and threat
+match the board (numbers from different images never share a table). Rendering sorts its inputs and writes no
+dates, so rendering twice gives byte-identical files. ``bench leaderboard`` writes every file; ``bench check``
+compares them with what is committed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from tabulate import tabulate
+
+from bench.errors import BenchError
+from bench.record import validate_record
+
+ROOT = Path(__file__).resolve().parent
+PAPERS = ROOT / "papers"
+TEMPLATES = ROOT / "templates"
+BUDGET_ORDER = ("smoke", "cpu", "paper")
+
+
+@dataclass(frozen=True)
+class Board:
+    name: str
+    kind: str  # "board" or "paper"
+    title: str = ""
+    dataset: Optional[str] = None
+    threat: Optional[Dict[str, Any]] = None
+    results: Optional[str] = None  # folder of records, relative to leaderboards/
+    subset_hash: Optional[str] = None  # pinned: every record must come from this subset
+    check: Optional[Dict[str, Any]] = None  # entries ``bench check`` reruns, with their tolerance
+    paper: Optional[str] = None
+    table: Optional[str] = None
+    template: Optional[str] = None
+    columns: Dict[str, str] = field(default_factory=dict)  # paper column -> attack key in our records
+    group_by: Optional[str] = None
+
+    def results_dir(self, root: Path = ROOT) -> Optional[Path]:
+        return root / self.results if self.results else None
+
+
+def load_boards(root: Path = ROOT) -> List[Board]:
+    data = json.loads((root / "boards.json").read_text())
+    boards = [Board(**entry) for entry in data["boards"]]
+    names = [b.name for b in boards]
+    if len(set(names)) != len(names):
+        raise BenchError("leaderboards/boards.json: two boards share a name")
+    return boards
+
+
+def paper_table(paper: str, table: str, root: Path = ROOT) -> Dict[str, Any]:
+    data = json.loads((root / "papers" / f"{paper}.json").read_text())
+    found = next((t for t in data["tables"] if t["table"] == table), None)
+    if found is None:
+        raise BenchError(f"papers/{paper}.json has no table {table}")
+    return {**found, "citation": data["citation"]}
+
+
+def load_records(board: Board, root: Path = ROOT) -> List[Dict[str, Any]]:
+    """The board's records, validated: schema, one subset hash (the pinned one), the board's dataset and threat."""
+    folder = board.results_dir(root)
+    if folder is None or not folder.is_dir():
+        return []
+    records = []
+    for path in sorted(folder.glob("*.json")):
+        record = json.loads(path.read_text())
+        where = f"{path.relative_to(root.parent) if root.parent in path.parents else path}"
+        try:
+            validate_record(record)
+        except Exception as exc:  # jsonschema.ValidationError, with its message
+            raise BenchError(f"{where}: not a valid run record ({getattr(exc, 'message', exc)})") from None
+        problems = accept_problems(board, record)
+        if problems:
+            raise BenchError(f"{where}: does not belong on board {board.name}: {'; '.join(problems)}")
+        records.append(record)
+    hashes = {r["subset"]["hash"] for r in records}
+    if len(hashes) > 1:
+        raise BenchError(f"board {board.name}: records come from {len(hashes)} different subsets; a table needs one")
+    return records
+
+
+def accept_problems(board: Board, record: Dict[str, Any]) -> List[str]:
+    problems = []
+    if board.subset_hash and record["subset"]["hash"] != board.subset_hash:
+        problems.append(f"subset hash {record['subset']['hash'][:12]} is not the board's {board.subset_hash[:12]}")
+    if board.dataset and record["subset"]["dataset"] != board.dataset:
+        problems.append(f"dataset {record['subset']['dataset']} is not {board.dataset}")
+    if board.threat and (record["threat"]["norm"] != board.threat["norm"] or abs(record["threat"]["eps"] - board.threat["eps"]) > 1e-9):
+        problems.append(f"threat {record['threat']['norm']} {record['threat']['eps']:.6g} is not "
+                        f"{board.threat['norm']} {board.threat['eps']:.6g}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------- formatting
+
+
+def pct(value: Optional[float], digits: int = 2) -> str:
+    return "—" if value is None else f"{100 * value:.{digits}f}"
+
+
+def mark(record: Optional[Dict[str, Any]]) -> str:
+    """† flagged unreliable by the integrity checks, ‡ made without them (``--no-checks``)."""
+    if record is None:
+        return ""
+    if record.get("unreliable"):
+        return " †"
+    return "" if record.get("checks", {}).get("ran") else " ‡"
+
+
+def footnotes(labelled: Sequence[Tuple[str, Dict[str, Any]]]) -> List[str]:
+    notes = [f"† {label} unreliable: {'; '.join(r['unreliable_reasons'])}." for label, r in labelled if r.get("unreliable")]
+    unchecked = [label for label, r in labelled if mark(r) == " ‡"]
+    if unchecked:
+        notes.append(f"‡ integrity checks not run for {', '.join(unchecked)} (record made with --no-checks).")
+    corrected = [f"{label} ({'; '.join(r['corrections']['actions'])})" for label, r in labelled if r.get("corrections")]
+    if corrected:
+        notes.append("Attack plan corrected after a failed check for " + ", ".join(corrected) + ".")
+    return notes
+
+
+def subset_line(records: Sequence[Dict[str, Any]]) -> str:
+    r = records[0]
+    s, t = r["subset"], r["threat"]
+    suites = sorted({f"{x['suite']['name']} v{x['suite']['version']} ({x['suite']['budget']})" for x in records})
+    return (f"{s['dataset']}, n = {s['n']} (seed {s['seed']}, subset {s['hash'][:12]}), {t['norm']} eps {t['eps']:.6g}; "
+            f"suites: {', '.join(suites)}")
+
+
+def attack_key(attack: Dict[str, Any]) -> str:
+    steps = attack["params"].get("steps")
+    return f"{attack['attack']}{steps or ''}" + ("+skip" if attack.get("bpda_stages") and "pipeline" not in attack["bpda_stages"] else "")
+
+
+def per_attack(record: Dict[str, Any], field_name: str) -> Dict[str, float]:
+    out = {}
+    for a in record["attacks"]:
+        if a.get("stage") == "correction" or field_name not in a:
+            continue
+        value = a[field_name]
+        out[attack_key(a)] = value["accuracy"] if isinstance(value, dict) else value
+    return out
+
+
+def _env() -> Environment:
+    return Environment(loader=FileSystemLoader(str(TEMPLATES)), undefined=StrictUndefined, keep_trailing_newline=True,
+                       trim_blocks=True, lstrip_blocks=True)
+
+
+def _table(rows: List[List[str]], headers: List[str]) -> str:
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+# -------------------------------------------------------------------------------------------------- boards
+
+
+def board_rows(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per record, ranked by the headline robust accuracy (then clean accuracy, then name)."""
+    rows = []
+    for r in records:
+        stochastic = r["defense"]["stochastic"] or r["settings"].get("success_draws", 1) > 1
+        cost = sum(a["cost"]["seconds"] for a in r["attacks"]) / r["subset"]["n"]
+        passes = sum(a["cost"]["forward_images"] + a["cost"]["backward_images"] for a in r["attacks"]) / r["subset"]["n"]
+        rows.append({
+            "record": r, "defense": r["defense"]["name"] + mark(r), "classifier": r["classifier"]["name"],
+            "clean": r["clean"]["accuracy"], "robust": r["robust"]["accuracy"], "ci": r["robust"]["ci95"],
+            "mean": r.get("robust_mean") if stochastic else None,
+            "headline": r.get("headline", {}).get("accuracy", r["robust"]["accuracy"]),
+            "suite": f"{r['suite']['name']} v{r['suite']['version']} {r['suite']['budget']}", "n": r["subset"]["n"],
+            "seconds_per_image": cost, "passes_per_image": passes,
+        })
+    rows.sort(key=lambda row: (-row["headline"], -row["clean"], row["defense"], row["classifier"]))
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    return rows
+
+
+def render_board(board: Board, records: Sequence[Dict[str, Any]]) -> str:
+    rows = board_rows(records)
+    table = _table([[str(r["rank"]), r["defense"], r["classifier"], pct(r["clean"]), pct(r["robust"]), pct(r["mean"]),
+                     f"[{100 * r['ci'][0]:.1f}, {100 * r['ci'][1]:.1f}]", r["suite"], str(r["n"]),
+                     f"{r['seconds_per_image']:.2f}", f"{r['passes_per_image']:.0f}"] for r in rows],
+                   ["rank", "defense", "classifier", "clean %", "robust % (worst case)", "robust % (mean of draws)",
+                    "95% CI", "suite", "n", "attack s / image", "image-passes / image"])
+    labelled = [(f"{r['record']['defense']['name']} on {r['record']['classifier']['name']}", r["record"]) for r in rows]
+    return _env().get_template("board.md.j2").render(
+        board=board, table=table, setting=subset_line(records) if records else None, notes=footnotes(labelled),
+        png=f"{board.name}.png" if records else None)
+
+
+def plot_board(board: Board, records: Sequence[Dict[str, Any]]) -> Optional[bytes]:
+    """PNG: robust accuracy (worst case) with its 95% interval per entry, and the probes' eps sweep where recorded."""
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = board_rows(records)
+    sweeps = [(r, r["record"]["checks"].get("eps_sweep")) for r in rows if r["record"].get("checks", {}).get("eps_sweep")]
+    fig, axes = plt.subplots(1, 2 if sweeps else 1, figsize=(11 if sweeps else 6, 0.5 * len(rows) + 2), squeeze=False)
+    ax = axes[0][0]
+    labels = [f"{r['defense']} / {r['classifier']}" for r in rows][::-1]
+    values = [100 * r["robust"] for r in rows][::-1]
+    low = [100 * (r["robust"] - r["ci"][0]) for r in rows][::-1]
+    high = [100 * (r["ci"][1] - r["robust"]) for r in rows][::-1]
+    ax.barh(range(len(rows)), values, xerr=[low, high], color="#4c72b0", capsize=3)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.set_xlabel("robust accuracy, worst case (%) with 95% interval")
+    ax.set_xlim(0, 100)
+    ax.set_title(board.title, fontsize=9)
+    if sweeps:
+        ax2 = axes[0][1]
+        for row, sweep in sweeps:
+            eps = sorted(sweep, key=float)
+            ax2.plot([255 * float(e) for e in eps], [100 * sweep[e] for e in eps], marker="o", label=f"{row['defense']} / {row['classifier']}")
+        ax2.set_xlabel("eps (x/255)")
+        ax2.set_ylabel("accuracy (%) under the PGD-10 probe")
+        ax2.set_title("integrity probe: accuracy vs eps (probe points only)", fontsize=9)
+        ax2.set_ylim(0, 100)
+        ax2.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80, metadata={"Software": None})
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+# ------------------------------------------------------------------------------------------- paper tables
+
+
+def _cell(measured: Optional[float], paper: Optional[float]) -> str:
+    left = "—" if measured is None else f"{measured:.1f}"
+    return left if paper is None else f"{left} ({paper:.1f})"
+
+
+def transform_rows(board: Board, table: Dict[str, Any], records: Sequence[Dict[str, Any]], field_name: str):
+    """AToP's transform x {pre-trained, fine-tuned} shape (Tables 7, 8, 9): rows, headers, labelled records."""
+    paper_rows = {(row["transform"], row["atop"]): dict(zip(table["columns"], row["values"])) for row in table["rows"]}
+    ours, bare = {}, None
+    for record in records:
+        name = record["defense"]["name"]
+        if name == "none":
+            bare = record
+        elif name.startswith("atop"):
+            config = record["defense"]["config"]
+            ours[(config["transform"], config["stage"] == "finetune")] = record
+        else:
+            raise BenchError(f"{name}: not an AToP record, cannot go in {board.name}")
+    columns = [c for c in table["columns"] if c != "clean"]
+    skipped = [c for c in columns if any(f"{board.columns.get(c)}+skip" in per_attack(r, field_name) for r in records)]
+    rows: List[List[str]] = []
+    if bare is not None:  # the bare classifier on the same images (PROTOCOL rule 8); the paper has no such row
+        measured = {k: 100 * v for k, v in per_attack(bare, field_name).items()}
+        rows.append(["none (bare classifier)" + mark(bare), "", _cell(100 * bare["clean"]["accuracy"], None),
+                     *(_cell(measured.get(board.columns.get(c, "")), None) for c in columns),
+                     *(_cell(measured.get(f"{board.columns[c]}+skip"), None) for c in skipped)])
+    for transform in ("rt1", "rt2", "rt3"):
+        for atop in (False, True):
+            record, theirs = ours.get((transform, atop)), paper_rows[(transform, atop)]
+            measured = {k: 100 * v for k, v in per_attack(record, field_name).items()} if record else {}
+            clean = None
+            if record:
+                clean = 100 * (record.get("clean_mean", record["clean"]["accuracy"]) if field_name == "robust_alone_mean"
+                               else record["clean"]["accuracy"])
+            rows.append([transform.upper() + mark(record), "✓" if atop else "✗", _cell(clean, theirs["clean"]),
+                         *(_cell(measured.get(board.columns.get(c, "")), theirs[c]) for c in columns),
+                         *(_cell(measured.get(f"{board.columns[c]}+skip"), None) for c in skipped)])
+    headers = ["transform", "AToP", "clean", *columns, *(f"{c}, purifier skipped" for c in skipped)]
+    labelled = ([("none", bare)] if bare is not None else []) + [
+        (f"{t.upper()} {'✓' if a else '✗'}", ours[(t, a)]) for t in ("rt1", "rt2", "rt3") for a in (False, True) if (t, a) in ours]
+    return rows, headers, labelled
+
+
+def render_paper(board: Board, records: Sequence[Dict[str, Any]], root: Path = ROOT) -> str:
+    if len({r["subset"]["hash"] for r in records}) > 1:
+        raise BenchError(f"board {board.name}: records come from different subsets; a table needs one")
+    table = paper_table(board.paper, board.table, root)
+    env = _env()
+    if board.template == "atop_transform.md.j2":
+        variants = []
+        fields = [("robust_alone", "worst case over the re-classification draws; clean = one draw")]
+        if records:
+            fields.append(("robust_alone_mean", "mean over the re-classification draws; clean = mean over as many draws"))
+        for field_name, what in fields:
+            rows, headers, labelled = transform_rows(board, table, records, field_name)
+            variants.append({"what": what, "table": _table(rows, headers), "notes": footnotes(labelled)})
+        return env.get_template(board.template).render(
+            board=board, paper=table, variants=variants, setting=subset_line(records) if records else None, records=records)
+    key_names = [k for k in table["row_keys"] if k != board.group_by]
+    groups: Dict[str, List[List[str]]] = {}
+    for row in table["rows"]:
+        label = row.get("label") or " / ".join(str(row[k]) for k in key_names)
+        cells = [label, *(str(row[k]) for k in key_names if k not in ("method", "defense", "purifier") and row.get("label")),
+                 *("—" if v is None else f"{v:.2f}" for v in row["values"])]
+        groups.setdefault(str(row[board.group_by]) if board.group_by else "", []).append(cells)
+    extra = [k for k in key_names if k not in ("method", "defense", "purifier")] if any(r.get("label") for r in table["rows"]) else []
+    headers = ["row", *extra, *table["columns"]]
+    return env.get_template(board.template).render(
+        board=board, paper=table, groups=[{"name": name, "table": _table(rows, headers)} for name, rows in groups.items()])
+
+
+# ------------------------------------------------------------------------------------------------- all files
+
+
+def render_all(root: Path = ROOT) -> Dict[str, bytes]:
+    """Every generated file under ``root`` (relative path -> content): boards, paper tables, PNGs, the index."""
+    boards = load_boards(root)
+    files: Dict[str, bytes] = {}
+    entries = []
+    for board in boards:
+        records = load_records(board, root)
+        if board.kind == "board":
+            files[f"{board.name}.md"] = render_board(board, records).encode()
+            png = plot_board(board, records)
+            if png is not None:
+                files[f"{board.name}.png"] = png
+        elif board.kind == "paper":
+            files[f"{board.name}.md"] = render_paper(board, records, root).encode()
+        else:
+            raise BenchError(f"board {board.name}: unknown kind {board.kind!r}")
+        entries.append({"board": board, "records": len(records), "file": f"{board.name}.md",
+                        "title": board.title or paper_table(board.paper, board.table, root)["caption"]})
+    files["README.md"] = _env().get_template("index.md.j2").render(entries=entries).encode()
+    return files
+
+
+def write_all(root: Path = ROOT) -> List[str]:
+    """Write every generated file; return the ones whose content changed."""
+    changed = []
+    for name, content in render_all(root).items():
+        path = root / name
+        if not path.is_file() or path.read_bytes() != content:
+            path.write_bytes(content)
+            changed.append(name)
+    return changed
+
+
+def stale_files(root: Path = ROOT) -> List[str]:
+    """Generated markdown that differs from what the records and templates give now (PNGs are not compared:
+    their bytes depend on the matplotlib build)."""
+    return [name for name, content in render_all(root).items()
+            if name.endswith(".md") and (not (root / name).is_file() or (root / name).read_bytes() != content)]
