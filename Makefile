@@ -16,7 +16,7 @@ endif
 export BENCH_CACHE_DIR ?= $(abspath .cache/bench)
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test check leaderboard clean
 
 $(BIN)/bench: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Regression checks of the committed leaderboards (records valid, markdown fresh, smoke entries rerun).
+check: setup
+	$(BIN)/bench check
+
+leaderboard: setup
+	$(BIN)/bench leaderboard
 
 clean:
 	rm -rf runs .cache .pytest_cache

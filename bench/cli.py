@@ -87,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
     aud.add_argument("--seed", type=int, default=0)
     aud.add_argument("--device", default="auto")
     aud.add_argument("--defense-option", action="append", default=[], metavar="KEY=VALUE")
+    sub.add_parser("leaderboard", help="regenerate every board and paper table under leaderboards/ from the committed records")
+    chk = sub.add_parser("check", help="regression checks: records valid, markdown not stale, chosen entries rerun and compared")
+    chk.add_argument("--board", action="append", default=[], metavar="NAME",
+                     help="rerun this board's entries (repeatable; default: the boards with a check block in boards.json)")
+    chk.add_argument("--fresh", type=Path, default=None, metavar="DIR",
+                     help="compare with fresh records in DIR (matched by run id) instead of rerunning")
     lst = sub.add_parser("list", help="list registered names")
     lst.add_argument("what", nargs="?", choices=LIST_KINDS, default=None)
     return parser
@@ -232,6 +238,28 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_leaderboard() -> None:
+    from leaderboards.render import ROOT, write_all
+
+    changed = write_all()
+    print(f"{len(changed)} file(s) changed under {ROOT}" + "".join(f"\n  {name}" for name in changed))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from bench.check import run_check
+
+    failures, compared = run_check(args.board or None, args.fresh)
+    headers = ["board", "entry", "what", "committed", "fresh", "allowed", "verdict"]
+    if compared:
+        print(tabulate(compared, headers=headers))
+    if failures:
+        print("\nFAILED:")
+        print(tabulate(failures, headers=headers))
+        return 1
+    print("check passed: records valid, markdown up to date" + (f", {len(compared)} numbers within bounds" if compared else ""))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
@@ -246,6 +274,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cmd_train(args)
         elif args.command == "audit":
             return cmd_audit(args)
+        elif args.command == "leaderboard":
+            cmd_leaderboard()
+        elif args.command == "check":
+            return cmd_check(args)
         else:
             cmd_run(args)
     except BenchError as exc:

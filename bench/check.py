@@ -1,0 +1,95 @@
+"""``bench check``: regression checks of the committed leaderboards.
+
+1. Every board's records validate (schema, subset hash, dataset, threat): ``leaderboards.render.load_records``.
+2. The committed markdown is what the records and templates give now (not stale).
+3. The chosen entries (boards with a ``check`` block in ``boards.json``, or those named) are rerun at their
+   recorded settings, or read from fresh records (``--fresh DIR``, matched by run id), and their clean and
+   robust accuracy compared with the committed record. A number fails when it moves by more than the board's
+   stated tolerance (``"check": {"tolerance": 0.05}``, meant for tiny smoke runs, whose reruns are seeded and
+   should repeat exactly), or, without one, by more than the combined 95% interval,
+   1.96 * sqrt(se_committed^2 + se_fresh^2).
+
+Returns the failures as table rows; the CLI prints them and exits 1 when there are any.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from bench.errors import BenchError
+from leaderboards import render
+
+METRICS = ("clean", "robust")
+
+
+def allowed_difference(a: Dict[str, Any], b: Dict[str, Any], tolerance: Optional[float]) -> float:
+    if tolerance is not None:
+        return tolerance
+    se = lambda s: math.sqrt(max(s["accuracy"] * (1 - s["accuracy"]), 0.0) / s["n"])  # noqa: E731
+    return 1.96 * math.sqrt(se(a) ** 2 + se(b) ** 2)
+
+
+def compare(board: str, committed: Dict[str, Any], fresh: Dict[str, Any], tolerance: Optional[float]) -> List[List[str]]:
+    entry = f"{committed['defense']['name']} on {committed['classifier']['name']}"
+    rows = []
+    if fresh["subset"]["hash"] != committed["subset"]["hash"]:
+        rows.append([board, entry, "subset hash", committed["subset"]["hash"][:12], fresh["subset"]["hash"][:12], "equal", "FAIL"])
+    for metric in METRICS:
+        old, new = committed[metric], fresh[metric]
+        allowed = allowed_difference(old, new, tolerance)
+        moved = abs(old["accuracy"] - new["accuracy"])
+        rows.append([board, entry, metric, f"{100 * old['accuracy']:.2f}", f"{100 * new['accuracy']:.2f}",
+                     f"±{100 * allowed:.2f}", "ok" if moved <= allowed + 1e-12 else "FAIL"])
+    return rows
+
+
+def rerun(record: Dict[str, Any], out: Path) -> Dict[str, Any]:
+    from bench.runner import config_from_record, run
+
+    config = config_from_record(record, out=out, device="cpu")
+    fresh, _ = run(config)
+    return fresh
+
+
+def run_check(boards: Optional[Sequence[str]] = None, fresh_dir: Optional[Path] = None,
+              root: Path = render.ROOT) -> tuple[List[List[str]], List[List[str]]]:
+    """(failures, compared rows). ``boards``: names to rerun (default: every board with a ``check`` block)."""
+    failures: List[List[str]] = []
+    all_boards = render.load_boards(root)
+    known = {b.name for b in all_boards}
+    for name in boards or ():
+        if name not in known:
+            raise BenchError(f"no board named {name!r}; boards: {', '.join(sorted(known))}")
+    chosen = [b for b in all_boards if (b.name in boards if boards else b.check is not None)]
+    records: Dict[str, List[Dict[str, Any]]] = {}
+    for board in all_boards:
+        try:
+            records[board.name] = render.load_records(board, root)
+        except BenchError as exc:
+            failures.append([board.name, "-", "records", "-", "-", "-", f"FAIL: {exc}"])
+    if not failures:
+        for name in render.stale_files(root):
+            failures.append([name, "-", "markdown", "-", "-", "-", "FAIL: stale (run bench leaderboard)"])
+    fresh_records = {}
+    if fresh_dir is not None:
+        for path in sorted(Path(fresh_dir).glob("*.json")):
+            data = json.loads(path.read_text())
+            fresh_records[data["run_id"]] = data
+    compared: List[List[str]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-check-") as tmp:
+        for board in chosen:
+            stated = (board.check or {}).get("tolerance")
+            tolerance = None if stated is None else float(stated)
+            for committed in records.get(board.name, []):
+                fresh = fresh_records.get(committed["run_id"]) if fresh_dir is not None else rerun(committed, Path(tmp))
+                if fresh is None:
+                    failures.append([board.name, committed["defense"]["name"], "fresh record", "-", "missing", "-", "FAIL"])
+                    continue
+                rows = compare(board.name, committed, fresh, tolerance)
+                compared += rows
+                failures += [row for row in rows if row[-1] != "ok"]
+    return failures, compared
