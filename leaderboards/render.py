@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent
 PAPERS = ROOT / "papers"
 TEMPLATES = ROOT / "templates"
 BUDGET_ORDER = ("smoke", "cpu", "paper")
+PAPER_NAMES = {"atop": "AToP", "aid-purifier": "AID-Purifier", "jatp": "JATP"}
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def paper_table(paper: str, table: str, root: Path = ROOT) -> Dict[str, Any]:
     found = next((t for t in data["tables"] if t["table"] == table), None)
     if found is None:
         raise BenchError(f"papers/{paper}.json has no table {table}")
-    return {**found, "citation": data["citation"]}
+    return {**found, "citation": data["citation"], "name": PAPER_NAMES.get(paper, paper)}
 
 
 def load_records(board: Board, root: Path = ROOT) -> List[Dict[str, Any]]:
@@ -313,8 +314,29 @@ def render_paper(board: Board, records: Sequence[Dict[str, Any]], root: Path = R
         groups.setdefault(str(row[board.group_by]) if board.group_by else "", []).append(cells)
     extra = [k for k in key_names if k not in ("method", "defense", "purifier")] if any(r.get("label") for r in table["rows"]) else []
     headers = ["row", *extra, *table["columns"]]
+    measured = []  # our records, one row each, in the paper's columns (board.columns: paper column -> metric)
+    for record in sorted(records, key=lambda r: (r["defense"]["name"], r["classifier"]["name"], r["suite"]["name"])):
+        values = [metric_value(record, board.columns.get(column)) for column in table["columns"]]
+        label = f"{record['defense']['name']} on {record['classifier']['name']}{mark(record)}"
+        suite = f"{record['suite']['name']} v{record['suite']['version']} ({record['suite']['budget']})"
+        measured.append([label, suite, *(pct(v) for v in values)])
+    measured_table = _table(measured, ["measured", "suite", *table["columns"]]) if measured else None
+    labelled = [(f"{r['defense']['name']} on {r['classifier']['name']}", r) for r in records]
     return env.get_template(board.template).render(
-        board=board, paper=table, groups=[{"name": name, "table": _table(rows, headers)} for name, rows in groups.items()])
+        board=board, paper=table, groups=[{"name": name, "table": _table(rows, headers)} for name, rows in groups.items()],
+        measured=measured_table, setting=subset_line(records) if records else None, notes=footnotes(labelled))
+
+
+def metric_value(record: Dict[str, Any], metric: Optional[str]) -> Optional[float]:
+    """``clean``, ``robust`` (worst case), ``robust_mean``, or an attack key (its own accuracy in an independent
+    suite); None when the record does not measure it."""
+    if metric is None:
+        return None
+    if metric in ("clean", "robust"):
+        return record[metric]["accuracy"]
+    if metric == "robust_mean":
+        return record.get("robust_mean", record["robust"]["accuracy"])
+    return per_attack(record, "robust_alone").get(metric)
 
 
 # ------------------------------------------------------------------------------------------------- all files
