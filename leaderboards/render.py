@@ -98,6 +98,10 @@ def load_records(board: Board, root: Path = ROOT) -> List[Dict[str, Any]]:
 
 def accept_problems(board: Board, record: Dict[str, Any]) -> List[str]:
     problems = []
+    for name in ("clean", "robust", "robust_majority"):
+        summary = record.get(name)
+        if summary and abs(summary["correct"] / summary["n"] - summary["accuracy"]) > 1e-9:
+            problems.append(f"{name} accuracy {summary['accuracy']} is not {summary['correct']}/{summary['n']} (edited by hand?)")
     if board.subset_hash and record["subset"]["hash"] != board.subset_hash:
         problems.append(f"subset hash {record['subset']['hash'][:12]} is not the board's {board.subset_hash[:12]}")
     if board.dataset and record["subset"]["dataset"] != board.dataset:

@@ -164,3 +164,44 @@ def test_check_fails_on_a_moved_number_and_on_stale_markdown(tmp_path):
     (root / "ci-smoke.md").write_text("edited by hand\n")
     failures, _ = run_check(None, fresh, root)
     assert any(f[0] == "ci-smoke.md" and "stale" in f[-1] for f in failures)
+
+
+def _board_record(name, clean, robust, n=10, stochastic=False, reasons=(), checks=True):
+    acc = lambda k: {"correct": k, "n": n, "accuracy": k / n, "ci95": [max(0.0, k / n - 0.2), min(1.0, k / n + 0.2)]}  # noqa: E731
+    return {
+        "run_id": name, "defense": {"name": name, "stochastic": stochastic}, "classifier": {"name": "resnet20"},
+        "subset": {"dataset": "cifar10-jpeg", "n": n, "seed": 0, "hash": "c" * 64}, "threat": {"norm": "linf", "eps": 8 / 255},
+        "suite": {"name": "linf", "version": "4", "budget": "cpu"}, "clean": acc(clean), "robust": acc(robust),
+        "robust_mean": (robust + 1) / n, "headline": {"metric": "worst", "accuracy": robust / n},
+        "settings": {"success_draws": 10 if stochastic else 1},
+        "attacks": [{"cost": {"seconds": 2.0, "forward_images": 30, "backward_images": 20}}],
+        "checks": {"ran": checks}, "unreliable": bool(reasons), "unreliable_reasons": list(reasons),
+    }
+
+
+def test_a_board_ranks_by_robust_accuracy_and_marks_flagged_entries():
+    from leaderboards.render import Board, render_board
+
+    board = Board(name="toy", kind="board", title="Toy board", results="results/toy")
+    text = render_board(board, [_board_record("none", 8, 0), _board_record("atop", 5, 2, stochastic=True),
+                                _board_record("broken", 6, 6, reasons=("zero input gradients (exact) on 4 of 4 points",))])
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    assert lines[1].startswith("| 1      | broken †  | resnet20     | 60.00     | 60.00 ")
+    assert lines[2].startswith("| 2      | atop      | resnet20     | 50.00     | 20.00                   | 30.00 ")
+    assert lines[3].startswith("| 3      | none      | resnet20     | 80.00     | 0.00                    | —  ")
+    assert "| 0.20               | 5 " in lines[1]  # 2 s / 10 images, 50 image-passes / 10 images
+    assert "cifar10-jpeg, n = 10 (seed 0, subset cccccccccccc), linf eps 0.0313725; suites: linf v4 (cpu)" in text
+    assert "† broken on resnet20 unreliable: zero input gradients (exact) on 4 of 4 points." in text
+
+
+def test_a_hand_edited_accuracy_is_refused(tmp_path):
+    from leaderboards.render import load_boards, load_records
+
+    root = _copy_leaderboards(tmp_path)
+    board = next(b for b in load_boards(root) if b.name == "ci-smoke")
+    path = next((root / board.results).glob("*.json"))
+    record = json.loads(path.read_text())
+    record["robust"]["accuracy"] += 0.05
+    path.write_text(json.dumps(record))
+    with pytest.raises(BenchError, match="robust accuracy .* is not .* \\(edited by hand\\?\\)"):
+        load_records(board, root)
