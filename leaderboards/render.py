@@ -233,11 +233,13 @@ def plot_board(board: Board, records: Sequence[Dict[str, Any]]) -> Optional[byte
     ax.set_title(board.title, fontsize=9)
     if sweeps:
         ax2 = axes[0][1]
+        norm = records[0]["threat"]["norm"]
+        scale = 255 if norm == "linf" else 1
         for row, sweep in sweeps:
             eps = sorted(sweep, key=float)
-            ax2.plot([255 * float(e) for e in eps], [100 * sweep[e] for e in eps], marker="o", label=f"{row['defense']} / {row['classifier']}")
-        ax2.set_xlabel("eps (x/255)")
-        ax2.set_ylabel("accuracy (%) under the PGD-10 probe")
+            ax2.plot([scale * float(e) for e in eps], [100 * sweep[e] for e in eps], marker="o", label=f"{row['defense']} / {row['classifier']}")
+        ax2.set_xlabel(f"{norm} eps" + (" (x/255)" if norm == "linf" else ""))
+        ax2.set_ylabel(f"accuracy (%) under the {'PGD' if norm != 'stadv' else 'StAdv'}-10 probe")
         ax2.set_title("integrity probe: accuracy vs eps (probe points only)", fontsize=9)
         ax2.set_ylim(0, 100)
         ax2.legend(fontsize=7)
