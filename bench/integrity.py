@@ -149,8 +149,10 @@ def probe_attacks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Th
     limit = {"linf": 1.0, "l2": float("inf"), "stadv": 2.0}[threat.norm]
     sweep = {eps: run(Threat(threat.norm, min(eps, limit)), steps) for eps in (threat.eps / 2, threat.eps, 2 * threat.eps)}
     more_steps = run(threat, 4 * steps)
+    # stadv: a flow of 0.5 (8 pixels on 32x32) already breaks every point of a standard model; a bound of 2.0
+    # saturates the signed steps and smears the image into its border, which some classes survive.
     unbounded_threat = {"linf": Threat("linf", 1.0), "l2": Threat("l2", float(x[0].numel()) ** 0.5),
-                        "stadv": Threat("stadv", 2.0)}[threat.norm]
+                        "stadv": Threat("stadv", 0.5)}[threat.norm]
     unbounded = run(unbounded_threat, steps)
     findings.measurements = {
         "probe_points": int(len(y)), "pgd_steps": steps, "probe_eot": eot if stochastic else 1,

@@ -159,4 +159,4 @@ def test_stadv_threat_is_probed_with_stadv():
     findings = probe_attacks(model, x, model(x).argmax(1), Threat("stadv", 0.05), stochastic=False, differentiable=True,
                              eot=1, draws=1)
     assert set(findings.measurements["eps_sweep"]) == {"0.025", "0.05", "0.1"}
-    assert findings.measurements["unbounded_eps"] == 2.0
+    assert findings.measurements["unbounded_eps"] == 0.5
