@@ -140,11 +140,10 @@ def footnotes(labelled: Sequence[Tuple[str, Dict[str, Any]]]) -> List[str]:
 
 
 def subset_line(records: Sequence[Dict[str, Any]]) -> str:
-    r = records[0]
-    s, t = r["subset"], r["threat"]
+    s = records[0]["subset"]
+    threats = ", ".join(sorted({f"{x['threat']['norm']} eps {x['threat']['eps']:.6g}" for x in records}))
     suites = sorted({f"{x['suite']['name']} v{x['suite']['version']} ({x['suite']['budget']})" for x in records})
-    return (f"{s['dataset']}, n = {s['n']} (seed {s['seed']}, subset {s['hash'][:12]}), {t['norm']} eps {t['eps']:.6g}; "
-            f"suites: {', '.join(suites)}")
+    return f"{s['dataset']}, n = {s['n']} (seed {s['seed']}, subset {s['hash'][:12]}), {threats}; suites: {', '.join(suites)}"
 
 
 def attack_key(attack: Dict[str, Any]) -> str:
@@ -334,10 +333,13 @@ def render_paper(board: Board, records: Sequence[Dict[str, Any]], root: Path = R
 
 
 def metric_value(record: Dict[str, Any], metric: Optional[str]) -> Optional[float]:
-    """``clean``, ``robust`` (worst case), ``robust_mean``, or an attack key (its own accuracy in an independent
-    suite); None when the record does not measure it."""
+    """``clean``, ``robust`` (worst case), ``robust@<norm>`` (worst case, only for a record of that threat),
+    ``robust_mean``, or an attack key (its own accuracy in an independent suite); None when the record does not
+    measure it."""
     if metric is None:
         return None
+    if metric.startswith("robust@"):
+        return record["robust"]["accuracy"] if record["threat"]["norm"] == metric.split("@", 1)[1] else None
     if metric in ("clean", "robust"):
         return record[metric]["accuracy"]
     if metric == "robust_mean":
