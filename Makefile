@@ -27,7 +27,7 @@ $(BIN)/bench: pyproject.toml
 setup: $(BIN)/bench
 
 # AToP (RT2 + GAN purifier, fine-tuned; the shipped checkpoint) before the shared ResNet-20, the fixed 512-image
-# subset, linf 8/255, the suite's cpu budget on a CPU (about 4 minutes on 2 cores; see docs/quickstart.md).
+# subset, linf 8/255, the suite's cpu budget on a CPU (about 6 minutes on 2 cores; see docs/quickstart.md).
 demo: setup
 	$(BIN)/bench run --defense atop --threat linf
 
