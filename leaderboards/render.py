@@ -218,7 +218,7 @@ def plot_board(board: Board, records: Sequence[Dict[str, Any]]) -> Optional[byte
 
     rows = board_rows(records)
     sweeps = [(r, r["record"]["checks"].get("eps_sweep")) for r in rows if r["record"].get("checks", {}).get("eps_sweep")]
-    fig, axes = plt.subplots(1, 2 if sweeps else 1, figsize=(11 if sweeps else 6, 0.5 * len(rows) + 2), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if sweeps else 1, figsize=(11 if sweeps else 6, max(3.5, 0.5 * len(rows) + 2)), squeeze=False)
     ax = axes[0][0]
     labels = [f"{r['defense']} / {r['classifier']}" for r in rows][::-1]
     values = [100 * r["robust"] for r in rows][::-1]
