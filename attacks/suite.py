@@ -79,14 +79,16 @@ class Suite:
 
     def build(
         self, threat: Threat, stochastic: bool, differentiable: bool, eot_chunk_images: Optional[int] = None,
-        surrogate: Optional[torch.nn.Module] = None,
+        surrogate: Optional[torch.nn.Module] = None, pipeline_bpda: bool = False,
     ) -> List[Tuple[str, Attack]]:
         """Resolve the suite for a defense: a list of (label, attack) in the order they run.
 
         ``surrogate`` (the defense's ``attack_surrogate()``) replaces the model in every oracle-based attack
-        when this budget allows it (``"surrogate": true``)."""
+        when this budget allows it (``"surrogate": true``). ``pipeline_bpda`` runs every gradient attack only
+        under BPDA through the whole pipeline (``+bpda[pipeline]``, replacing a spec's stage BPDA and the
+        separate BPDA variant): the runner's correction for a defense without usable gradients."""
         plans: List[Tuple[str, Attack]] = []
-        stand_in = surrogate if self.surrogate else None
+        stand_in = surrogate if self.surrogate and not pipeline_bpda else None
 
         def build(spec: AttackSpec) -> Attack:
             attack = spec.build(threat)
@@ -98,9 +100,13 @@ class Suite:
             if spec.bpda:
                 if not attack.uses_oracle:
                     raise BenchError(f"suite {self.name}: {spec.attack} runs its own model loop; it cannot take bpda stages")
-                label, attack = f"{label}+bpda[{','.join(spec.bpda)}]", BPDA(attack, stages=spec.bpda)
+                label = f"{label}+bpda[{','.join(spec.bpda)}]"
+                attack = attack if pipeline_bpda else BPDA(attack, stages=spec.bpda)
+            gradient = attack.uses_oracle and attack.uses_gradients
+            if pipeline_bpda and gradient:
+                label, attack = f"{label}+bpda[pipeline]", BPDA(attack, stages=("pipeline",))
             variants = [(label, attack)]
-            if attack.uses_oracle and attack.uses_gradients and not differentiable:
+            if gradient and not differentiable and not pipeline_bpda:
                 variants.append((f"{label}+bpda", BPDA(build(spec), stages=spec.bpda)))
             for label, variant in variants:
                 if variant.uses_oracle and stochastic:

@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from attacks.adaptive import BPDA, EOT, default_chunk_images
+from attacks.adaptive import default_chunk_images
 from attacks.base import Threat
 from attacks.suite import BUDGETS, default_budget, load_suite
 from bench.classifiers import load_classifier
@@ -146,18 +146,8 @@ def correct_plan(defense: Defense, suite, threat: Threat, findings, device, succ
         actions.append(f"EOT-{suite.eot_draws} and {success_draws} re-classification draws (undeclared randomness)")
     if no_gradients:
         actions.append("BPDA with the identity through the whole pipeline before the classifier (no usable gradients)")
-    plans = []
-    # with gradients missing, the pipeline identity replaces the declared BPDA variants (built as differentiable)
-    for label, attack in suite.build(threat, stochastic=defense.stochastic or undeclared_noise,
-                                     differentiable=defense.differentiable or no_gradients,
-                                     eot_chunk_images=default_chunk_images(device)):
-        if no_gradients and attack.uses_oracle and attack.uses_gradients:
-            inner = attack.inner if isinstance(attack, EOT) else attack
-            inner = inner.inner if isinstance(inner, BPDA) else inner  # the pipeline identity replaces stage BPDA
-            wrapped = BPDA(inner, stages=("pipeline",))
-            attack = EOT(wrapped, attack.n, attack.chunk_images) if isinstance(attack, EOT) else wrapped
-            label = label.replace("+eot", "+bpda[pipeline]+eot") if "+eot" in label else f"{label}+bpda[pipeline]"
-        plans.append((label, attack))
+    plans = suite.build(threat, stochastic=defense.stochastic or undeclared_noise, differentiable=defense.differentiable,
+                        eot_chunk_images=default_chunk_images(device), pipeline_bpda=no_gradients)
     return actions, plans, success_draws if undeclared_noise else None
 
 
