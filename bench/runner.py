@@ -72,7 +72,9 @@ def config_from_record(record: Dict[str, Any], **overrides: Any) -> RunConfig:
         stored = {"defense": record["defense"]["name"], "threat": record["threat"]["norm"], "eps": record["threat"]["eps"],
                   "classifier": record["classifier"]["name"], "dataset": record["subset"]["dataset"],
                   "suite": record["suite"]["name"], "budget": record["suite"]["budget"], "n": record["subset"]["n"],
-                  "seed": record["subset"]["seed"], "success_draws": record["settings"].get("success_draws", 10) or 10,
+                  "seed": record["subset"]["seed"],
+                  # the draws a deterministic run recorded (1) are not its setting; the default is
+                  "success_draws": record["settings"].get("success_draws", 10) if record["defense"]["stochastic"] else 10,
                   "headline": record.get("headline", {}).get("metric", "worst"),
                   "checks": record.get("checks", {}).get("ran", True), "batch_size": record["settings"]["batch_size"]}
     return RunConfig(**{**stored, **overrides})

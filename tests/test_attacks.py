@@ -392,3 +392,36 @@ def test_suite_uses_the_attacker_surrogate_for_gradients_only(tiny_net, batch):
     assert defense.purifier.calls <= 2 + 1  # ...the real defense only classified: clean pass and final check
     assert defense.describe()["surrogate_config"] == {"blur_steps": 2}
     assert Suite("s", "1", "cpu", "", threat, 1, specs).build(threat, False, True, surrogate=defense.cheap)[0][0] == "pgd-5"
+
+
+def test_pipeline_bpda_replaces_exact_and_stage_bpda_variants_of_gradient_attacks():
+    from attacks.suite import AttackSpec, Suite
+
+    threat = Threat("linf", 8 / 255)
+    specs = (AttackSpec("pgd", (("steps", 5),)), AttackSpec("pgd", (("steps", 5),), ("purifier",)),
+             AttackSpec("square", (("queries", 10),)))
+    suite = Suite("s", "1", "cpu", "", threat, 2, specs)
+    assert [label for label, _ in suite.build(threat, True, False)] == [
+        "pgd-5+eot2", "pgd-5+bpda+eot2", "pgd-5+bpda[purifier]+eot2", "pgd-5+bpda[purifier]+bpda+eot2", "square+eot2"]
+    plans = suite.build(threat, True, False, pipeline_bpda=True)
+    assert [label for label, _ in plans] == ["pgd-5+bpda[pipeline]+eot2", "pgd-5+bpda[purifier]+bpda[pipeline]+eot2", "square+eot2"]
+    assert all(a.inner.stages == ("pipeline",) for _, a in plans[:2])
+
+
+def test_auto_budget_falls_back_to_a_single_budget_suite():
+    from attacks.suite import load_suite
+
+    assert load_suite("autoattack-rand", "linf", "cpu", fallback=True).budget == "paper"
+    with pytest.raises(BenchError, match="has no 'cpu' budget"):
+        load_suite("autoattack-rand", "linf", "cpu")
+
+
+def test_transfer_from_the_evaluated_model_itself_is_marked_white_box(tiny_net, batch):
+    x, _ = batch
+    y = tiny_net(x).argmax(1)
+    bare = ATTACKS.get("transfer")(Threat("linf", 8 / 255), steps=2)
+    bare.perturb(tiny_net, x, y)
+    assert bare.describe()["source_is_target"] is True
+    purified = ATTACKS.get("transfer")(Threat("linf", 8 / 255), steps=2)
+    purified.perturb(Defense(tiny_net, purifier=nn.AvgPool2d(3, 1, 1)), x, y)
+    assert purified.describe()["source_is_target"] is False

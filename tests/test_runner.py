@@ -186,3 +186,19 @@ def test_robust_accuracy_is_reported_as_worst_case_mean_and_majority_vote():
     assert not result.robust.any()  # worst case: one wrong draw breaks every point
     assert result.robust_mean == 0.75 and result.robust_majority.all()
     assert result.draws_right.tolist() == [3, 3, 3, 3]
+
+
+def test_a_record_reproduces_its_run_config(tmp_path):
+    from pathlib import Path
+
+    from bench.plugins import load_plugin
+    from bench.runner import RunConfig, config_from_record, run
+
+    load_plugin(Path(__file__).with_name("plugin_examples.py"))
+    config = RunConfig(defense="plugin-blur", classifier="tiny", dataset="tiny-test", n=12, budget="smoke", out=tmp_path)
+    record, _ = run(config)
+    again = config_from_record(record, out=tmp_path)
+    assert (again.defense, again.suite, again.budget, again.n, again.eps) == ("plugin-blur", "linf", "smoke", 12, 8 / 255)
+    legacy = {k: v for k, v in record.items()}
+    legacy["settings"] = {k: v for k, v in record["settings"].items() if k != "run_config"}
+    assert config_from_record(legacy, out=tmp_path) == again
