@@ -40,22 +40,32 @@ class FGSM(Attack):
 
 @register_attack("pgd")
 class PGD(Attack):
-    """Projected gradient ascent; step size defaults to 2.5 * eps / steps (Madry et al.)."""
+    """Projected gradient ascent; step size defaults to 2.5 * eps / steps (Madry et al.).
+
+    ``step_fraction`` gives the step as a fraction of eps instead (a paper's step 0.01 at eps 8/255 is
+    fraction 0.31875), so a suite keeps the paper's ratio when run at another ``--eps``.
+    """
 
     def __init__(
         self, threat: Threat, steps: int = 20, step_size: float | None = None, loss: str = "ce",
-        random_start: bool = True, restarts: int = 1,
+        random_start: bool = True, restarts: int = 1, step_fraction: float | None = None,
     ) -> None:
         super().__init__(threat)
         if steps < 1 or restarts < 1:
             raise BenchError("pgd needs steps >= 1 and restarts >= 1")
+        if step_size is not None and step_fraction is not None:
+            raise BenchError("pgd takes step_size or step_fraction, not both")
         self.steps, self.loss, self.random_start, self.restarts = steps, loss, random_start, restarts
+        self.step_fraction = step_fraction
+        if step_fraction is not None:
+            step_size = step_fraction * threat.eps
         self.step_size = step_size if step_size is not None else 2.5 * threat.eps / steps
         self._loss_fn = _loss(loss)
 
     def params(self) -> Dict[str, Any]:
         return {"steps": self.steps, "step_size": self.step_size, "loss": self.loss,
-                "random_start": self.random_start, "restarts": self.restarts}
+                "random_start": self.random_start, "restarts": self.restarts,
+                **({"step_fraction": self.step_fraction} if self.step_fraction is not None else {})}
 
     def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x_best = x.clone()

@@ -75,6 +75,16 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--adv-target", choices=("classifier", "pipeline"), default=None)
     train.add_argument("--rec-target", choices=("adv", "clean"), default=None)
     train.add_argument("--lam", type=float, default=None, help="weight of the adversarial CE loss (AToP lambda)")
+    train.add_argument("--eps", type=parse_eps, default=None,
+                       help="NRP/JATP: radius of the training perturbations (NRP 16/255, JATP 8/255)")
+    train.add_argument("--step-size", type=parse_eps, default=None, help="NRP/JATP: PGD step of the training perturbations")
+    train.add_argument("--attack-steps", type=int, default=None, help="NRP/JATP: PGD steps per training batch")
+    train.add_argument("--oblivious", action="store_true", default=None,
+                       help="JATP: craft training examples against the bare classifier (the paper's -obl setting)")
+    train.add_argument("--lr", type=float, default=None, help="NRP/JATP: initial learning rate")
+    train.add_argument("--feature-layer", default=None,
+                       help="NRP/JATP: the classifier's internal layer, a dotted module name (default: its "
+                            "second-to-last residual stage) or 'logits'")
     train.add_argument("--pretrained", default=None, metavar="PATH",
                        help="AToP: skip pre-training and fine-tune this pre-trained purifier (e.g. RT2's for RT3)")
     aud = sub.add_parser("audit", help="run only the integrity checks on a defense and print a verdict")
@@ -208,8 +218,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     trainer = TRAINERS.get(args.defense)
     names = {"transform": "transform", "purifier": "purifier", "adv_target": "adv_target", "rec_target": "rec_target",
-             "lam": "lam", "pretrain_epochs": "pretrain_epochs", "epochs": "finetune_epochs", "pretrained": "pretrained"}
+             "lam": "lam", "pretrain_epochs": "pretrain_epochs", "epochs": "finetune_epochs", "pretrained": "pretrained",
+             "eps": "eps", "step_size": "step_size", "attack_steps": "attack_steps", "oblivious": "oblivious", "lr": "lr",
+             "feature_layer": "feature_layer"}
     extra = {key: getattr(args, flag) for flag, key in names.items() if getattr(args, flag) is not None}
+    if args.defense != "atop":  # --epochs is the training length of one-stage trainers
+        extra.pop("finetune_epochs", None)
     options = TrainOptions(defense=args.defense, classifier=args.classifier, dataset=args.dataset, epochs=args.epochs,
                            train_size=args.train_size, batch_size=args.batch_size, seed=args.seed, device=args.device,
                            out=args.out, extra=extra)

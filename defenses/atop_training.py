@@ -203,7 +203,10 @@ def train_atop(options) -> "Path":
     from bench.training import Checkpointer, training_subset
     from defenses.atop import atop_checkpoint
 
-    settings = AToPSettings(**options.extra)
+    try:
+        settings = AToPSettings(**options.extra)
+    except TypeError as exc:
+        raise BenchError(f"atop: unsupported training option ({exc})") from None
     if settings.adv_target not in ("classifier", "pipeline") or settings.rec_target not in ("adv", "clean"):
         raise BenchError(f"atop: adv_target must be classifier|pipeline and rec_target adv|clean, got {settings}")
     device = resolve_device(options.device)

@@ -1,0 +1,153 @@
+"""NRP and JATP: a learned pre-processing network in front of a frozen classifier (``purifier -> classifier``).
+
+- ``nrp``: NRP's purifier trained with self-supervised feature-distortion perturbations (Naseer et al. 2020).
+- ``nrp-dynamic``: the same weights with Gaussian noise N(0, 0.05) added before purification (NRP's "dynamic"
+  inference); stochastic, so suites attack it with EOT.
+- ``jatp``: the same network trained with JATP's joint adversarial training on full adversarial examples.
+- ``jatp-obl``: JATP's loss on examples crafted against the bare classifier (the paper's "-obl" setting).
+
+All are exactly differentiable end to end (no BPDA needed). Training: ``bench train --defense nrp|jatp|jatp-obl``
+(``defenses/jatp_training.py``). The purifier is looked up for the classifier it was trained with:
+``trained_with=NAME`` (a defense option, default = the classifier it now protects) evaluates a purifier trained
+in front of one classifier in front of another (JATP Table 2's cross-model setting); the record keeps both.
+Weights come from ``checkpoint=PATH``, else ``$BENCH_CHECKPOINT_DIR/<defense>/<trained_with>/purifier.weights.pt``,
+else the small files shipped in ``defenses/checkpoints/`` (trained here, each beside its manifest).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from bench.classifiers.base import load_state_dict
+from bench.errors import BenchError
+from bench.training import sha256_file
+from defenses.base import Defense, register_defense
+from defenses.jatp_training import preprocessing_checkpoint_folder
+from defenses.nrp_network import NRPGenerator
+
+BUNDLED_DIR = Path(__file__).with_name("checkpoints")
+WEIGHTS_FILE = "purifier.weights.pt"
+
+
+class GaussianNoise(nn.Module):
+    """x + N(0, sigma^2), fresh on every call (NRP's dynamic inference); not clipped, as in NRP."""
+
+    stochastic = True
+    differentiable = True
+
+    def __init__(self, sigma: float) -> None:
+        super().__init__()
+        self.sigma = sigma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.sigma * torch.randn_like(x)
+
+
+class PreprocessingDefense(Defense):
+    """A trained ``NRPGenerator`` purifier in front of the classifier; subclasses name the training recipe."""
+
+    version = "1"
+    weights_name: ClassVar[str] = ""  # checkpoint folder of the training recipe
+    noise_sigma: ClassVar[Optional[float]] = None
+
+    def __init__(self, classifier: nn.Module, checkpoint: Optional[str] = None, trained_with: Optional[str] = None,
+                 untrained: bool = False) -> None:
+        protected = getattr(getattr(classifier, "info", None), "name", "classifier")
+        self.trained_with = trained_with or protected
+        self.checkpoint_path: Optional[Path] = None
+        self.checkpoint_source, self.checkpoint_sha256 = "untrained", None
+        self.training_info: Dict[str, Any] = {}
+        generator = NRPGenerator()
+        if not untrained:
+            self.checkpoint_path, self.checkpoint_source = self._checkpoint(checkpoint)
+            generator = self._load(self.checkpoint_path)
+            self.checkpoint_sha256 = sha256_file(self.checkpoint_path)
+        transform = GaussianNoise(self.noise_sigma) if self.noise_sigma else None
+        super().__init__(classifier, transform, generator.eval())
+        self.purifier.requires_grad_(False)
+
+    def _load(self, path: Path) -> NRPGenerator:
+        """Build the generator the manifest beside ``path`` describes (defaults when there is none) and load it."""
+        manifest = path.with_name("purifier.manifest.json")
+        shape = {"nf": 16, "gc": 8, "blocks": 3, "scale": 2}
+        if manifest.is_file():
+            info = json.loads(manifest.read_text())
+            shape.update({k: info["config"]["generator"][k] for k in shape if k in info["config"]["generator"]})
+            self.training_info = {"classifier": info["config"].get("classifier"), "feature_layer": info["config"].get("feature_layer"),
+                             "settings": info["config"].get("settings"), "epochs_done": len(info.get("history", []))}
+        generator = NRPGenerator(**shape)
+        try:
+            generator.load_state_dict(load_state_dict(path, key="generator"), strict=True)
+        except RuntimeError as exc:
+            raise BenchError(f"{path} does not fit NRPGenerator{shape}: {str(exc).splitlines()[0][:160]}") from None
+        return generator
+
+    def _checkpoint(self, explicit: Optional[str]) -> Tuple[Path, str]:
+        if explicit:
+            path = Path(explicit)
+            if not path.is_file():
+                raise BenchError(f"checkpoint={explicit}: no such file")
+            return path, "option"
+        for root, source in ((None, "trained"), (BUNDLED_DIR, "shipped")):
+            path = preprocessing_checkpoint_folder(self.weights_name, self.trained_with, root) / WEIGHTS_FILE
+            if path.is_file():
+                return path, source
+        recipe = "jatp --oblivious" if self.weights_name == "jatp-obl" else self.weights_name
+        raise BenchError(
+            f"no trained {self.weights_name} purifier for classifier {self.trained_with} at "
+            f"{preprocessing_checkpoint_folder(self.weights_name, self.trained_with) / WEIGHTS_FILE} (nor shipped); train it with "
+            f"`bench train --defense {recipe} --classifier {self.trained_with}` or pass --defense-option checkpoint=PATH"
+        )
+
+    @classmethod
+    def for_testing(cls, classifier: nn.Module) -> "PreprocessingDefense":
+        defense = cls(classifier, untrained=True)
+        with torch.no_grad():  # a non-identity purifier, so tests see the network act
+            nn.init.normal_(defense.purifier.conv_last.weight, std=0.01)
+        return defense
+
+    def config(self) -> Dict[str, Any]:
+        path = self.checkpoint_path
+        shown = None if path is None else (path.relative_to(BUNDLED_DIR.parent.parent).as_posix()
+                                           if self.checkpoint_source == "shipped" else str(path))
+        return {
+            "recipe": self.weights_name, "trained_with": self.trained_with,
+            "cross_model": self.trained_with != getattr(getattr(self.classifier, "info", None), "name", self.trained_with),
+            "noise_sigma": self.noise_sigma, "purifier": self.purifier.config(), "training": self.training_info,
+            "checkpoint": shown, "checkpoint_source": self.checkpoint_source, "checkpoint_sha256": self.checkpoint_sha256,
+        }
+
+
+@register_defense("nrp")
+class NRP(PreprocessingDefense):
+    """NRP's purifier (self-supervised feature-distortion training), deterministic inference."""
+
+    weights_name = "nrp"
+
+
+@register_defense("nrp-dynamic")
+class NRPDynamic(PreprocessingDefense):
+    """NRP with dynamic inference: N(0, 0.05) noise before the purifier (stochastic)."""
+
+    weights_name = "nrp"
+    noise_sigma = 0.05
+    stochastic = True
+
+
+@register_defense("jatp")
+class JATP(PreprocessingDefense):
+    """JATP: the NRP network trained jointly on full adversarial examples (Algorithm 1)."""
+
+    weights_name = "jatp"
+
+
+@register_defense("jatp-obl")
+class JATPOblivious(PreprocessingDefense):
+    """JATP's loss, trained on examples crafted against the bare classifier (JATP Fig. 2a's -obl)."""
+
+    weights_name = "jatp-obl"
