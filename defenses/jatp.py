@@ -34,6 +34,25 @@ BUNDLED_DIR = Path(__file__).with_name("checkpoints")
 WEIGHTS_FILE = "purifier.weights.pt"
 
 
+def load_generator(path: Path) -> Tuple[NRPGenerator, Dict[str, Any]]:
+    """The generator the manifest beside ``path`` describes (defaults without one), loaded strictly, and what
+    the manifest says about its training."""
+    manifest = path.with_name("purifier.manifest.json")
+    shape = {"nf": 16, "gc": 8, "blocks": 3, "scale": 2}
+    training: Dict[str, Any] = {}
+    if manifest.is_file():
+        config = json.loads(manifest.read_text())
+        shape.update({k: v for k, v in config["config"]["generator"].items() if k in shape})
+        training = {"classifier": config["config"].get("classifier"), "feature_layer": config["config"].get("feature_layer"),
+                    "settings": config["config"].get("settings"), "epochs_done": len(config.get("history", []))}
+    generator = NRPGenerator(**shape)
+    try:
+        generator.load_state_dict(load_state_dict(path, key="generator"), strict=True)
+    except RuntimeError as exc:
+        raise BenchError(f"{path} does not fit NRPGenerator{shape}: {str(exc).splitlines()[0][:160]}") from None
+    return generator, training
+
+
 class GaussianNoise(nn.Module):
     """x + N(0, sigma^2), fresh on every call (NRP's dynamic inference); not clipped, as in NRP."""
 
@@ -65,27 +84,11 @@ class PreprocessingDefense(Defense):
         generator = NRPGenerator()
         if not untrained:
             self.checkpoint_path, self.checkpoint_source = self._checkpoint(checkpoint)
-            generator = self._load(self.checkpoint_path)
+            generator, self.training_info = load_generator(self.checkpoint_path)
             self.checkpoint_sha256 = sha256_file(self.checkpoint_path)
         transform = GaussianNoise(self.noise_sigma) if self.noise_sigma else None
         super().__init__(classifier, transform, generator.eval())
         self.purifier.requires_grad_(False)
-
-    def _load(self, path: Path) -> NRPGenerator:
-        """Build the generator the manifest beside ``path`` describes (defaults when there is none) and load it."""
-        manifest = path.with_name("purifier.manifest.json")
-        shape = {"nf": 16, "gc": 8, "blocks": 3, "scale": 2}
-        if manifest.is_file():
-            info = json.loads(manifest.read_text())
-            shape.update({k: info["config"]["generator"][k] for k in shape if k in info["config"]["generator"]})
-            self.training_info = {"classifier": info["config"].get("classifier"), "feature_layer": info["config"].get("feature_layer"),
-                             "settings": info["config"].get("settings"), "epochs_done": len(info.get("history", []))}
-        generator = NRPGenerator(**shape)
-        try:
-            generator.load_state_dict(load_state_dict(path, key="generator"), strict=True)
-        except RuntimeError as exc:
-            raise BenchError(f"{path} does not fit NRPGenerator{shape}: {str(exc).splitlines()[0][:160]}") from None
-        return generator
 
     def _checkpoint(self, explicit: Optional[str]) -> Tuple[Path, str]:
         if explicit:

@@ -322,7 +322,7 @@ def render_paper(board: Board, records: Sequence[Dict[str, Any]], root: Path = R
     measured = []  # our records, one row each, in the paper's columns (board.columns: paper column -> metric)
     for record in sorted(records, key=lambda r: (r["defense"]["name"], r["classifier"]["name"], r["suite"]["name"])):
         values = [metric_value(record, board.columns.get(column)) for column in table["columns"]]
-        label = f"{record['defense']['name']} on {record['classifier']['name']}{mark(record)}"
+        label = f"{record['defense']['name']} on {record['classifier']['name']}{trained_with(record)}{mark(record)}"
         suite = f"{record['suite']['name']} v{record['suite']['version']} ({record['suite']['budget']})"
         measured.append([label, suite, *(pct(v) for v in values)])
     measured_table = _table(measured, ["measured", "suite", *table["columns"]]) if measured else None
@@ -330,6 +330,12 @@ def render_paper(board: Board, records: Sequence[Dict[str, Any]], root: Path = R
     return env.get_template(board.template).render(
         board=board, paper=table, groups=[{"name": name, "table": _table(rows, headers)} for name, rows in groups.items()],
         measured=measured_table, setting=subset_line(records) if records else None, notes=footnotes(labelled))
+
+
+def trained_with(record: Dict[str, Any]) -> str:
+    """`` (trained with X)`` for a learned purifier evaluated in front of another classifier than its own."""
+    config = record["defense"].get("config", {})
+    return f" (trained with {config['trained_with']})" if config.get("cross_model") else ""
 
 
 def metric_value(record: Dict[str, Any], metric: Optional[str]) -> Optional[float]:

@@ -13,7 +13,7 @@ from torch import nn
 
 from bench.cli import main
 from bench.errors import BenchError
-from defenses.jatp import JATP, NRP, NRPDynamic
+from defenses.jatp import JATP, NRP, NRPDynamic, load_generator
 from defenses.jatp_training import (
     JATPSettings,
     JATPTrainer,
@@ -237,3 +237,28 @@ def test_nrp_loads_what_bench_train_wrote(tmp_path, monkeypatch):
 
     defense = NRP(load_classifier("tiny"))
     assert defense.checkpoint_source == "trained" and defense.config()["training"]["epochs_done"] == 1
+
+
+def test_a_cross_model_record_names_both_classifiers_in_paper_tables():
+    from leaderboards.render import trained_with
+
+    record = {"defense": {"name": "jatp", "config": {"trained_with": "resnet4b", "cross_model": True}}}
+    assert trained_with(record) == " (trained with resnet4b)"
+    record["defense"]["config"]["cross_model"] = False
+    assert trained_with(record) == ""
+
+
+SHIPPED = sorted((Path(__file__).resolve().parent.parent / "defenses" / "checkpoints").glob("*/*/purifier.weights.pt"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[f"{p.parent.parent.name}/{p.parent.name}" for p in SHIPPED])
+def test_shipped_purifiers_are_small_match_their_manifest_and_load(path):
+    from bench.training import sha256_file
+
+    manifest = json.loads(path.with_name("purifier.manifest.json").read_text())
+    assert path.stat().st_size <= 2 * 2**20
+    assert sha256_file(path) == manifest["weights_sha256"] and manifest["finished"]
+    assert manifest["config"]["defense"] == path.parent.parent.name
+    assert manifest["config"]["classifier"] == path.parent.name
+    generator, training = load_generator(path)  # the generator the manifest describes, loaded strictly
+    assert training["epochs_done"] == len(manifest["history"])
