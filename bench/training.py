@@ -103,3 +103,53 @@ class Checkpointer:
             "saved": datetime.now(timezone.utc).isoformat(), "environment": environment(),
         }
         write_json_atomic(self.manifest_path, json.loads(json.dumps(manifest, default=str)))
+
+
+def train_epochs(options: TrainOptions, trainer: Any, folder: Path, name: str, config: Dict[str, Any], epochs: int,
+                 train_set: Any, indices: np.ndarray, augment: Optional[Callable] = None) -> Path:
+    """The epoch loop one-stage trainers share: seeded order per epoch, ``trainer.step(x, y)`` per batch (after
+    ``trainer.set_progress(fraction)`` when it has one), a checkpoint + manifest after every epoch, resumption
+    after the last finished epoch, and ``<name>.weights.pt`` from ``trainer.weights()`` at the end.
+
+    ``augment(x, generator)`` transforms each batch with a generator seeded per epoch.
+    """
+    import logging
+    import time
+
+    from tqdm.auto import tqdm
+
+    from bench.evaluate import progress_enabled
+
+    log = logging.getLogger(f"bench.train.{name}")
+    checkpointer = Checkpointer(folder, name, options, config)
+    saved = checkpointer.resume()
+    start = 0
+    if saved is not None:
+        trainer.load(saved)
+        start = int(saved["epoch"])
+    per_epoch = -(-len(indices) // options.batch_size)
+    for epoch in range(start, epochs):
+        seed = options.seed * 1000 + epoch
+        order = indices[np.random.RandomState(seed).permutation(len(indices))]
+        torch.manual_seed(seed)
+        rng = torch.Generator().manual_seed(seed)
+        totals: Dict[str, float] = {}
+        lr = None
+        started = time.perf_counter()
+        bar = tqdm(range(per_epoch), desc=f"{config.get('defense', name)} {epoch + 1}/{epochs}", disable=not progress_enabled())
+        for step in bar:
+            idx = order[step * options.batch_size:(step + 1) * options.batch_size]
+            x = torch.from_numpy(train_set.images[idx]).permute(0, 3, 1, 2).float().div(255)
+            x = (augment(x, rng) if augment is not None else x.contiguous()).to(trainer.device)
+            y = torch.from_numpy(train_set.labels[idx]).long().to(trainer.device)
+            if hasattr(trainer, "set_progress"):
+                lr = trainer.set_progress((epoch * per_epoch + step) / (epochs * per_epoch))
+            for key, value in trainer.step(x, y).items():
+                totals[key] = totals.get(key, 0.0) + value
+            bar.set_postfix(loss=f"{totals['loss'] / (step + 1):.4f}")
+        epoch_log = {"epoch": epoch + 1, **{k: v / per_epoch for k, v in totals.items()},
+                     **({"lr": lr} if lr is not None else {}), "seconds": time.perf_counter() - started}
+        checkpointer.save(trainer.state(epoch + 1), epoch_log, finished=epoch + 1 == epochs)
+        log.info("epoch %d/%d: %s", epoch + 1, epochs, ", ".join(f"{k} {v:.4g}" for k, v in epoch_log.items() if k != "epoch"))
+    checkpointer.export(trainer.weights())
+    return folder

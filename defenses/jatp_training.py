@@ -21,13 +21,10 @@ command resumes after the last finished epoch.
 from __future__ import annotations
 
 import hashlib
-import logging
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,9 +32,6 @@ from torch import nn
 from bench.errors import BenchError
 from bench.training import TRAINERS
 from defenses.nrp_network import FeatureTap, NRPGenerator, RelativisticDiscriminator, relativistic_losses
-
-log = logging.getLogger(__name__)
-
 
 # --- loss terms (each a pure function of tensors, tested against hand-computed values) -------------------
 
@@ -185,6 +179,9 @@ class NRPTrainer:
         for key in ("generator", "discriminator", "opt_g", "opt_d"):
             getattr(self, key).load_state_dict(state[key])
 
+    def weights(self) -> Dict[str, object]:
+        return {"generator": self.generator.state_dict()}
+
 
 class JATPTrainer:
     def __init__(self, settings: JATPSettings, classifier: nn.Module, device: torch.device) -> None:
@@ -235,6 +232,9 @@ class JATPTrainer:
         self.generator.load_state_dict(state["generator"])
         self.opt_g.load_state_dict(state["opt_g"])
 
+    def weights(self) -> Dict[str, object]:
+        return {"generator": self.generator.state_dict()}
+
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """The paper's augmentation: 4-pixel zero padding with a random 32x32 crop, and a random horizontal flip."""
@@ -255,13 +255,10 @@ def preprocessing_checkpoint_folder(defense: str, classifier: str, root: Optiona
 
 
 def _train(options, name: str, settings, trainer_cls) -> Path:
-    from tqdm.auto import tqdm
-
     from bench.classifiers import load_classifier
     from bench.datasets import load_dataset
-    from bench.evaluate import progress_enabled
     from bench.runner import resolve_device
-    from bench.training import Checkpointer, training_subset
+    from bench.training import train_epochs, training_subset
 
     device = resolve_device(options.device)
     classifier = load_classifier(options.classifier, device)
@@ -274,38 +271,8 @@ def _train(options, name: str, settings, trainer_cls) -> Path:
               "train_size": options.train_size, "train_indices_sha256": hashlib.sha256(indices.tobytes()).hexdigest(),
               "batch_size": options.batch_size, "seed": options.seed, "feature_layer": trainer.tap.layer,
               "generator": trainer.generator.config()}
-    checkpointer = Checkpointer(folder, "purifier", options, config)
-    saved = checkpointer.resume()
-    start = 0
-    if saved is not None:
-        trainer.load(saved)
-        start = int(saved["epoch"])
-    per_epoch = -(-len(indices) // options.batch_size)
-    for epoch in range(start, settings.epochs):
-        seed = options.seed * 1000 + epoch
-        order = indices[np.random.RandomState(seed).permutation(len(indices))]
-        torch.manual_seed(seed)
-        rng = torch.Generator().manual_seed(seed)
-        totals: Dict[str, float] = {}
-        started = time.perf_counter()
-        bar = tqdm(range(per_epoch), desc=f"{name} {epoch + 1}/{settings.epochs}", disable=not progress_enabled())
-        for step in bar:
-            idx = order[step * options.batch_size:(step + 1) * options.batch_size]
-            x = torch.from_numpy(train.images[idx]).permute(0, 3, 1, 2).float().div(255)
-            x = (augment(x, rng) if settings.augment else x.contiguous()).to(device)
-            y = torch.from_numpy(train.labels[idx]).long().to(device)
-            lr = trainer.set_progress((epoch * per_epoch + step) / (settings.epochs * per_epoch))
-            logs = trainer.step(x, y)
-            for key, value in logs.items():
-                totals[key] = totals.get(key, 0.0) + value
-            bar.set_postfix(loss=f"{totals['loss'] / (step + 1):.4f}")
-        epoch_log = {"epoch": epoch + 1, **{k: v / per_epoch for k, v in totals.items()}, "lr": lr,
-                     "seconds": time.perf_counter() - started}
-        checkpointer.save(trainer.state(epoch + 1), epoch_log, finished=epoch + 1 == settings.epochs)
-        log.info("%s epoch %d/%d: %s", name, epoch + 1, settings.epochs,
-                 ", ".join(f"{k} {v:.4g}" for k, v in epoch_log.items() if k != "epoch"))
-    checkpointer.export({"generator": trainer.generator.state_dict()})
-    return folder
+    return train_epochs(options, trainer, folder, "purifier", config, settings.epochs, train, indices,
+                        augment if settings.augment else None)
 
 
 def _settings(cls, options, **forced):
