@@ -90,7 +90,19 @@ def feature_pgd(
 # --- settings and trainers -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class NRPSettings:
+class PurifierShape:
+    """What both recipes share: the classifier layer they read, the generator's size, and augmentation."""
+
+    feature_layer: Optional[str] = None
+    nf: int = 16
+    gc: int = 8
+    blocks: int = 3
+    scale: int = 2
+    augment: bool = True
+
+
+@dataclass(frozen=True)
+class NRPSettings(PurifierShape):
     epochs: int = 4
     eps: float = 16 / 255
     step_size: float = 4 / 255
@@ -99,19 +111,13 @@ class NRPSettings:
     lambda_feat: float = 1.0
     gamma_pix: float = 1e-2
     alpha_gan: float = 5e-3
-    feature_layer: Optional[str] = None
-    nf: int = 16
-    gc: int = 8
-    blocks: int = 3
-    scale: int = 2
-    augment: bool = True
 
     def to_dict(self) -> Dict[str, object]:
         return asdict(self)
 
 
 @dataclass(frozen=True)
-class JATPSettings:
+class JATPSettings(PurifierShape):
     epochs: int = 4
     eps: float = 8 / 255
     step_size: float = 0.01
@@ -124,18 +130,12 @@ class JATPSettings:
     weight_decay: float = 2e-4
     milestones: tuple = (0.5, 0.83)
     grad_clip: Optional[float] = 1.0  # not in the paper: without it lr 1e-2 diverged in 5 steps here
-    feature_layer: Optional[str] = None
-    nf: int = 16
-    gc: int = 8
-    blocks: int = 3
-    scale: int = 2
-    augment: bool = True
 
     def to_dict(self) -> Dict[str, object]:
         return {**asdict(self), "milestones": list(self.milestones)}
 
 
-def generator_for(settings) -> NRPGenerator:
+def generator_for(settings: PurifierShape) -> NRPGenerator:
     return NRPGenerator(settings.nf, settings.gc, settings.blocks, settings.scale)
 
 
