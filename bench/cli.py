@@ -82,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--oblivious", action="store_true", default=None,
                        help="JATP: craft training examples against the bare classifier (the paper's -obl setting)")
     train.add_argument("--lr", type=float, default=None, help="NRP/JATP: initial learning rate")
+    train.add_argument("--init", default=None, metavar="PATH",
+                       help="JATP: start from this purifier's weights (e.g. a trained NRP) instead of the identity")
     train.add_argument("--feature-layer", default=None,
                        help="NRP/JATP: the classifier's internal layer, a dotted module name (default: its "
                             "second-to-last residual stage) or 'logits'")
@@ -220,7 +222,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     names = {"transform": "transform", "purifier": "purifier", "adv_target": "adv_target", "rec_target": "rec_target",
              "lam": "lam", "pretrain_epochs": "pretrain_epochs", "epochs": "finetune_epochs", "pretrained": "pretrained",
              "eps": "eps", "step_size": "step_size", "attack_steps": "attack_steps", "oblivious": "oblivious", "lr": "lr",
-             "feature_layer": "feature_layer"}
+             "feature_layer": "feature_layer", "init": "init"}
     extra = {key: getattr(args, flag) for flag, key in names.items() if getattr(args, flag) is not None}
     if args.defense != "atop":  # --epochs is the training length of one-stage trainers
         extra.pop("finetune_epochs", None)

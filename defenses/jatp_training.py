@@ -130,6 +130,7 @@ class JATPSettings(PurifierShape):
     weight_decay: float = 2e-4
     milestones: tuple = (0.5, 0.83)
     grad_clip: Optional[float] = 1.0  # not in the paper: without it lr 1e-2 diverged in 5 steps here
+    init: Optional[str] = None  # start from this purifier's weights (e.g. NRP's) instead of the identity
 
     def to_dict(self) -> Dict[str, object]:
         return {**asdict(self), "milestones": list(self.milestones)}
@@ -188,6 +189,10 @@ class JATPTrainer:
         self.s, self.device, self.classifier = settings, device, classifier.eval()
         self.tap = FeatureTap(classifier, settings.feature_layer)
         self.generator = generator_for(settings).to(device)
+        if settings.init:
+            from bench.classifiers.base import load_state_dict
+
+            self.generator.load_state_dict(load_state_dict(Path(settings.init), key="generator"), strict=True)
         self.opt_g = torch.optim.SGD(self.generator.parameters(), lr=settings.lr, momentum=settings.momentum,
                                      weight_decay=settings.weight_decay)
 

@@ -333,9 +333,15 @@ def render_paper(board: Board, records: Sequence[Dict[str, Any]], root: Path = R
 
 
 def trained_with(record: Dict[str, Any]) -> str:
-    """`` (trained with X)`` for a learned purifier evaluated in front of another classifier than its own."""
+    """`` (trained with X)`` for a learned purifier evaluated in front of another classifier than its own, and
+    `` (initialised from R/C)`` for one whose training started from another purifier's weights."""
     config = record["defense"].get("config", {})
-    return f" (trained with {config['trained_with']})" if config.get("cross_model") else ""
+    note = f" (trained with {config['trained_with']})" if config.get("cross_model") else ""
+    init = ((config.get("training") or {}).get("settings") or {}).get("init")
+    if init:
+        path = Path(init)
+        note += f" (initialised from {path.parent.parent.name}/{path.parent.name})"
+    return note
 
 
 def metric_value(record: Dict[str, Any], metric: Optional[str]) -> Optional[float]:
