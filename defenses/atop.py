@@ -23,13 +23,13 @@ from bench.classifiers.base import load_state_dict
 from bench.errors import BenchError
 from bench.paths import checkpoint_dir
 from bench.training import sha256_file
-from defenses.base import Defense, register_defense
+from defenses.base import SHIPPED_DIR, Defense, checkpoint_display, register_defense, resolve_checkpoint
 from defenses.purifiers import PURIFIERS
 from defenses.transforms import RT1, RT2, RT3, MaskedEnsemble, MaskedInpainting
 
 TRANSFORMS = {"rt1": RT1, "rt2": RT2, "rt3": RT3}
 STAGES = {"pre": "pretrain", "ft": "finetune"}
-BUNDLED_DIR = Path(__file__).with_name("checkpoints")
+BUNDLED_DIR = SHIPPED_DIR
 
 
 def atop_checkpoint(classifier: str, transform: str, purifier: str, stage: str, root: Optional[Path] = None) -> Path:
@@ -72,29 +72,12 @@ class AToP(Defense):
 
     def _checkpoint(self, classifier: nn.Module, explicit: Optional[str]) -> Tuple[Path, str]:
         """(path, source): the explicit file, else one trained by the user, else the shipped one."""
-        if explicit:
-            path = Path(explicit)
-            if not path.is_file():
-                raise BenchError(f"checkpoint={explicit}: no such file")
-            return path, "option"
         name = getattr(getattr(classifier, "info", None), "name", "classifier")
         key = (name, self.transform_name, self.purifier_name, self.stage)
-        for path, source in ((atop_checkpoint(*key), "trained"), (atop_checkpoint(*key, root=BUNDLED_DIR), "shipped")):
-            if path.is_file():
-                return path, source
-        raise BenchError(
+        return resolve_checkpoint(explicit, ((atop_checkpoint(*key), "trained"), (atop_checkpoint(*key, root=BUNDLED_DIR), "shipped")),
             f"no trained AToP purifier for {name} at {atop_checkpoint(*key)} (nor shipped with the package); train it with "
             f"`bench train --defense atop --classifier {name} --transform {self.transform_name} --purifier {self.purifier_name}` "
-            f"(or pass --defense-option checkpoint=PATH)"
-        )
-
-    def _display_path(self) -> Optional[str]:
-        """Shipped files by their place in the package (the same on every machine), others as given."""
-        if self.checkpoint_path is None:
-            return None
-        if self.checkpoint_source == "shipped":
-            return self.checkpoint_path.relative_to(BUNDLED_DIR.parent.parent).as_posix()
-        return str(self.checkpoint_path)
+            f"(or pass --defense-option checkpoint=PATH)")
 
     @classmethod
     def for_testing(cls, classifier: nn.Module) -> "AToP":
@@ -104,7 +87,7 @@ class AToP(Defense):
         return {
             "transform": self.transform_name, "purifier": self.purifier_name, "stage": self.stage,
             "transform_config": self.transform.config(),
-            "checkpoint": self._display_path(),
+            "checkpoint": checkpoint_display(self.checkpoint_path, self.checkpoint_source),
             "checkpoint_source": self.checkpoint_source, "checkpoint_sha256": self.checkpoint_sha256,
         }
 

@@ -12,7 +12,8 @@ ones come from ``--plugin file.py`` or the ``bench.defenses`` entry-point group.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, Optional, Tuple
+from pathlib import Path
+from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -132,3 +133,28 @@ def build_defense(name: str, classifier: nn.Module, **options: Any) -> Defense:
         if options and "argument" in str(exc):
             raise BenchError(f"defense {name} does not accept options {sorted(options)}: {exc}") from None
         raise
+
+
+SHIPPED_DIR = Path(__file__).with_name("checkpoints")
+
+
+def resolve_checkpoint(explicit: Optional[str], candidates: Sequence[Tuple[Path, str]], missing: str) -> Tuple[Path, str]:
+    """(path, source) of a defense's weights: ``explicit`` (the ``checkpoint=`` option, source "option") if given,
+    else the first existing candidate (e.g. what the user trained, then what ships with the package); ``missing``
+    is the error shown when none exists (it should say how to train one)."""
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise BenchError(f"checkpoint={explicit}: no such file")
+        return path, "option"
+    for path, source in candidates:
+        if path.is_file():
+            return path, source
+    raise BenchError(missing)
+
+
+def checkpoint_display(path: Optional[Path], source: str) -> Optional[str]:
+    """How a record names a checkpoint: shipped files by their place in the package (the same on every machine)."""
+    if path is None:
+        return None
+    return path.relative_to(SHIPPED_DIR.parent.parent).as_posix() if source == "shipped" else str(path)

@@ -26,11 +26,11 @@ from torch import nn
 from bench.classifiers.base import load_state_dict
 from bench.errors import BenchError
 from bench.training import sha256_file
-from defenses.base import Defense, register_defense
+from defenses.base import SHIPPED_DIR, Defense, checkpoint_display, register_defense, resolve_checkpoint
 from defenses.jatp_training import preprocessing_checkpoint_folder
 from defenses.nrp_network import NRPGenerator
 
-BUNDLED_DIR = Path(__file__).with_name("checkpoints")
+BUNDLED_DIR = SHIPPED_DIR
 WEIGHTS_FILE = "purifier.weights.pt"
 
 
@@ -91,21 +91,13 @@ class PreprocessingDefense(Defense):
         self.purifier.requires_grad_(False)
 
     def _checkpoint(self, explicit: Optional[str]) -> Tuple[Path, str]:
-        if explicit:
-            path = Path(explicit)
-            if not path.is_file():
-                raise BenchError(f"checkpoint={explicit}: no such file")
-            return path, "option"
-        for root, source in ((None, "trained"), (BUNDLED_DIR, "shipped")):
-            path = preprocessing_checkpoint_folder(self.weights_name, self.trained_with, root) / WEIGHTS_FILE
-            if path.is_file():
-                return path, source
+        candidates = [(preprocessing_checkpoint_folder(self.weights_name, self.trained_with, root) / WEIGHTS_FILE, source)
+                      for root, source in ((None, "trained"), (BUNDLED_DIR, "shipped"))]
         recipe = "jatp --oblivious" if self.weights_name == "jatp-obl" else self.weights_name
-        raise BenchError(
-            f"no trained {self.weights_name} purifier for classifier {self.trained_with} at "
-            f"{preprocessing_checkpoint_folder(self.weights_name, self.trained_with) / WEIGHTS_FILE} (nor shipped); train it with "
-            f"`bench train --defense {recipe} --classifier {self.trained_with}` or pass --defense-option checkpoint=PATH"
-        )
+        return resolve_checkpoint(explicit, candidates,
+            f"no trained {self.weights_name} purifier for classifier {self.trained_with} at {candidates[0][0]} (nor shipped); "
+            f"train it with `bench train --defense {recipe} --classifier {self.trained_with}` or pass "
+            f"--defense-option checkpoint=PATH")
 
     @classmethod
     def for_testing(cls, classifier: nn.Module) -> "PreprocessingDefense":
@@ -115,14 +107,11 @@ class PreprocessingDefense(Defense):
         return defense
 
     def config(self) -> Dict[str, Any]:
-        path = self.checkpoint_path
-        shown = None if path is None else (path.relative_to(BUNDLED_DIR.parent.parent).as_posix()
-                                           if self.checkpoint_source == "shipped" else str(path))
         return {
             "recipe": self.weights_name, "trained_with": self.trained_with,
             "cross_model": self.trained_with != getattr(getattr(self.classifier, "info", None), "name", self.trained_with),
             "noise_sigma": self.noise_sigma, "purifier": self.purifier.config(), "training": self.training_info,
-            "checkpoint": shown, "checkpoint_source": self.checkpoint_source, "checkpoint_sha256": self.checkpoint_sha256,
+            "checkpoint": checkpoint_display(self.checkpoint_path, self.checkpoint_source), "checkpoint_source": self.checkpoint_source, "checkpoint_sha256": self.checkpoint_sha256,
         }
 
 
