@@ -13,9 +13,7 @@ Eq. 9 as printed reconstructs x' itself (``rec_target="adv"``, the default); ``"
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Optional
@@ -29,8 +27,6 @@ from bench.record import write_json_atomic
 from bench.training import TRAINERS, sha256_file
 from defenses.purifiers import PURIFIERS, PatchDiscriminator
 from defenses.transforms import RT2, RT3
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -140,40 +136,26 @@ class AToPTrainer:
             self.opt_g.load_state_dict(state["opt_g"])
 
 
-def _batches(images, labels, order, batch_size: int, device):
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        x = torch.from_numpy(images[idx]).to(device).permute(0, 3, 1, 2).float().div(255).contiguous()
-        yield x, torch.from_numpy(labels[idx]).to(device)
+class _Stage:
+    """One AToP stage seen as a one-stage trainer for ``bench.training.train_epochs``."""
 
+    def __init__(self, trainer: AToPTrainer, stage: str) -> None:
+        self.trainer, self.stage, self.device = trainer, stage, trainer.device
 
-def _run_stage(trainer: AToPTrainer, stage: str, epochs: int, data, options, checkpointer, start_epoch: int) -> None:
-    """Run epochs ``start_epoch..epochs-1`` of ``stage``, checkpointing after each one."""
-    import numpy as np
-    from tqdm.auto import tqdm
+    def set_progress(self, progress: float) -> float:
+        return self.trainer.set_lr(self.stage, progress)
 
-    from bench.evaluate import progress_enabled
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
+        return self.trainer.pretrain_step(x) if self.stage == "pretrain" else self.trainer.finetune_step(x, y)
 
-    images, labels, indices = data
-    for epoch in range(start_epoch, epochs):
-        order = indices[np.random.RandomState(options.seed * 1000 + epoch).permutation(len(indices))]
-        torch.manual_seed(options.seed * 1000 + epoch)
-        totals: Dict[str, float] = {}
-        steps, started = 0, time.perf_counter()
-        per_epoch = -(-len(order) // options.batch_size)
-        bar = tqdm(_batches(images, labels, order, options.batch_size, trainer.device), total=per_epoch,
-                   desc=f"{stage} {epoch + 1}/{epochs}", disable=not progress_enabled())
-        for x, y in bar:
-            trainer.set_lr(stage, (epoch * per_epoch + steps) / (epochs * per_epoch))
-            logs = trainer.pretrain_step(x) if stage == "pretrain" else trainer.finetune_step(x, y)
-            steps += 1
-            for key, value in logs.items():
-                totals[key] = totals.get(key, 0.0) + value
-            bar.set_postfix(l1=f"{totals['l1'] / steps:.4f}")
-        epoch_log = {"epoch": epoch + 1, **{k: v / steps for k, v in totals.items()}, "seconds": time.perf_counter() - started}
-        checkpointer.save(trainer.state(epoch + 1), epoch_log, finished=epoch + 1 == epochs)
-        log.info("%s epoch %d/%d: %s", stage, epoch + 1, epochs,
-                 ", ".join(f"{k} {v:.4g}" for k, v in epoch_log.items() if k != "epoch"))
+    def state(self, epoch: int) -> Dict[str, object]:
+        return self.trainer.state(epoch)
+
+    def load(self, state: Dict[str, object]) -> None:
+        self.trainer.load(state)
+
+    def weights(self) -> Dict[str, object]:
+        return {"generator": self.trainer.generator.state_dict()}
 
 
 def _adopt_pretrained(source: Path, folder: Path, config: Dict[str, object]) -> None:
@@ -200,7 +182,7 @@ def train_atop(options) -> "Path":
     from bench.classifiers import load_classifier
     from bench.datasets import load_dataset
     from bench.runner import resolve_device
-    from bench.training import Checkpointer, training_subset
+    from bench.training import train_epochs, training_subset
     from defenses.atop import atop_checkpoint
 
     try:
@@ -212,11 +194,11 @@ def train_atop(options) -> "Path":
     device = resolve_device(options.device)
     classifier = load_classifier(options.classifier, device)
     train = load_dataset(options.dataset, "train")
-    data = (train.images, train.labels, training_subset(len(train), options.train_size, options.seed))
+    indices = training_subset(len(train), options.train_size, options.seed)
     folder = Path(options.out) if options.out else atop_checkpoint(options.classifier, settings.transform, settings.purifier, "x").parent
     trainer = AToPTrainer(settings, classifier, device)
     config = {"settings": settings.to_dict(), "classifier": options.classifier, "dataset": options.dataset,
-              "train_size": options.train_size, "train_indices_sha256": hashlib.sha256(data[2].tobytes()).hexdigest(),
+              "train_size": options.train_size, "train_indices_sha256": hashlib.sha256(indices.tobytes()).hexdigest(),
               "batch_size": options.batch_size, "seed": options.seed,
               "generator": f"{type(trainer.generator).__name__}, {sum(p.numel() for p in trainer.generator.parameters())} parameters"}
     stages = [("pretrain", settings.pretrain_epochs), ("finetune", settings.finetune_epochs)]
@@ -224,13 +206,7 @@ def train_atop(options) -> "Path":
         _adopt_pretrained(Path(settings.pretrained), folder, config)
         stages = stages[1:]
     for stage, epochs in stages:
-        checkpointer = Checkpointer(folder, stage, options, {**config, "stage": stage})
-        saved = checkpointer.resume()
-        if saved is None and stage == "finetune":
+        if stage == "finetune":  # start from the pre-trained purifier; a saved fine-tuning epoch overrides it
             trainer.load(torch.load(folder / "pretrain.pt", map_location="cpu", weights_only=True), optimizers=False)
-        elif saved is not None:
-            trainer.load(saved)
-        start = int(saved["epoch"]) if saved is not None else 0
-        _run_stage(trainer, stage, epochs, data, options, checkpointer, start)
-        checkpointer.export({"generator": trainer.generator.state_dict()})
+        train_epochs(options, _Stage(trainer, stage), folder, stage, {**config, "stage": stage}, epochs, train, indices)
     return folder
