@@ -196,6 +196,7 @@ def train_atop(options) -> "Path":
     train = load_dataset(options.dataset, "train")
     indices = training_subset(len(train), options.train_size, options.seed)
     folder = Path(options.out) if options.out else atop_checkpoint(options.classifier, settings.transform, settings.purifier, "x").parent
+    torch.manual_seed(options.seed)  # the purifier's initial weights follow --seed, as NRP/JATP's do
     trainer = AToPTrainer(settings, classifier, device)
     config = {"settings": settings.to_dict(), "classifier": options.classifier, "dataset": options.dataset,
               "train_size": options.train_size, "train_indices_sha256": hashlib.sha256(indices.tobytes()).hexdigest(),

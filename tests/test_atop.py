@@ -185,3 +185,13 @@ def test_rt3_can_fine_tune_another_run_s_pre_trained_purifier(tmp_path):
     assert (tmp_path / "rt3" / "finetune.weights.pt").is_file()
     assert main([*common, "--transform", "rt3", "--epochs", "1", "--pretrained", str(tmp_path / "missing.pt"),
                  "--out", str(tmp_path / "rt3b")]) == 2
+
+
+def test_the_same_seed_trains_the_same_purifier(tmp_path):
+    common = ["--plugin", PLUGIN, "train", "--defense", "atop", "--classifier", "tiny", "--dataset", "tiny-test",
+              "--transform", "rt2", "--purifier", "ae", "--pretrain-epochs", "1", "--epochs", "1", "--train-size", "16",
+              "--batch-size", "8"]
+    for name in ("a", "b"):
+        assert main([*common, "--out", str(tmp_path / name)]) == 0
+    a, b = (torch.load(tmp_path / name / "finetune.weights.pt", weights_only=True)["generator"] for name in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
