@@ -1,0 +1,104 @@
+"""AID-Purifier: the two tapped layers, AVmixup's interpolations, purification bounds, the unrolled gradient
+against finite differences, and training steps that lower the discriminator loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from defenses.aid_purifier import (
+    AIDDiscriminator,
+    AIDPurification,
+    AIDPurifier,
+    AIDPurifierUnrolled,
+    TwoLayerTap,
+    aid_layers,
+    avmixup,
+)
+from defenses.aid_training import AIDSettings, AIDTrainer
+from tests.test_jatp import Staged
+
+
+def test_the_discriminator_reads_exactly_the_first_conv_and_the_last_stage():
+    net = Staged().eval()
+    assert aid_layers(net) == ("conv1", "layer3")
+    tap = TwoLayerTap(net)
+    fired = []
+    for name, module in net.named_children():
+        module.register_forward_hook(lambda _m, _i, out, name=name: fired.append((name, out)))
+    x = torch.rand(2, 3, 8, 8)
+    _, low, high = tap(x)
+    outputs = dict(fired)
+    assert torch.equal(low, outputs["conv1"].mean(dim=(2, 3))) and torch.equal(high, outputs["layer3"].mean(dim=(2, 3)))
+    assert tap.channels((1, 3, 8, 8)) == (4, 8)
+
+
+def test_discriminator_follows_table_5_with_the_cifar_layers():
+    d = AIDDiscriminator(16, 64)
+    linears = [m for m in d.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [
+        (16, 1024), (1024, 1024), (1024, 1024), (64, 1024), (1024, 1024), (1024, 1024),
+        (2048, 1024), (1024, 1024), (1024, 512), (512, 1)]
+    assert d(torch.rand(3, 16), torch.rand(3, 64)).shape == (3,)
+
+
+def test_avmixup_inputs_and_labels_are_the_stated_interpolations():
+    x = torch.full((2, 1, 1, 2), 0.5)
+    delta = torch.tensor([0.1, -0.2]).view(2, 1, 1, 1).expand(2, 1, 1, 2)
+    u = torch.tensor([0.25, 1.0])
+    x_hat, t_hat = avmixup(x, delta, 1.5, u)
+    # x_AV = x + 1.5 delta = (0.65, 0.2); x_hat = u x + (1 - u) x_AV
+    assert torch.allclose(x_hat[0], torch.full((1, 1, 2), 0.25 * 0.5 + 0.75 * 0.65))
+    assert torch.allclose(x_hat[1], torch.full((1, 1, 2), 0.5))  # u = 1: the clean image, label clean
+    assert torch.allclose(t_hat, torch.tensor([0.75, 0.0]))
+
+
+def _purifier(dtype=torch.float32, unrolled=False, steps=10):
+    torch.manual_seed(0)
+    net = Staged().eval().to(dtype)
+    tap = TwoLayerTap(net)
+    d = AIDDiscriminator(4, 8, width=16).to(dtype).eval()
+    return net, AIDPurification(tap, d, steps=steps, eps=8 / 255, step_size=2 / 255, unrolled=unrolled)
+
+
+def test_purification_stays_in_the_eps_ball_and_the_image_range():
+    _, purify = _purifier()
+    x = torch.rand(4, 3, 8, 8)
+    x[0] = 0.0  # on the border of [0, 1]
+    with torch.no_grad():
+        out = purify(x)
+    assert (out - x).abs().max() <= 8 / 255 + 1e-6 and out.min() >= 0 and out.max() <= 1
+    assert not torch.equal(out, x)  # it moved
+    with torch.no_grad():
+        assert torch.sigmoid(purify.p_adv_logit(out)).mean() < torch.sigmoid(purify.p_adv_logit(x)).mean()
+
+
+def test_the_unrolled_gradient_matches_finite_differences():
+    net, purify = _purifier(torch.float64, unrolled=True, steps=3)
+    x = (0.2 + 0.6 * torch.rand(1, 3, 8, 8, dtype=torch.float64)).requires_grad_(True)
+    w = torch.randn(1, 10, dtype=torch.float64)
+
+    def loss(z):
+        return (net(purify(z)) * w).sum()
+
+    (grad,) = torch.autograd.grad(loss(x), x)
+    v = torch.randn_like(x)
+    h = 1e-6
+    fd = (loss((x + h * v).detach().requires_grad_(True)) - loss((x - h * v).detach().requires_grad_(True))) / (2 * h)
+    assert (grad * v).sum().item() == pytest.approx(fd.item(), rel=1e-4, abs=1e-8)
+
+
+def test_the_default_purifier_declares_bpda_and_the_unrolled_one_exact_gradients():
+    net = Staged().eval()
+    assert not AIDPurifier(net, untrained=True).differentiable
+    assert AIDPurifierUnrolled(net, untrained=True).differentiable
+
+
+def test_a_few_avmixup_steps_lower_the_discriminator_loss():
+    torch.manual_seed(0)
+    trainer = AIDTrainer(AIDSettings(eps=8 / 255, attack_steps=3, lr=0.05), Staged().eval(), torch.device("cpu"))
+    x, y = torch.rand(32, 3, 8, 8), torch.randint(0, 10, (32,))
+    first = sum(trainer.step(x, y)["loss"] for _ in range(3)) / 3
+    last = [trainer.step(x, y)["loss"] for _ in range(40)]
+    assert sum(last[-3:]) / 3 < first
