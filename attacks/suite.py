@@ -36,7 +36,7 @@ BUDGETS = ("smoke", "cpu", "paper")
 STAGES = ("transform", "purifier", "pipeline")
 _SUITE_KEYS = {"name", "version", "description", "threat", "independent", "budgets"}
 _BUDGET_KEYS = {"description", "eot_draws", "attacks", "surrogate"}
-_SPEC_KEYS = {"attack", "params", "bpda"}
+_SPEC_KEYS = {"attack", "params", "bpda", "label"}
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class AttackSpec:
     attack: str
     params: Tuple[Tuple[str, Any], ...] = ()
     bpda: Tuple[str, ...] = ()  # differentiable stages the attack back-propagates through as the identity
+    name: str = ""  # the spec's own label ("label" in the suite file), when the default would not be unique
 
     def build(self, threat: Threat) -> Attack:
         cls = ATTACKS.get(self.attack)
@@ -54,12 +55,16 @@ class AttackSpec:
 
     @property
     def label(self) -> str:
-        """The attack's name, with its step count when the spec sets one (``pgd-10``, ``pgd-20``)."""
+        """The spec's ``label`` if it has one, else the attack's name with its step count when the spec sets
+        one (``pgd-10``, ``pgd-20``)."""
+        if self.name:
+            return self.name
         steps = dict(self.params).get("steps")
         return self.attack if steps is None else f"{self.attack}-{steps}"
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"attack": self.attack, "params": dict(self.params), **({"bpda": list(self.bpda)} if self.bpda else {})}
+        return {"attack": self.attack, "params": dict(self.params), **({"bpda": list(self.bpda)} if self.bpda else {}),
+                **({"label": self.name} if self.name else {})}
 
 
 @dataclass(frozen=True)
@@ -132,7 +137,19 @@ def _parse_spec(item: Dict[str, Any], origin: str) -> AttackSpec:
     stages = tuple(item.get("bpda", ()))
     if set(stages) - set(STAGES):
         raise BenchError(f"suite {origin}: bpda stages must be among {list(STAGES)}, got {list(stages)}")
-    return AttackSpec(item["attack"], tuple(sorted(item.get("params", {}).items())), stages)
+    params = tuple(sorted((key, _freeze(value)) for key, value in item.get("params", {}).items()))
+    return AttackSpec(item["attack"], params, stages, str(item.get("label", "")))
+
+
+class _FrozenDict(dict):
+    """A dict parameter (e.g. a transfer attack's inner attack settings) that can sit in a frozen spec."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(json.dumps(self, sort_keys=True))
+
+
+def _freeze(value: Any) -> Any:
+    return _FrozenDict(value) if isinstance(value, dict) else value
 
 
 def parse_suite(data: Dict[str, Any], origin: str = "<dict>") -> Dict[str, Suite]:

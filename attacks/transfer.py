@@ -7,16 +7,20 @@ plain oracle, so it costs no passes through the defense; only the final examples
 transfer attack that beats every white-box attack on some points is a sign of masked gradients. When the
 source *is* the evaluated model (the bare classifier, or a defense whose stages are all the identity) the attack
 is white-box PGD; the record says so (``source_is_target``) and the black-box integrity check ignores it.
+
+``attack`` (default ``pgd``) and ``attack_params`` choose another attack to run on the source (``mim``,
+``deepfool``, ``cw-linf``...): the AID-Purifier paper's "oblivious" columns are each attack run on the bare
+classifier, then shown to the purifier.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
 
-from attacks.base import Attack, Oracle, Threat, register_attack
+from attacks.base import ATTACKS, Attack, Oracle, Threat, register_attack
 from attacks.gradient import PGD
 from bench.errors import BenchError
 
@@ -34,15 +38,28 @@ class Transfer(Attack):
 
     uses_oracle = False
 
-    def __init__(self, threat: Threat, source: str = "classifier", steps: int = 20, loss: str = "ce") -> None:
+    def __init__(self, threat: Threat, source: str = "classifier", steps: int = 20, loss: str = "ce", attack: str = "pgd",
+                 attack_params: Optional[Dict[str, Any]] = None) -> None:
         super().__init__(threat)
-        self.source, self.steps, self.loss = source, steps, loss
-        self._pgd = PGD(threat, steps=steps, loss=loss)
+        self.source, self.steps, self.loss, self.attack = source, steps, loss, attack
+        self.attack_params = dict(attack_params or {})
+        if attack == "pgd" and not self.attack_params:
+            self._inner: Attack = PGD(threat, steps=steps, loss=loss)
+        else:
+            cls = ATTACKS.get(attack)
+            if not cls.uses_oracle:
+                raise BenchError(f"transfer: {attack} runs its own model loop; it cannot attack the source model")
+            try:
+                self._inner = cls(threat, **self.attack_params)
+            except TypeError as exc:
+                raise BenchError(f"transfer: bad attack_params for {attack}: {exc}") from None
         self._source_model = None
         self.source_is_target: bool | None = None  # known once the attack has run
 
     def params(self) -> Dict[str, Any]:
-        return {"source": self.source, "steps": self.steps, "step_size": self._pgd.step_size, "loss": self.loss}
+        if isinstance(self._inner, PGD) and self.attack == "pgd" and not self.attack_params:
+            return {"source": self.source, "steps": self.steps, "step_size": self._inner.step_size, "loss": self.loss}
+        return {"source": self.source, "attack": self.attack, "attack_params": self._inner.params()}
 
     def source_model(self, model: nn.Module, device: torch.device) -> nn.Module:
         if self.source == "classifier":
@@ -65,4 +82,4 @@ class Transfer(Attack):
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         source = self.source_model(model, x.device)
-        return self.threat.project(self._pgd.run(Oracle(source), x, y).detach(), x)
+        return self.threat.project(self._inner.run(Oracle(source), x, y).detach(), x)

@@ -147,9 +147,8 @@ from pathlib import Path  # noqa: E402
 
 from bench.classifiers.base import load_state_dict  # noqa: E402
 from bench.training import sha256_file  # noqa: E402
-from defenses.base import Defense, register_defense  # noqa: E402
+from defenses.base import SHIPPED_DIR, Defense, checkpoint_display, register_defense, resolve_checkpoint  # noqa: E402
 
-BUNDLED_DIR = Path(__file__).with_name("checkpoints")
 WEIGHTS_FILE = "discriminator.weights.pt"
 
 
@@ -183,19 +182,12 @@ class AIDPurifier(Defense):
 
     @staticmethod
     def _checkpoint(classifier: nn.Module, explicit: Optional[str]) -> Tuple[Path, str]:
-        if explicit:
-            path = Path(explicit)
-            if not path.is_file():
-                raise BenchError(f"checkpoint={explicit}: no such file")
-            return path, "option"
         name = getattr(getattr(classifier, "info", None), "name", "classifier")
-        for root, source in ((None, "trained"), (BUNDLED_DIR, "shipped")):
-            path = aid_checkpoint_folder(name, root) / WEIGHTS_FILE
-            if path.is_file():
-                return path, source
-        raise BenchError(f"no trained AID-Purifier discriminator for {name} at {aid_checkpoint_folder(name) / WEIGHTS_FILE} "
-                         f"(nor shipped); train it with `bench train --defense aid-purifier --classifier {name}` "
-                         f"or pass --defense-option checkpoint=PATH")
+        candidates = [(aid_checkpoint_folder(name) / WEIGHTS_FILE, "trained"),
+                      (aid_checkpoint_folder(name, SHIPPED_DIR) / WEIGHTS_FILE, "shipped")]
+        return resolve_checkpoint(explicit, candidates, (
+            f"no trained AID-Purifier discriminator for {name} at {candidates[0][0]} (nor shipped); train it with "
+            f"`bench train --defense aid-purifier --classifier {name}` or pass --defense-option checkpoint=PATH"))
 
     @classmethod
     def for_testing(cls, classifier: nn.Module) -> "AIDPurifier":
@@ -204,9 +196,7 @@ class AIDPurifier(Defense):
         return cls(classifier, untrained=True, layers=layers)
 
     def config(self) -> Dict[str, Any]:
-        path = self.checkpoint_path
-        shown = None if path is None else (path.relative_to(BUNDLED_DIR.parent.parent).as_posix()
-                                           if self.checkpoint_source == "shipped" else str(path))
+        shown = checkpoint_display(self.checkpoint_path, self.checkpoint_source)
         return {**self.purifier.config(), "discriminator": self.purifier.discriminator.config(), "checkpoint": shown,
                 "checkpoint_source": self.checkpoint_source, "checkpoint_sha256": self.checkpoint_sha256}
 

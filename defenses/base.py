@@ -101,6 +101,8 @@ class Defense(nn.Module):
 def _bpda_stage(stage: nn.Module, h: torch.Tensor, forced: bool = False) -> torch.Tensor:
     if getattr(stage, "differentiable", True) and not forced:
         return stage(h)
+    if hasattr(stage, "bpda"):  # a composite stage (a stack's chain) applies BPDA member by member
+        return stage.bpda(h, forced)
     surrogate = getattr(stage, "surrogate", None)
     approx = surrogate(h) if surrogate is not None else h
     with torch.no_grad():
@@ -125,8 +127,13 @@ def register_defense(name: str):
 
 
 def build_defense(name: str, classifier: nn.Module, **options: Any) -> Defense:
-    """Instantiate the defense called ``name`` in front of ``classifier``."""
-    cls = DEFENSES.get(name)
+    """Instantiate the defense called ``name`` in front of ``classifier``; ``a+b`` stacks registered defenses."""
+    if "+" in name and name not in DEFENSES:
+        from defenses.stack import stack_class
+
+        cls = stack_class(name)
+    else:
+        cls = DEFENSES.get(name)
     try:
         return cls(classifier, **options)
     except TypeError as exc:

@@ -97,7 +97,7 @@ def test_the_default_purifier_declares_bpda_and_the_unrolled_one_exact_gradients
 
 def test_a_few_avmixup_steps_lower_the_discriminator_loss():
     torch.manual_seed(0)
-    trainer = AIDTrainer(AIDSettings(eps=8 / 255, attack_steps=3, lr=0.05), Staged().eval(), torch.device("cpu"))
+    trainer = AIDTrainer(AIDSettings(eps=0.5, step_size=0.2, attack_steps=3, lr=0.05), Staged().eval(), torch.device("cpu"))
     x, y = torch.rand(32, 3, 8, 8), torch.randint(0, 10, (32,))
     first = sum(trainer.step(x, y)["loss"] for _ in range(3)) / 3
     last = [trainer.step(x, y)["loss"] for _ in range(40)]
