@@ -1,0 +1,104 @@
+"""PixelDefend: the PixelCNN is causal, the windowed logits equal the full-image ones, and the purification is the
+greedy per-channel argmax within eps_defend, on the 8-bit grid."""
+
+from __future__ import annotations
+
+import torch
+
+from defenses.pixeldefend import PixelCNN, PixelDefend, PixelDefendPurification, to_levels
+from defenses.pixeldefend_training import PixelCNNTrainer, PixelCNNSettings
+from tests.helpers import TinyNet
+
+
+def _net(channels: int = 8, layers: int = 3) -> PixelCNN:
+    torch.manual_seed(0)
+    net = PixelCNN(channels, layers).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.3)  # every weight nonzero, the R -> G -> B tables included
+    return net
+
+
+def test_the_pixelcnn_is_causal_in_raster_and_channel_order():
+    net = _net()
+    levels = torch.randint(0, 256, (2, 3, 7, 7))
+    with torch.no_grad():
+        before = net.logits(levels)
+    height, width = levels.shape[2:]
+    for r, c in [(0, 0), (3, 4), (6, 6), (2, 0)]:
+        i = r * width + c
+        for k in range(3):
+            changed = levels.clone().view(2, 3, -1)
+            changed[:, :, i + 1:] = torch.randint(0, 256, changed[:, :, i + 1:].shape)  # every later pixel
+            changed[:, k:, i] = torch.randint(0, 256, changed[:, k:, i].shape)  # this channel and the later ones
+            with torch.no_grad():
+                after = net.logits(changed.view_as(levels))
+            assert torch.allclose(after[:, k, :, r, c], before[:, k, :, r, c], atol=1e-5), (r, c, k)
+    # and it does read the past: the pixel to the left, the row above and the earlier channels of its own pixel
+    for r, c, k, src in [(3, 4, 0, (3, 3)), (3, 4, 0, (2, 4)), (3, 4, 2, (3, 4))]:
+        changed = levels.clone()
+        changed[:, 0, src[0], src[1]] = (changed[:, 0, src[0], src[1]] + 128) % 256
+        with torch.no_grad():
+            after = net.logits(changed)
+        assert not torch.allclose(after[:, k, :, r, c], before[:, k, :, r, c]), (r, c, k, src)
+
+
+def test_windowed_logits_equal_the_full_image_logits():
+    net = _net(layers=3)
+    levels = torch.randint(0, 256, (2, 3, 9, 9))
+    with torch.no_grad():
+        full = net.context_logits(levels)
+        padded, inside = net.pad(levels)
+        for r in range(9):
+            for c in range(9):
+                assert torch.allclose(net.window_logits(padded, inside, r, c), full[:, :, :, r, c], atol=1e-5), (r, c)
+
+
+def _reference_purify(net: PixelCNN, levels: torch.Tensor, radius: int) -> torch.Tensor:
+    """Algorithm 1 of PixelDefend written directly: a full-image pass for every channel of every pixel."""
+    out = levels.clone()
+    values = torch.arange(256)
+    for r in range(levels.shape[2]):
+        for c in range(levels.shape[3]):
+            for k in range(3):
+                with torch.no_grad():
+                    logit = net.logits(out)[:, k, :, r, c]
+                lo, hi = (levels[:, k, r, c] - radius).clamp(0, 255), (levels[:, k, r, c] + radius).clamp(0, 255)
+                allowed = (values[None] >= lo[:, None]) & (values[None] <= hi[:, None])
+                out[:, k, r, c] = logit.masked_fill(~allowed, float("-inf")).argmax(1)
+    return out
+
+
+def test_purification_is_the_greedy_argmax_within_eps_defend():
+    net = _net(layers=2)
+    purify = PixelDefendPurification(net, eps_defend=16 / 255)
+    x = torch.rand(3, 3, 5, 5)
+    x[0, :, 0, 0] = 0.0  # clipped at the bottom of the range
+    out = purify(x)
+    levels = to_levels(x)
+    assert torch.equal(to_levels(out), _reference_purify(net, levels, 16))
+    assert torch.equal(out * 255, (out * 255).round())  # on the 8-bit grid
+    assert (to_levels(out) - levels).abs().max() <= 16 and out.min() >= 0 and out.max() <= 1
+    assert not torch.equal(to_levels(out), levels)
+
+
+def test_pixeldefend_declares_bpda_and_has_no_gradient_path():
+    defense = PixelDefend.for_testing(TinyNet()).eval()
+    assert not defense.differentiable
+    x = torch.rand(2, 3, 6, 6, requires_grad=True)
+    assert not defense(x).requires_grad or torch.autograd.grad(defense(x).sum(), x, allow_unused=True)[0] is None
+    defense.bpda_forward(x).sum().backward()  # the identity surrogate carries the classifier's gradient
+    assert x.grad.abs().sum() > 0
+
+
+def test_a_few_training_steps_lower_the_bits_per_dim():
+    torch.manual_seed(0)
+    images = (torch.rand(16, 8, 8, 3) * 64).to(torch.uint8).numpy()  # a narrow, learnable distribution
+    trainer = PixelCNNTrainer(PixelCNNSettings(channels=8, layers=2, lr=1e-2), torch.device("cpu"), images)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)
+    first = trainer.step(x, None)["bits_per_dim"]
+    for _ in range(30):
+        last = trainer.step(x, None)["bits_per_dim"]
+    assert first > 7.5 and last < first - 1.5
+    weights = trainer.weights()
+    assert weights["architecture"] == {"channels": 8, "layers": 2} and weights["test_bits_per_dim"] < first

@@ -1,0 +1,97 @@
+"""Stacked defenses (a+b through the defense API), the transfer of any attack, and the auxiliary-aware attack."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attacks.aux_aware import AuxiliaryAware
+from attacks.base import Oracle, Threat
+from attacks.momentum import MIM
+from attacks.transfer import Transfer
+from bench.errors import BenchError
+from defenses.base import DEFENSES, build_defense
+from tests.helpers import TinyNet
+from tests.test_jatp import Staged
+
+def _stack(name: str = "pixeldefend+aid-purifier", **extra):
+    last = name.split("+")[1]
+    untrained = {"pixeldefend.untrained": "1", "pixeldefend.channels": "8", "pixeldefend.layers": "2",
+                 f"{last}.untrained": "1"}
+    return build_defense(name, Staged().eval(), **{**untrained, **extra}).eval()
+
+
+def test_a_stack_runs_its_members_in_order_and_names_them_all():
+    stack = _stack()
+    pd, aid = stack.purifier.stages
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.equal(stack(x), stack.classifier(aid(pd(x))))
+    described = stack.describe()
+    assert described["name"] == "pixeldefend+aid-purifier"
+    assert [m["name"] for m in described["config"]["members"]] == ["pixeldefend", "aid-purifier"]
+    assert not stack.differentiable and not stack.stochastic
+
+
+def test_member_options_are_routed_by_prefix():
+    stack = _stack(**{"aid-purifier.steps": "3", "pixeldefend.eps_defend": str(8 / 255)})
+    assert stack.purifier.stages[1].steps == 3 and stack.purifier.stages[0].radius == 8
+    with pytest.raises(BenchError, match="MEMBER.KEY"):
+        _stack(steps="3")
+    with pytest.raises(BenchError):
+        build_defense("pixeldefend+no-such-defense", Staged())
+
+
+def test_bpda_through_a_stack_treats_each_member_stage_by_its_own_declaration():
+    x = torch.rand(2, 3, 8, 8)
+    # both members non-differentiable: the identity through both, the classifier's gradient at the purified point
+    stack = _stack()
+    xg = x.clone().requires_grad_(True)
+    stack.bpda_forward(xg).sum().backward()
+    with torch.no_grad():
+        purified = stack.purifier(x)
+    pg = purified.clone().requires_grad_(True)
+    stack.classifier(pg).sum().backward()
+    assert torch.allclose(xg.grad, pg.grad, atol=1e-6)
+    # the unrolled AID member keeps its exact gradient: here the identity of PixelDefend only
+    unrolled = _stack("pixeldefend+aid-purifier-unrolled")
+    assert not unrolled.differentiable
+    xg = x.clone().requires_grad_(True)
+    unrolled.bpda_forward(xg).sum().backward()
+    pd, aid = unrolled.purifier.stages
+    with torch.no_grad():
+        h = pd(x)
+    hg = h.clone().requires_grad_(True)
+    unrolled.classifier(aid(hg)).sum().backward()
+    assert torch.allclose(xg.grad, hg.grad, atol=1e-6)
+
+
+def test_the_papers_stacks_are_registered():
+    assert {"pixeldefend+aid-purifier", "nrp+aid-purifier"} <= set(DEFENSES.names())
+
+
+def test_transfer_runs_any_oracle_attack_on_the_bare_classifier():
+    net = TinyNet().eval()
+    defense = build_defense("none", net)
+    threat = Threat("linf", 8 / 255)
+    x, y = torch.rand(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    out = Transfer(threat, attack="mim", attack_params={"steps": 4}).perturb(defense, x, y)
+    direct = MIM(threat, steps=4).run(Oracle(net), x, y)
+    assert torch.equal(out, direct)
+    assert Transfer(threat, attack="mim", attack_params={"steps": 4}).params()["attack"] == "mim"
+
+
+def test_aux_aware_trades_the_classifier_loss_for_a_clean_looking_example():
+    defense = build_defense("aid-purifier", Staged().eval(), untrained=True).eval()
+    aux = defense.purifier
+    threat = Threat("linf", 16 / 255)
+    x, y = torch.rand(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    with torch.no_grad():
+        p0, ce0 = aux.p_adv_logit(x), torch.nn.functional.cross_entropy(defense.classifier(x), y)
+    looks_clean = AuxiliaryAware(threat, lam=1.0, steps=5, random_start=False).perturb(defense, x, y)
+    fools = AuxiliaryAware(threat, lam=0.0, steps=5, random_start=False).perturb(defense, x, y)
+    with torch.no_grad():
+        assert aux.p_adv_logit(looks_clean).mean() < p0.mean()
+        assert torch.nn.functional.cross_entropy(defense.classifier(fools), y) > ce0
+    assert (looks_clean - x).abs().max() <= 16 / 255 + 1e-6
+    with pytest.raises(BenchError, match="auxiliary"):
+        AuxiliaryAware(threat).perturb(build_defense("none", TinyNet()), x, y)
