@@ -109,17 +109,22 @@ class AIDPurification(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         keep_graph = self.unrolled and torch.is_grad_enabled() and x.requires_grad
-        x0 = x if keep_graph else x.detach()
-        x_pur = x0
-        with torch.enable_grad():
-            for _ in range(self.steps):
-                if not keep_graph:
-                    x_pur = x_pur.detach().requires_grad_(True)
-                p_adv = torch.sigmoid(self.p_adv_logit(x_pur))
-                (grad,) = torch.autograd.grad(p_adv.sum(), x_pur, create_graph=keep_graph)
-                x_pur = x_pur - self.step_size * grad.sign()
-                x_pur = torch.min(torch.max(x_pur, x0 - self.eps), x0 + self.eps).clamp(0, 1)
-        return x_pur if keep_graph else x_pur.detach()
+        if keep_graph:
+            return self._purify(x, x, True)
+        # the loop needs input gradients even when the caller evaluates under no_grad or inference_mode
+        with torch.inference_mode(False), torch.enable_grad():
+            x0 = x.detach().clone()
+            return self._purify(x0, x0, False).detach()
+
+    def _purify(self, x0: torch.Tensor, x_pur: torch.Tensor, keep_graph: bool) -> torch.Tensor:
+        for _ in range(self.steps):
+            if not keep_graph:
+                x_pur = x_pur.detach().requires_grad_(True)
+            p_adv = torch.sigmoid(self.p_adv_logit(x_pur))
+            (grad,) = torch.autograd.grad(p_adv.sum(), x_pur, create_graph=keep_graph)
+            x_pur = x_pur - self.step_size * grad.sign()
+            x_pur = torch.min(torch.max(x_pur, x0 - self.eps), x0 + self.eps).clamp(0, 1)
+        return x_pur
 
     def config(self) -> Dict[str, Any]:
         return {"steps": self.steps, "eps": self.eps, "step_size": self.step_size, "unrolled": self.unrolled,

@@ -196,7 +196,7 @@ class PixelDefend(Defense):
         self.checkpoint_path: Optional[Path] = None
         self.checkpoint_source, self.checkpoint_sha256, self.test_bits_per_dim = "untrained", None, None
         if untrained:
-            pixelcnn = PixelCNN(channels, layers)
+            pixelcnn = PixelCNN(int(channels), int(layers))
         else:
             candidates = [(pixelcnn_folder(dataset) / WEIGHTS_FILE, "trained"),
                           (pixelcnn_folder(dataset, SHIPPED_DIR) / WEIGHTS_FILE, "shipped")]

@@ -152,12 +152,14 @@ def attack_key(attack: Dict[str, Any]) -> str:
 
 
 def per_attack(record: Dict[str, Any], field_name: str) -> Dict[str, float]:
+    """Each attack's value by its key (``pgd40``) and by its label in the run (``pgd-10+bpda``, ``oblivious-mim-10``)."""
     out = {}
     for a in record["attacks"]:
         if a.get("stage") == "correction" or field_name not in a:
             continue
         value = a[field_name]
         out[attack_key(a)] = value["accuracy"] if isinstance(value, dict) else value
+        out.setdefault(a["label"], out[attack_key(a)])
     return out
 
 
@@ -346,10 +348,14 @@ def trained_with(record: Dict[str, Any]) -> str:
 
 def metric_value(record: Dict[str, Any], metric: Optional[str]) -> Optional[float]:
     """``clean``, ``robust`` (worst case), ``robust@<norm>`` (worst case, only for a record of that threat),
-    ``robust_mean``, or an attack key (its own accuracy in an independent suite); None when the record does not
-    measure it."""
+    ``robust_mean``, an attack key or label (its own accuracy in an independent suite), or ``min:a,b,...`` (the
+    lowest of those the record measures: an attack exact or under BPDA, or a table's Worst column); None when the
+    record does not measure it."""
     if metric is None:
         return None
+    if metric.startswith("min:"):
+        values = [v for v in (metric_value(record, m) for m in metric[4:].split(",")) if v is not None]
+        return min(values) if values else None
     if metric.startswith("robust@"):
         return record["robust"]["accuracy"] if record["threat"]["norm"] == metric.split("@", 1)[1] else None
     if metric in ("clean", "robust"):

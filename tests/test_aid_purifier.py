@@ -102,3 +102,13 @@ def test_a_few_avmixup_steps_lower_the_discriminator_loss():
     first = sum(trainer.step(x, y)["loss"] for _ in range(3)) / 3
     last = [trainer.step(x, y)["loss"] for _ in range(40)]
     assert sum(last[-3:]) / 3 < first
+
+
+def test_purification_runs_under_inference_mode_as_the_runner_calls_it():
+    _, purify = _purifier()
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = purify(x)
+    with torch.inference_mode():
+        got = purify(x)
+    assert torch.equal(got, expected)
