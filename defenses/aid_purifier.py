@@ -152,7 +152,8 @@ from pathlib import Path  # noqa: E402
 
 from bench.classifiers.base import load_state_dict  # noqa: E402
 from bench.training import sha256_file  # noqa: E402
-from defenses.base import SHIPPED_DIR, Defense, checkpoint_display, register_defense, resolve_checkpoint  # noqa: E402
+from defenses.base import (  # noqa: E402
+    SHIPPED_DIR, Defense, checkpoint_display, manifest_training, register_defense, resolve_checkpoint)
 
 WEIGHTS_FILE = "discriminator.weights.pt"
 
@@ -203,7 +204,8 @@ class AIDPurifier(Defense):
     def config(self) -> Dict[str, Any]:
         shown = checkpoint_display(self.checkpoint_path, self.checkpoint_source)
         return {**self.purifier.config(), "discriminator": self.purifier.discriminator.config(), "checkpoint": shown,
-                "checkpoint_source": self.checkpoint_source, "checkpoint_sha256": self.checkpoint_sha256}
+                "checkpoint_source": self.checkpoint_source, "checkpoint_sha256": self.checkpoint_sha256,
+                "training": manifest_training(self.checkpoint_path)}
 
 
 @register_defense("aid-purifier-unrolled")

@@ -165,3 +165,19 @@ def checkpoint_display(path: Optional[Path], source: str) -> Optional[str]:
     if path is None:
         return None
     return path.relative_to(SHIPPED_DIR.parent.parent).as_posix() if source == "shipped" else str(path)
+
+
+def manifest_training(weights: Optional[Path]) -> Dict[str, Any]:
+    """What the ``bench train`` manifest beside a ``<name>.weights.pt`` says about its training (settings, epochs,
+    the last epoch's logged values), for records; empty when there is no manifest."""
+    if weights is None:
+        return {}
+    manifest = weights.with_name(weights.name.replace(".weights.pt", ".manifest.json"))
+    if not manifest.is_file():
+        return {}
+    import json
+
+    data = json.loads(manifest.read_text())
+    config, history = data.get("config", {}), data.get("history", [])
+    return {"settings": config.get("settings"), "train_size": config.get("train_size"),
+            "classifier": config.get("classifier"), "epochs_done": len(history), "last_epoch": history[-1] if history else None}

@@ -173,7 +173,8 @@ from pathlib import Path  # noqa: E402
 
 from bench.classifiers.base import load_state_dict  # noqa: E402
 from bench.training import sha256_file  # noqa: E402
-from defenses.base import SHIPPED_DIR, Defense, checkpoint_display, register_defense, resolve_checkpoint  # noqa: E402
+from defenses.base import (  # noqa: E402
+    SHIPPED_DIR, Defense, checkpoint_display, manifest_training, register_defense, resolve_checkpoint)
 
 WEIGHTS_FILE = "pixelcnn.weights.pt"
 
@@ -218,4 +219,4 @@ class PixelDefend(Defense):
     def config(self) -> Dict[str, Any]:
         return {**self.purifier.config(), "checkpoint": checkpoint_display(self.checkpoint_path, self.checkpoint_source),
                 "checkpoint_source": self.checkpoint_source, "checkpoint_sha256": self.checkpoint_sha256,
-                "test_bits_per_dim": self.test_bits_per_dim}
+                "test_bits_per_dim": self.test_bits_per_dim, "training": manifest_training(self.checkpoint_path)}
