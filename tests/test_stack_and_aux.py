@@ -95,3 +95,29 @@ def test_aux_aware_trades_the_classifier_loss_for_a_clean_looking_example():
     assert (looks_clean - x).abs().max() <= 16 / 255 + 1e-6
     with pytest.raises(BenchError, match="auxiliary"):
         AuxiliaryAware(threat).perturb(build_defense("none", TinyNet()), x, y)
+
+
+def test_the_table3_suite_has_each_attack_white_box_bpda_and_oblivious():
+    from attacks.suite import load_suite
+
+    suite = load_suite("aid-table3", "linf", "cpu")
+    labels = [label for label, _ in suite.build(suite.threat, stochastic=False, differentiable=False)]
+    for attack in ("pgd-10", "cw-10", "deepfool-10", "mim-10"):
+        assert {attack, f"{attack}+bpda", f"oblivious-{attack}"} <= set(labels)
+    assert suite.independent and suite.threat.eps == pytest.approx(8 / 255)
+    exact = [label for label, _ in suite.build(suite.threat, stochastic=False, differentiable=True)]
+    assert not any(label.endswith("+bpda") for label in exact)
+
+
+def test_board_metrics_read_labels_and_take_the_lowest_of_several():
+    from leaderboards.render import metric_value
+
+    def entry(label, attack, accuracy):
+        return {"label": label, "attack": attack, "params": {"steps": 10}, "robust_alone": {"accuracy": accuracy}}
+
+    record = {"clean": {"accuracy": 0.8}, "attacks": [entry("pgd-10", "pgd", 0.5), entry("pgd-10+bpda", "pgd", 0.3),
+                                                       entry("oblivious-pgd-10", "transfer", 0.6)]}
+    assert metric_value(record, "oblivious-pgd-10") == 0.6
+    assert metric_value(record, "min:pgd-10,pgd-10+bpda") == 0.3
+    assert metric_value(record, "min:clean,pgd-10,mim-10") == 0.5  # attacks the record lacks are skipped
+    assert metric_value(record, "min:mim-10") is None
