@@ -40,7 +40,7 @@ def test_bits_per_dim(model: PixelCNN, images, device: torch.device, batch_size:
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(images), batch_size):
-        chunk = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).long().to(device)
+        chunk = torch.tensor(images[start:start + batch_size]).permute(0, 3, 1, 2).long().to(device)
         total += model.nll(chunk).item() * len(chunk)
         count += len(chunk)
     return bits_per_dim(total / count)

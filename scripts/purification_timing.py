@@ -47,7 +47,7 @@ def main() -> None:
     for name in args.defense:
         defense = build_defense(name, classifier).eval()
         for batch in args.batch or [1, 128]:
-            x = torch.from_numpy(test.images[:batch]).permute(0, 3, 1, 2).float().div(255).contiguous()
+            x = torch.tensor(test.images[:batch]).permute(0, 3, 1, 2).float().div(255).contiguous()
             seconds = purify_seconds(defense, x, args.repeats)
             rows.append({"defense": name, "classifier": args.classifier, "batch": batch, "seconds_per_batch": seconds,
                          "seconds_per_image": seconds / batch})
