@@ -159,7 +159,8 @@ def per_attack(record: Dict[str, Any], field_name: str) -> Dict[str, float]:
             continue
         value = a[field_name]
         out[attack_key(a)] = value["accuracy"] if isinstance(value, dict) else value
-        out.setdefault(a["label"], out[attack_key(a)])
+        if "label" in a:
+            out.setdefault(a["label"], out[attack_key(a)])
     return out
 
 
