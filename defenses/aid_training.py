@@ -6,9 +6,8 @@ u ~ U(0, 1) per example, x_hat = u x + (1 - u) x_AV, t_hat = 1 - u (clean 0, adv
 the BCE of D(h_low(x_hat), h_high(x_hat)) against t_hat. SGD lr 0.01, wd 2e-4, momentum 0.9, 1 epoch.
 Output: ``$BENCH_CHECKPOINT_DIR/aid-purifier/<classifier>/discriminator.{pt,manifest.json,weights.pt}``.
 
-WIP measurements (2026-11-24): on ResNet-20, 80 steps (2.5 s each on 2 cores) reach 97.7% clean-vs-PGD separation
-(p_adv 0.23 clean, 0.73 PGD); on ResNet-4b, 60 steps stay at chance (its pooled last-stage features move only
-0.25 std under 8/255 PGD, against 2.2 std on ResNet-20).
+Measured (1 epoch on 50k images, docs/aid-purifier.md): on ResNet-20 D separates clean from PGD on 98.8% of held-out
+pairs; on the PGD-trained ResNet-4b it stays at chance (53.7%): its pooled features barely move under 8/255 PGD.
 """
 
 from __future__ import annotations
