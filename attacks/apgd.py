@@ -52,6 +52,7 @@ class APGD(Attack):
 
     def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x_out = x.clone()
+        done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         todo = torch.arange(x.shape[0], device=x.device)
         ranks = range(2, self.targets + 2) if self.targets else [None]
         clean_order = oracle.logits(x).argsort(dim=1, descending=True) if self.targets else None
@@ -61,8 +62,10 @@ class APGD(Attack):
                     return x_out
                 target = clean_order[todo, rank - 1] if rank is not None else None
                 x_adv, fooled = self._once(oracle, x[todo], y[todo], target)
-                x_out[todo] = x_adv
-                todo = todo[~fooled]
+                update = ~done[todo]  # a point fooled by an earlier run keeps that example
+                x_out[todo[update]] = x_adv[update]
+                done[todo[fooled]] = True
+                todo = todo[~fooled] if self.early_stop else todo
         return x_out
 
     def _loss_fn(self, target: Optional[torch.Tensor]) -> Callable:
@@ -84,18 +87,19 @@ class APGD(Attack):
             "loss_max_check": loss, "step": torch.full((n,), 2 * self.threat.eps, device=x.device),
             "increases": torch.zeros(n, device=x.device), "reduced": torch.zeros(n, dtype=torch.bool, device=x.device),
         }
-        s = _keep(s, _record(x_out, fooled, s["idx"], x_adv, logits, y))
+        s = _keep(s, _record(x_out, fooled, s["idx"], x_adv, logits, y, self.early_stop))
         last_check = 0
         for k in range(self.steps):
             if s["idx"].numel() == 0:
                 break
             logits = self._step(oracle, s, loss_fn, momentum=0.0 if k == 0 else 0.25)
-            keep = _record(x_out, fooled, s["idx"], s["x_adv"], logits, s["y"])
+            keep = _record(x_out, fooled, s["idx"], s["x_adv"], logits, s["y"], self.early_stop)
             if k + 1 in self._checks:
                 self._adapt(s, k + 1 - last_check)
                 last_check = k + 1
             s = _keep(s, keep)
-        x_out[s["idx"]] = s["x_max"]  # unbroken points return their highest-loss iterate
+        rest = ~fooled[s["idx"]]
+        x_out[s["idx"][rest]] = s["x_max"][rest]  # unbroken points return their highest-loss iterate
         return x_out, fooled
 
     def _step(self, oracle: Oracle, s: Dict[str, torch.Tensor], loss_fn: Callable, momentum: float) -> torch.Tensor:
@@ -124,12 +128,13 @@ class APGD(Attack):
         s["increases"] = torch.zeros_like(s["increases"])
 
 
-def _record(x_out, fooled, idx, x_adv, logits, y) -> torch.Tensor:
-    """Store misclassified iterates; return the mask of points still to attack."""
+def _record(x_out, fooled, idx, x_adv, logits, y, early_stop: bool = True) -> torch.Tensor:
+    """Store first misclassified iterates; return the mask of points still to attack (all without early stop)."""
     hit = logits.argmax(1) != y
-    x_out[idx[hit]] = x_adv[hit]
+    new = hit & ~fooled[idx]
+    x_out[idx[new]] = x_adv[new]
     fooled[idx[hit]] = True
-    return ~hit
+    return ~hit if early_stop else torch.ones_like(hit)
 
 
 def _keep(s: Dict[str, torch.Tensor], keep: torch.Tensor) -> Dict[str, torch.Tensor]:

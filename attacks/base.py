@@ -187,6 +187,10 @@ class Attack:
     uses_gradients: ClassVar[bool] = True
     #: The threat norms the attack can work in.
     norms: ClassVar[Tuple[str, ...]] = PIXEL_NORMS
+    #: Attacks with early stop (PGD and its kin, APGD) drop a point once it is misclassified. False keeps
+    #: attacking it (the first misclassified iterate is still what the attack returns): ``bench perf`` uses it
+    #: to measure what early stop saves; evaluations never turn it off.
+    early_stop: bool = True
 
     def __init__(self, threat: Threat) -> None:
         if threat.norm not in self.norms:

@@ -69,13 +69,16 @@ class PGD(Attack):
 
     def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x_best = x.clone()
+        done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         todo = torch.arange(x.shape[0], device=x.device)
         for _ in range(self.restarts):
             if todo.numel() == 0:
                 break
             x_adv, fooled = self._single(oracle, x[todo], y[todo])
-            x_best[todo] = x_adv
-            todo = todo[~fooled]
+            update = ~done[todo]  # a point fooled by an earlier restart keeps that example
+            x_best[todo[update]] = x_adv[update]
+            done[todo[fooled]] = True
+            todo = todo[~fooled] if self.early_stop else todo
         return x_best
 
     def _single(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor):
@@ -100,13 +103,14 @@ class PGD(Attack):
         """The ascent direction from this step's gradient (and per-point memory); PGD uses the gradient."""
         return grad, memory
 
-    @staticmethod
-    def _record(x_out, fooled, active, x_adv, logits, y) -> torch.Tensor:
-        """Store the current iterates, mark the misclassified ones; return the mask of points to keep."""
+    def _record(self, x_out, fooled, active, x_adv, logits, y) -> torch.Tensor:
+        """Store the current iterates of points not yet fooled, mark the misclassified ones; return the mask of
+        points to keep attacking (all of them without early stop)."""
         hit = logits.argmax(1) != y[active]
-        x_out[active] = x_adv
+        store = ~fooled[active]  # a fooled point keeps its first adversarial iterate
+        x_out[active[store]] = x_adv[store]
         fooled[active[hit]] = True
-        return ~hit
+        return ~hit if self.early_stop else torch.ones_like(hit)
 
 
 @register_attack("cw-linf")

@@ -99,6 +99,19 @@ def _parser() -> argparse.ArgumentParser:
     aud.add_argument("--seed", type=int, default=0)
     aud.add_argument("--device", default="auto")
     aud.add_argument("--defense-option", action="append", default=[], metavar="KEY=VALUE")
+    perf = sub.add_parser("perf", help="measure attack efficiency against raw passes, reference implementations, EOT batching and early stop")
+    perf.add_argument("--defense", default="none")
+    perf.add_argument("--classifier", default="resnet20")
+    perf.add_argument("--dataset", default="cifar10-jpeg")
+    perf.add_argument("--n", type=int, default=128, help="images of the fixed subset, attacked as one batch (default 128)")
+    perf.add_argument("--eps", type=parse_eps, default=8 / 255)
+    perf.add_argument("--steps", type=int, default=20, help="steps of PGD and APGD-CE (default 20)")
+    perf.add_argument("--suite", default="linf", help="suite for the early-stop comparison ('' skips it)")
+    perf.add_argument("--budget", default="cpu")
+    perf.add_argument("--seed", type=int, default=0)
+    perf.add_argument("--device", default="auto")
+    perf.add_argument("--defense-option", action="append", default=[], metavar="KEY=VALUE")
+    perf.add_argument("--out", type=Path, default=None, help="write the measurements as JSON here")
     sub.add_parser("leaderboard", help="regenerate every board and paper table under leaderboards/ from the committed records")
     chk = sub.add_parser("check", help="regression checks: records valid, markdown not stale, chosen entries rerun and compared")
     chk.add_argument("--board", action="append", default=[], metavar="NAME",
@@ -233,6 +246,32 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"checkpoints and manifests: {folder}")
 
 
+def cmd_perf(args: argparse.Namespace) -> None:
+    import json
+
+    import torch
+
+    from bench.classifiers import load_classifier
+    from bench.perf import format_report, run_perf
+    from bench.record import environment, write_json_atomic
+    from bench.runner import resolve_device
+    from bench.subset import load_subset
+    from defenses.base import build_defense
+
+    device = resolve_device(args.device)
+    subset = load_subset(args.dataset, args.n, args.seed)
+    classifier = load_classifier(args.classifier, device)
+    model = build_defense(args.defense, classifier, **parse_options(args.defense_option)).to(device).eval()
+    report = run_perf(model, subset, device, eps=args.eps, steps=args.steps, suite=args.suite or None, budget=args.budget,
+                      eot_model=classifier, seed=args.seed)
+    report.update(defense=args.defense, classifier=args.classifier, dataset=args.dataset, n=args.n,
+                  threads=torch.get_num_threads(), environment=environment())
+    print(format_report(report))
+    if args.out:
+        write_json_atomic(args.out, json.loads(json.dumps(report, default=str)))
+        print(f"measurements: {args.out}")
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     """Print the verdict; exit code 1 when the defense is flagged unreliable."""
     from bench.runner import RunConfig, audit
@@ -294,6 +333,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cmd_leaderboard()
         elif args.command == "check":
             return cmd_check(args)
+        elif args.command == "perf":
+            cmd_perf(args)
         else:
             cmd_run(args)
     except BenchError as exc:

@@ -1,0 +1,66 @@
+"""bench perf: attack efficiency, the reference comparisons, EOT chunking and early stop."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from attacks.adaptive import EOTOracle
+from attacks.apgd import APGDCE
+from attacks.base import CountingModule, Oracle, PassCounter, Threat
+from attacks.gradient import PGD
+from attacks.losses import ce
+from bench.perf import format_report, run_perf
+from bench.subset import Subset
+from tests.helpers import TinyNet
+
+
+def _data(n=24, seed=0):
+    torch.manual_seed(seed)
+    return torch.rand(n, 3, 8, 8), torch.randint(0, 10, (n,))
+
+
+def test_without_early_stop_attacks_keep_going_but_return_the_same_verdicts():
+    net = TinyNet().eval()
+    x, y = _data()
+    threat = Threat("linf", 16 / 255)
+    for cls, kwargs in ((PGD, {"steps": 5, "restarts": 2}), (APGDCE, {"steps": 5, "restarts": 2})):
+        results = {}
+        for early in (True, False):
+            attack = cls(threat, **kwargs)
+            attack.early_stop = early
+            counting = CountingModule(net, PassCounter())
+            torch.manual_seed(0)
+            x_adv = attack.perturb(counting, x, y)
+            with torch.no_grad():
+                fooled = net(x_adv).argmax(1) != y
+            results[early] = (fooled, counting.counter.backward_images)
+            assert (x_adv - x).abs().max() <= 16 / 255 + 1e-6
+        assert results[True][0].any()
+        # the points early stop drops are fooled either way; without it the attack spends more passes
+        assert torch.equal(results[True][0] & results[False][0], results[True][0])
+        assert results[False][1] > results[True][1]
+
+
+def test_eot_chunking_averages_exactly_like_a_loop():
+    net = TinyNet().eval()
+    x, y = _data(6)
+    grads = [EOTOracle(net, 20, chunk).loss_grad(x, y, ce)[1] for chunk in (6, 120, 48)]  # loop, all at once, ours
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and torch.allclose(grads[0], grads[2], atol=1e-6)
+    _, single, _ = Oracle(net).loss_grad(x, y, ce)
+    assert torch.allclose(grads[0], single, atol=1e-6)  # a deterministic model: the mean is the one gradient
+
+
+def test_run_perf_reports_every_part(monkeypatch):
+    net = TinyNet().eval()
+    x, y = _data(16)
+    subset = Subset("toy", "test", 16, 0, np.arange(16), x, y, 10, "0" * 64, "0" * 64)
+    report = run_perf(net, subset, torch.device("cpu"), eps=8 / 255, steps=3, batch_sizes=(1, 8), budget="smoke")
+    assert [a["attack"] for a in report["attacks"]] == ["pgd-3", "apgd-ce-3"]
+    for a in report["attacks"]:
+        assert a["backward_images"] > 0 and a["efficiency"] > 0
+    assert {r["reference"] for r in report["reference"]} == {"textbook PGD loop", "pyautoattack APGDAttack"}
+    assert [r["batch"] for r in report["eot"]] == [1, 8]
+    early = report["early_stop"]
+    assert early["early_stop"]["robust_accuracy"] == early["no_early_stop"]["robust_accuracy"]
+    assert "efficiency" in format_report(report)
