@@ -224,6 +224,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         download=args.download, defense_options=parse_options(args.defense_option),
     )
     record, path = run(config)
+    if path is None:  # a torchrun rank other than 0
+        return
     print(format_result(record))
     print(f"record: {path}")
 

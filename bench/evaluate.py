@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from attacks.base import Attack, CountingModule, PassCounter, Threat
+from bench.distributed import mine, share
 from bench.errors import BenchError
 from bench.record import write_json_atomic
 from bench.stats import accuracy_summary
@@ -111,7 +112,11 @@ def _clean_pass(
     """The clean prediction (first draw) of every image, and how many of ``draws`` forward passes were right."""
     preds = np.empty(subset.n, dtype=np.int64)
     correct = np.zeros(subset.n, dtype=np.int64)
-    for b, pos in enumerate(_batches(np.arange(subset.n), batch_size)):
+    batches = _batches(np.arange(subset.n), batch_size)
+    done: Dict[int, Dict[str, Any]] = {}
+    for b, pos in enumerate(batches):
+        if not mine(b):  # another process of a torchrun run has this batch
+            continue
         saved = state.load(f"clean-{b}")
         if saved is None:
             torch.manual_seed(derived_seed(seed, "clean", b))
@@ -124,8 +129,11 @@ def _clean_pass(
                     right += model(x).argmax(1) == y
             saved = {"positions": pos.tolist(), "pred": logits.argmax(1).cpu().tolist(), "correct": right.cpu().tolist()}
             state.save(f"clean-{b}", saved)
-        preds[pos] = saved["pred"]
-        correct[pos] = saved["correct"]
+        done[b] = saved
+    done = share(done)
+    for b, pos in enumerate(batches):
+        preds[pos] = done[b]["pred"]
+        correct[pos] = done[b]["correct"]
     return preds, correct
 
 
@@ -192,8 +200,12 @@ def run_attacks(
         positions = np.flatnonzero(result.clean_correct if independent else robust)
         total = {"forward": 0, "backward": 0, "forward_images": 0, "backward_images": 0, "seconds": 0.0}
         broken, correct_draws = 0, 0
-        bar = tqdm(_batches(positions, batch_size), desc=label, unit="batch", disable=not progress_enabled(), leave=False)
-        for b, pos in enumerate(bar):
+        batches = _batches(positions, batch_size)
+        done: Dict[int, Dict[str, Any]] = {}
+        bar = tqdm(list(enumerate(batches)), desc=label, unit="batch", disable=not progress_enabled(), leave=False)
+        for b, pos in bar:
+            if not mine(b):  # another process of a torchrun run has this batch
+                continue
             key = f"{stage}{k}-{b}"
             saved = state.load(key)
             if saved is None or saved["positions"] != pos.tolist():
@@ -202,6 +214,10 @@ def run_attacks(
                                                       subset.y[pos].to(device), threat, draws)
                 saved = {"positions": pos.tolist(), "fooled": fooled.tolist(), "correct": correct.tolist(), "cost": cost}
                 state.save(key, saved)
+            done[b] = saved
+        done = share(done)  # every rank folds in every batch, in the single-process order
+        for b, pos in enumerate(batches):
+            saved = done[b]
             for p, hit, right in zip(pos, saved["fooled"], saved["correct"]):
                 draws_right[p] = min(draws_right[p], right)
                 if hit:

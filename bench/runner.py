@@ -26,6 +26,7 @@ from bench.classifiers import load_classifier
 from bench.errors import BenchError
 from bench.evaluate import BatchState, evaluate, run_attacks
 from bench.integrity import run_checks
+from bench.distributed import barrier, init_from_env, is_main, world
 from bench.record import SCHEMA_VERSION, environment, to_json_data, write_record
 from bench.stats import accuracy_summary
 from bench.subset import load_subset
@@ -99,13 +100,17 @@ def record_filename(record: Dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]", "-", "_".join(parts)) + ".json"
 
 
-def run(config: RunConfig) -> Tuple[Dict[str, Any], Path]:
-    """Evaluate ``config``; return the record and the path it was written to."""
+def run(config: RunConfig) -> Tuple[Dict[str, Any], Optional[Path]]:
+    """Evaluate ``config``; return the record and the path it was written to (None on a torchrun rank other
+    than 0, which writes nothing)."""
     if config.batch_size < 1:
         raise BenchError(f"--batch-size must be >= 1, got {config.batch_size}")
     if config.headline not in ("worst", "mean", "majority"):
         raise BenchError(f"--headline must be worst, mean or majority, got {config.headline!r}")
     device, suite, threat, subset, defense = _resolve(config)
+    if init_from_env(device):  # launched by torchrun: this process runs its share of every stage's batches
+        rank, size = world()
+        log.info("torchrun: rank %d of %d", rank, size)
     return evaluate_defense(defense, subset, suite, threat, config, device)
 
 
@@ -216,6 +221,9 @@ def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: Ru
                    "seconds": time.perf_counter() - t0},
     }
     record = to_json_data(record)
+    barrier()  # every rank is done with the state folder before rank 0 removes it
+    if not is_main():  # a torchrun rank other than 0: rank 0 writes the one record
+        return record, None
     path = write_record(Path(config.out) / record_filename(record), record)
     shutil.rmtree(state_dir, ignore_errors=True)
     return record, path

@@ -1,0 +1,40 @@
+"""A run sharded over two processes by torchrun (gloo) writes the record a single-process run writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+PLUGIN = str(Path(__file__).with_name("plugin_examples.py"))
+ARGS = ["--plugin", PLUGIN, "run", "--defense", "plugin-blur", "--classifier", "tiny", "--dataset", "tiny-test",
+        "--budget", "smoke", "--n", "20", "--batch-size", "4"]
+
+
+def _comparable(record):
+    record = json.loads(json.dumps(record))
+    for key in ("timing", "environment"):
+        record.pop(key)
+    record["checks"].pop("seconds", None)
+    for attack in record["attacks"]:
+        attack["cost"].pop("seconds")
+    return record
+
+
+def test_two_torchrun_processes_write_the_single_process_record(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    subprocess.run([sys.executable, "-m", "bench", *ARGS, "--out", str(single)], cwd=REPO, env=env, check=True,
+                   capture_output=True, timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "bench", "--"]
+    done = subprocess.run([*torchrun, *ARGS, "--out", str(sharded)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("record: ") == 1  # rank 0 alone reports and writes
+    (a,), (b,) = list(single.glob("*.json")), list(sharded.glob("*.json"))
+    assert a.name == b.name  # the same run id
+    assert _comparable(json.loads(a.read_text())) == _comparable(json.loads(b.read_text()))
