@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -56,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=128)
     run.add_argument("--download", action="store_true", help="let datasets that can be downloaded fetch themselves")
     run.add_argument("--out", type=Path, default=Path("runs"))
+    run.add_argument("--launcher", choices=("none", "torchrun"), default="none",
+                     help="torchrun: run this evaluation over --nproc-per-node processes on this machine (one record)")
+    run.add_argument("--nproc-per-node", type=int, default=2, help="processes for --launcher torchrun (default 2)")
     run.add_argument("--defense-option", action="append", default=[], metavar="KEY=VALUE",
                      help="pass an option to the defense, e.g. checkpoint=path/to/finetune.pt (repeatable)")
     run.add_argument("--plugin", action="append", default=[], metavar="FILE", dest="run_plugins")
@@ -317,9 +321,32 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def launch_torchrun(argv: Sequence[str], processes: int) -> int:
+    """``bench run --launcher torchrun``: the same command under ``torchrun --nproc-per-node K`` (its own
+    options dropped), which runs one evaluation sharded over K processes (``bench/distributed.py``)."""
+    import subprocess
+
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--launcher", "--nproc-per-node"):
+            skip = True
+        elif not arg.startswith(("--launcher=", "--nproc-per-node=")):
+            rest.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "-m", "bench", "--", *rest]
+    return subprocess.run(command).returncode
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
+    if args.command == "run" and args.launcher == "torchrun" and "WORLD_SIZE" not in os.environ:
+        if args.nproc_per_node < 1:
+            print("error: --nproc-per-node must be >= 1", file=sys.stderr)
+            return 2
+        return launch_torchrun(argv, args.nproc_per_node)
     try:
         from bench.plugins import load_plugin
 

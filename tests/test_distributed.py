@@ -38,3 +38,12 @@ def test_two_torchrun_processes_write_the_single_process_record(tmp_path):
     (a,), (b,) = list(single.glob("*.json")), list(sharded.glob("*.json"))
     assert a.name == b.name  # the same run id
     assert _comparable(json.loads(a.read_text())) == _comparable(json.loads(b.read_text()))
+
+
+def test_the_launcher_flag_runs_the_same_command_under_torchrun(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "bench", *ARGS, "--launcher", "torchrun", "--nproc-per-node", "2",
+                           "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("record: ") == 1 and len(list(tmp_path.glob("*.json"))) == 1
+    assert "rank 1 of 2" in done.stderr
