@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Dict
 
 import torch
+import torch.nn.functional as F
 
 from attacks.base import Attack, Oracle, Threat, register_attack
 from attacks.losses import LOSSES
@@ -121,3 +122,15 @@ class CWLinf(PGD):
     def __init__(self, threat: Threat, steps: int = 100, step_size: float | None = None, random_start: bool = True,
                  restarts: int = 1) -> None:
         super().__init__(threat, steps, step_size, "margin", random_start, restarts)
+
+
+def plain_pgd(model, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float, steps: int) -> torch.Tensor:
+    """linf PGD on the cross-entropy as it is usually written (Madry et al.): uniform random start, sign steps,
+    projection, every step on every point (no early stop, no pass counting). AID-Purifier's training uses it to
+    craft examples; ``bench perf`` times it as the textbook reference for ``PGD``."""
+    x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(x_adv), y), x_adv)
+        x_adv = torch.min(torch.max(x_adv.detach() + step_size * grad.sign(), x - eps), x + eps).clamp(0, 1)
+    return x_adv.detach()

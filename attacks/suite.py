@@ -137,19 +137,8 @@ def _parse_spec(item: Dict[str, Any], origin: str) -> AttackSpec:
     stages = tuple(item.get("bpda", ()))
     if set(stages) - set(STAGES):
         raise BenchError(f"suite {origin}: bpda stages must be among {list(STAGES)}, got {list(stages)}")
-    params = tuple(sorted((key, _freeze(value)) for key, value in item.get("params", {}).items()))
+    params = tuple(sorted(item.get("params", {}).items()))
     return AttackSpec(item["attack"], params, stages, str(item.get("label", "")))
-
-
-class _FrozenDict(dict):
-    """A dict parameter (e.g. a transfer attack's inner attack settings) that can sit in a frozen spec."""
-
-    def __hash__(self) -> int:  # type: ignore[override]
-        return hash(json.dumps(self, sort_keys=True))
-
-
-def _freeze(value: Any) -> Any:
-    return _FrozenDict(value) if isinstance(value, dict) else value
 
 
 def parse_suite(data: Dict[str, Any], origin: str = "<dict>") -> Dict[str, Suite]:

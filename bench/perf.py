@@ -7,7 +7,7 @@ One process, one run, on a chosen defense (or bare classifier) and n images of t
 - **attacks**: each attack's measured time and counted passes (images per pass counted, since attacks shrink
   their batch as points break), and its **efficiency** = (forward images x raw forward time per image + backward
   images x raw backward time per image) / measured time: 1.0 means nothing is spent beyond the passes;
-- **reference**: our PGD against a textbook PGD loop (``textbook_pgd`` below: the loop everyone writes) and our
+- **reference**: our PGD against a textbook PGD loop (``attacks.gradient.plain_pgd``: the loop everyone writes) and our
   APGD-CE against pyautoattack's ``APGDAttack``, same model, images, steps and seed: time ratio and robust
   accuracy of each;
 - **eot**: an EOT-20 gradient as a Python loop of 20 passes, fully batched (20 draws along the batch) and through
@@ -31,6 +31,7 @@ from torch import nn
 
 from attacks.adaptive import EOTOracle, default_chunk_images
 from attacks.base import ATTACKS, CountingModule, PassCounter, Threat
+from attacks.gradient import plain_pgd
 from attacks.losses import ce
 
 
@@ -80,16 +81,6 @@ def measure_attack(model: nn.Module, make_attack: Callable[[], object], x: torch
             "efficiency": modelled / seconds if seconds else None}
 
 
-def textbook_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int) -> torch.Tensor:
-    """The PGD loop of Madry et al. as usually written: random start, sign steps, projection, no early stop."""
-    x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        (grad,) = torch.autograd.grad(F.cross_entropy(model(x_adv), y), x_adv)
-        x_adv = torch.min(torch.max(x_adv.detach() + step * grad.sign(), x - eps), x + eps).clamp(0, 1)
-    return x_adv.detach()
-
-
 def _robust(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
         return (model(x_adv).argmax(1) == y).float().mean().item()
@@ -107,7 +98,7 @@ def reference_comparison(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps
     t_ours = time.perf_counter() - start
     torch.manual_seed(seed)
     start = time.perf_counter()
-    ref = textbook_pgd(model, x, y, eps, ours_pgd.step_size, steps)
+    ref = plain_pgd(model, x, y, eps, ours_pgd.step_size, steps)
     t_ref = time.perf_counter() - start
     rows.append({"attack": f"pgd-{steps}", "reference": "textbook PGD loop", "ours_s": t_ours, "reference_s": t_ref,
                  "time_ratio": t_ours / t_ref, "ours_robust": _robust(model, adv, y), "reference_robust": _robust(model, ref, y)})

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
+from attacks.gradient import plain_pgd
 from bench.errors import BenchError
 from bench.training import TRAINERS
 from defenses.aid_purifier import AIDDiscriminator, TwoLayerTap, aid_checkpoint_folder, avmixup, discriminator_loss
@@ -42,12 +42,7 @@ class AIDSettings:
 
 def pgd_delta(classifier, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float, steps: int) -> torch.Tensor:
     """linf PGD on the classifier's cross-entropy, random start; returns x_adv - x."""
-    x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        (grad,) = torch.autograd.grad(F.cross_entropy(classifier(x_adv), y), x_adv)
-        x_adv = torch.min(torch.max(x_adv.detach() + step_size * grad.sign(), x - eps), x + eps).clamp(0, 1)
-    return (x_adv - x).detach()
+    return plain_pgd(classifier, x, y, eps, step_size, steps) - x
 
 
 class AIDTrainer:

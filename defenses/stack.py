@@ -103,15 +103,17 @@ def stack_class(name: str) -> type:
         raise BenchError(f"a stacked defense names two or more defenses joined by '{SEPARATOR}', got {name!r}")
     for member in members:
         DEFENSES.get(member)  # unknown members fail here, with the registry's message
-    cls = type(f"Stacked[{name}]", (StackedDefense,), {"members": members, "name": name})
-    return cls
+    return _stack_type(members)
+
+
+def _stack_type(members: Sequence[str]) -> type:
+    name = SEPARATOR.join(members)
+    return type(f"Stacked[{name}]", (StackedDefense,), {"members": tuple(members), "name": name})
 
 
 def register_stack(*members: str) -> type:
-    """Register the stack of ``members`` under its full name (``a+b``)."""
-    name = SEPARATOR.join(members)
-    cls = type(f"Stacked[{name}]", (StackedDefense,), {"members": tuple(members)})
-    return register_defense(name)(cls)
+    """Register the stack of ``members`` under its full name (``a+b``); members are looked up when it is built."""
+    return register_defense(SEPARATOR.join(members))(_stack_type(members))
 
 
 # The stacks of the AID-Purifier paper's Tables 3 and 10, and their adaptive (unrolled-gradient) forms.
