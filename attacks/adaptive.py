@@ -50,6 +50,10 @@ class EOTOracle(Oracle):
     def with_model(self, model: nn.Module) -> "EOTOracle":
         return EOTOracle(model, self.n, self.chunk_images)
 
+    @property
+    def single_draw(self) -> bool:
+        return self.n == 1 and super().single_draw
+
     def _chunks(self, batch: int):
         per_pass = max(1, min(self.n, self.chunk_images // max(batch, 1)))
         done = 0
@@ -126,6 +130,10 @@ class BPDAView(nn.Module):
     def __init__(self, model: nn.Module, stages: Tuple[str, ...] = ()) -> None:
         super().__init__()
         self.model, self.stages = model, tuple(stages)
+
+    @property
+    def stochastic(self) -> bool:
+        return bool(getattr(self.model, "stochastic", False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         forward = getattr(self.model, "bpda_forward", None)

@@ -163,6 +163,12 @@ class Oracle:
         """The same kind of oracle around another model (how wrappers compose)."""
         return Oracle(model)
 
+    @property
+    def single_draw(self) -> bool:
+        """True when each answer is one random draw of a stochastic model (no averaging): a point that one draw
+        misclassifies may be classified right by the next, so early stop must not trust it."""
+        return bool(getattr(self.model, "stochastic", False))
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.model(x)

@@ -16,6 +16,9 @@ One process, one run, on a chosen defense (or bare classifier) and n images of t
   point once it is misclassified) and without (every step of every attack on every clean-correct point), time
   and result.
 
+- **execution**: the raw pass times under each execution option (channels-last, bf16 autocast, ``torch.compile``),
+  and how far their logits are from the plain model's.
+
 Prints a table per part and writes everything as JSON (``--out``).
 """
 
@@ -77,44 +80,54 @@ def measure_attack(model: nn.Module, make_attack: Callable[[], object], x: torch
     seconds = statistics.median(r[0] for r in runs)
     _, passes, x_adv = runs[0]
     modelled = passes["forward_images"] * raw["forward_per_image"] + passes["backward_images"] * raw["backward_per_image"]
-    return {"seconds": seconds, **passes, "robust_accuracy": _robust(model, x_adv, y),
+    return {"seconds": seconds, **passes, "robust_accuracy": _robust(model, x_adv, y, seed),
             "efficiency": modelled / seconds if seconds else None}
 
 
-def _robust(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> float:
+#: Draws of a stochastic model per robust-accuracy reading: the mean over them (the expected accuracy of one
+#: forward pass), from the same random state for ours and the reference, so that equal examples read equal.
+ROBUST_DRAWS = 10
+
+
+def _robust(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, seed: int = 0) -> float:
+    draws = ROBUST_DRAWS if getattr(model, "stochastic", False) else 1
+    torch.manual_seed(seed + 1)
     with torch.no_grad():
-        return (model(x_adv).argmax(1) == y).float().mean().item()
+        return statistics.fmean((model(x_adv).argmax(1) == y).float().mean().item() for _ in range(draws))
+
+
+def _timed_from_seed(fn: Callable[[], torch.Tensor], seed: int):
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
 
 
 def reference_comparison(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
-                         seed: int = 0) -> List[Dict[str, Any]]:
-    """Ours against the reference implementations on the same model, images, steps and seed."""
-    threat = Threat("linf", eps)
-    rows = []
-    ours_pgd = ATTACKS.get("pgd")(threat, steps=steps)
-    torch.manual_seed(seed)
-    start = time.perf_counter()
-    adv = ours_pgd.perturb(model, x, y)
-    t_ours = time.perf_counter() - start
-    torch.manual_seed(seed)
-    start = time.perf_counter()
-    ref = plain_pgd(model, x, y, eps, ours_pgd.step_size, steps)
-    t_ref = time.perf_counter() - start
-    rows.append({"attack": f"pgd-{steps}", "reference": "textbook PGD loop", "ours_s": t_ours, "reference_s": t_ref,
-                 "time_ratio": t_ours / t_ref, "ours_robust": _robust(model, adv, y), "reference_robust": _robust(model, ref, y)})
-    ours_apgd = ATTACKS.get("apgd-ce")(threat, steps=steps, restarts=1)
-    torch.manual_seed(seed)
-    start = time.perf_counter()
-    adv = ours_apgd.perturb(model, x, y)
-    t_ours = time.perf_counter() - start
+                         seed: int = 0, repeats: int = 3) -> List[Dict[str, Any]]:
+    """Ours against the reference implementations on the same model, images, steps and seed: the median time of
+    ``repeats`` runs each, ours and the reference alternating so that both see the same machine."""
     from pyautoattack.autopgd_base import APGDAttack
 
-    reference = APGDAttack(model, n_iter=steps, norm="Linf", n_restarts=1, eps=eps, seed=seed, loss="ce", device=x.device)
-    start = time.perf_counter()
-    ref = reference.perturb(x.contiguous(), y)
-    t_ref = time.perf_counter() - start
-    rows.append({"attack": f"apgd-ce-{steps}", "reference": "pyautoattack APGDAttack", "ours_s": t_ours, "reference_s": t_ref,
-                 "time_ratio": t_ours / t_ref, "ours_robust": _robust(model, adv, y), "reference_robust": _robust(model, ref, y)})
+    threat = Threat("linf", eps)
+    ours_pgd = ATTACKS.get("pgd")(threat, steps=steps)
+    ours_apgd = ATTACKS.get("apgd-ce")(threat, steps=steps, restarts=1)
+    pairs = [
+        (f"pgd-{steps}", "textbook PGD loop", lambda: ours_pgd.perturb(model, x, y),
+         lambda: plain_pgd(model, x, y, eps, ours_pgd.step_size, steps, start=threat.random_start)),
+        (f"apgd-ce-{steps}", "pyautoattack APGDAttack", lambda: ours_apgd.perturb(model, x, y),
+         lambda: APGDAttack(model, n_iter=steps, norm="Linf", n_restarts=1, eps=eps, seed=seed, loss="ce",
+                            device=x.device).perturb(x.contiguous(), y)),
+    ]
+    rows = []
+    for attack, reference, ours, ref in pairs:
+        runs = [(_timed_from_seed(ours, seed), _timed_from_seed(ref, seed)) for _ in range(repeats)]
+        t_ours = statistics.median(o[0] for o, _ in runs)
+        t_ref = statistics.median(r[0] for _, r in runs)
+        (_, adv), (_, ref_adv) = runs[0]
+        rows.append({"attack": attack, "reference": reference, "ours_s": t_ours, "reference_s": t_ref,
+                     "time_ratio": t_ours / t_ref, "repeats": repeats, "ours_robust": _robust(model, adv, y, seed),
+                     "reference_robust": _robust(model, ref_adv, y, seed)})
     return rows
 
 
@@ -149,11 +162,41 @@ def eot_comparison(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: in
     return rows
 
 
+#: The execution options ``bench perf`` times (bench/execution.py), by the name its table prints.
+EXECUTION_OPTIONS = {"channels_last": {"channels_last": True}, "autocast bf16": {"autocast": "bf16"},
+                     "compile": {"compile": True}}
+
+
+def execution_comparison(model: nn.Module, x: torch.Tensor, y: torch.Tensor, options: Sequence[str] = tuple(EXECUTION_OPTIONS),
+                         repeats: int = 5) -> List[Dict[str, Any]]:
+    """Raw pass times of the pipeline plain and under each execution option (each on its own copy of the model,
+    so that no option changes the next one's weights), and how far its logits are from the plain ones."""
+    import copy
+
+    from bench.execution import Executed, Execution
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        plain_logits = model(x)
+    rows = [{"option": "plain", **raw_pass_times(model, x, y, repeats), "max_logit_diff": 0.0}]
+    for name in options:
+        wrapped = Executed(copy.deepcopy(model), Execution(**EXECUTION_OPTIONS[name]))
+        times = raw_pass_times(wrapped, x, y, repeats)  # its warm-up call also compiles
+        torch.manual_seed(0)
+        with torch.no_grad():
+            diff = (wrapped(x) - plain_logits).abs().max().item()
+        rows.append({"option": name, **times, "max_logit_diff": diff})
+    base = rows[0]["forward_backward_s"]
+    for row in rows:
+        row["vs_plain"] = row["forward_backward_s"] / base
+    return rows
+
+
 def early_stop_comparison(model: nn.Module, subset, suite_name: str, budget: str, device, seed: int = 0) -> Dict[str, Any]:
     """One suite with early stop (across attacks and within each) and without (every step of every attack on every
     clean-correct point): seconds and robust accuracy of each."""
     from attacks.suite import load_suite
-    from bench.evaluate import evaluate
+    from bench.evaluation import evaluate
 
     suite = load_suite(suite_name, "linf", budget)
     out: Dict[str, Any] = {"suite": f"{suite.name} v{suite.version} ({budget})", "n": subset.n}
@@ -170,7 +213,8 @@ def early_stop_comparison(model: nn.Module, subset, suite_name: str, budget: str
 
 def run_perf(model: nn.Module, subset, device, eps: float = 8 / 255, steps: int = 20, attacks: Sequence[str] = ("pgd", "apgd-ce"),
              batch_sizes: Sequence[int] = (1, 8, 32, 128), suite: Optional[str] = "linf", budget: str = "cpu",
-             eot_model: Optional[nn.Module] = None, seed: int = 0) -> Dict[str, Any]:
+             eot_model: Optional[nn.Module] = None, seed: int = 0,
+             execution_options: Sequence[str] = tuple(EXECUTION_OPTIONS)) -> Dict[str, Any]:
     """Every part of ``bench perf`` on ``model`` and the images of ``subset`` (the batch is the whole subset)."""
     x, y = subset.x.to(device).contiguous(), subset.y.to(device)
     torch.manual_seed(seed)
@@ -184,6 +228,8 @@ def run_perf(model: nn.Module, subset, device, eps: float = 8 / 255, steps: int 
     report["eot"] = eot_comparison(eot_model if eot_model is not None else model, x, y, batch_sizes=[b for b in batch_sizes if b <= len(x)])
     if suite:
         report["early_stop"] = early_stop_comparison(model, subset, suite, budget, device, seed)
+    if execution_options:
+        report["execution"] = execution_comparison(model, x, y, execution_options)
     return report
 
 
@@ -211,4 +257,8 @@ def format_report(report: Dict[str, Any]) -> str:
         lines += ["", f"early stop, suite {e['suite']}, n = {e['n']}: {e['early_stop']['seconds']:.1f} s "
                       f"(robust {100 * e['early_stop']['robust_accuracy']:.2f}%) vs {e['no_early_stop']['seconds']:.1f} s "
                       f"without (robust {100 * e['no_early_stop']['robust_accuracy']:.2f}%): cost ratio {e['cost_ratio']:.3f}"]
+    if "execution" in report:
+        lines += ["", tabulate([[r["option"], f"{r['forward_s']:.3f}", f"{r['forward_backward_s']:.3f}", f"{r['vs_plain']:.2f}",
+                                 f"{r['max_logit_diff']:.2g}"] for r in report["execution"]],
+                               ["execution", "forward s", "forward+backward s", "vs plain", "max |logit diff|"])]
     return "\n".join(lines)

@@ -105,6 +105,43 @@ def test_eot_passes_are_chunked(tiny_net, batch):
     assert attack.describe()["eot"] == 20
 
 
+class NoisyLogits(nn.Module):
+    """A declared-stochastic model whose every draw adds large noise to the logits: single draws are often wrong."""
+
+    stochastic = True
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.net(x)
+        return logits + 3 * logits.detach().std() * torch.randn_like(logits)
+
+
+def test_pgd_on_single_draws_of_a_stochastic_model_takes_every_step_and_returns_the_last_iterate(tiny_net, batch):
+    x, y = batch
+    steps, eps = 7, 0.03
+    counting = CountingModule(NoisyLogits(tiny_net))
+    attack = ATTACKS.get("pgd")(Threat("linf", eps), steps=steps, random_start=False)
+    torch.manual_seed(3)
+    x_adv = attack.perturb(counting, x, y)
+    # no early stop on a lucky draw: every step on every point, and the last iterate is returned
+    assert counting.counter.backward_images == steps * len(x)
+    assert counting.counter.forward_images == steps * len(x)  # no extra pass to judge the last iterate
+    torch.manual_seed(3)  # the textbook loop with the same draws
+    x_ref = x.clone()
+    for _ in range(steps):
+        xg = x_ref.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(ce(counting.model(xg), y).sum(), xg)
+        x_ref = torch.min(torch.max(x_ref + attack.step_size * grad.sign(), x - eps), x + eps).clamp(0, 1)
+    assert torch.allclose(x_adv, x_ref, atol=1e-6)
+    # EOT averages the draws, so its verdicts are trusted again; a deterministic model is unaffected
+    assert not EOTOracle(counting, 4, 64).single_draw and EOTOracle(counting, 1, 64).single_draw
+    assert not Oracle(CountingModule(tiny_net)).single_draw
+    assert BPDA(attack).make_oracle(counting).single_draw
+
+
 class Quantize(nn.Module):
     """A non-differentiable stage (zero gradient almost everywhere); BPDA surrogate: identity."""
 
@@ -374,7 +411,7 @@ class _WithSurrogate(Defense):
 
 def test_suite_uses_the_attacker_surrogate_for_gradients_only(tiny_net, batch):
     from attacks.suite import AttackSpec, Suite
-    from bench.evaluate import evaluate
+    from bench.evaluation import evaluate
     from bench.subset import Subset
     import numpy as np
 

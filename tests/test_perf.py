@@ -55,7 +55,8 @@ def test_run_perf_reports_every_part(monkeypatch):
     net = TinyNet().eval()
     x, y = _data(16)
     subset = Subset("toy", "test", 16, 0, np.arange(16), x, y, 10, "0" * 64, "0" * 64)
-    report = run_perf(net, subset, torch.device("cpu"), eps=8 / 255, steps=3, batch_sizes=(1, 8), budget="smoke")
+    report = run_perf(net, subset, torch.device("cpu"), eps=8 / 255, steps=3, batch_sizes=(1, 8), budget="smoke",
+                      execution_options=("channels_last", "autocast bf16"))
     assert [a["attack"] for a in report["attacks"]] == ["pgd-3", "apgd-ce-3"]
     for a in report["attacks"]:
         assert a["backward_images"] > 0 and a["efficiency"] > 0
@@ -63,4 +64,6 @@ def test_run_perf_reports_every_part(monkeypatch):
     assert [r["batch"] for r in report["eot"]] == [1, 8]
     early = report["early_stop"]
     assert early["early_stop"]["robust_accuracy"] == early["no_early_stop"]["robust_accuracy"]
-    assert "efficiency" in format_report(report)
+    assert "efficiency" in format_report(report) and "forward+backward s" in format_report(report)
+    assert [r["option"] for r in report["execution"]] == ["plain", "channels_last", "autocast bf16"]
+    assert report["execution"][1]["max_logit_diff"] < 1e-4 and report["execution"][2]["max_logit_diff"] < 0.1
