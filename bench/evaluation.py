@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
@@ -26,9 +27,12 @@ from tqdm.auto import tqdm
 from attacks.base import Attack, CountingModule, PassCounter, Threat
 from bench.distributed import mine, share
 from bench.errors import BenchError
+from bench.execution import split_on_oom
 from bench.record import write_json_atomic
 from bench.stats import accuracy_summary
 from bench.subset import Subset
+
+log = logging.getLogger(__name__)
 
 
 def derived_seed(seed: int, *parts: object) -> int:
@@ -36,8 +40,17 @@ def derived_seed(seed: int, *parts: object) -> int:
     return int.from_bytes(digest[:8], "little") % (2**63)
 
 
+def batch_seed(seed: int, batch: Tuple[object, ...], positions: np.ndarray, depth: int) -> int:
+    """The seed of one batch (``batch`` names its stage, attack and number), or of a part of it that an
+    out-of-memory split attacks on its own (``depth`` > 0: the part's first position and size are added)."""
+    if depth == 0:
+        return derived_seed(seed, *batch)
+    return derived_seed(seed, *batch, "split", int(positions[0]), len(positions))
+
+
 def progress_enabled() -> bool:
-    return sys.stderr.isatty() and not os.environ.get("CI")
+    """Progress bars only for a person watching: a terminal, not CI, and not ``-q``."""
+    return sys.stderr.isatty() and not os.environ.get("CI") and logging.getLogger("bench").isEnabledFor(logging.INFO)
 
 
 class BatchState:
@@ -119,15 +132,19 @@ def _clean_pass(
             continue
         saved = state.load(f"clean-{b}")
         if saved is None:
-            torch.manual_seed(derived_seed(seed, "clean", b))
-            x, y = subset.x[pos].to(device), subset.y[pos].to(device)
-            with torch.inference_mode():
-                logits = model(x)
-                check_logits(logits, len(pos), subset.num_classes, who)
-                right = (logits.argmax(1) == y).long()
-                for _ in range(draws - 1):
-                    right += model(x).argmax(1) == y
-            saved = {"positions": pos.tolist(), "pred": logits.argmax(1).cpu().tolist(), "correct": right.cpu().tolist()}
+
+            def classify(p: np.ndarray, depth: int, b: int = b) -> Dict[str, Any]:
+                torch.manual_seed(batch_seed(seed, ("clean", b), p, depth))
+                x, y = subset.x[p].to(device), subset.y[p].to(device)
+                with torch.inference_mode():
+                    logits = model(x)
+                    check_logits(logits, len(p), subset.num_classes, who)
+                    right = (logits.argmax(1) == y).long()
+                    for _ in range(draws - 1):
+                        right += model(x).argmax(1) == y
+                return {"positions": p.tolist(), "pred": logits.argmax(1).cpu().tolist(), "correct": right.cpu().tolist()}
+
+            saved = split_on_oom(classify, pos, device)
             state.save(f"clean-{b}", saved)
         done[b] = saved
     done = share(done)
@@ -199,7 +216,7 @@ def run_attacks(
     for k, (label, attack) in enumerate(plans):
         positions = np.flatnonzero(result.clean_correct if independent else robust)
         total = {"forward": 0, "backward": 0, "forward_images": 0, "backward_images": 0, "seconds": 0.0}
-        broken, correct_draws = 0, 0
+        broken, correct_draws, oom_splits = 0, 0, 0
         batches = _batches(positions, batch_size)
         done: Dict[int, Dict[str, Any]] = {}
         bar = tqdm(list(enumerate(batches)), desc=label, unit="batch", disable=not progress_enabled(), leave=False)
@@ -209,10 +226,15 @@ def run_attacks(
             key = f"{stage}{k}-{b}"
             saved = state.load(key)
             if saved is None or saved["positions"] != pos.tolist():
-                torch.manual_seed(derived_seed(seed, stage, k, b))
-                fooled, correct, cost = attack_batch(counting, attack, label, subset.x[pos].to(device),
-                                                      subset.y[pos].to(device), threat, draws)
-                saved = {"positions": pos.tolist(), "fooled": fooled.tolist(), "correct": correct.tolist(), "cost": cost}
+
+                def attack_part(p: np.ndarray, depth: int, k: int = k, b: int = b, label: str = label,
+                                attack: Attack = attack) -> Dict[str, Any]:
+                    torch.manual_seed(batch_seed(seed, (stage, k, b), p, depth))
+                    fooled, correct, cost = attack_batch(counting, attack, label, subset.x[p].to(device),
+                                                          subset.y[p].to(device), threat, draws)
+                    return {"positions": p.tolist(), "fooled": fooled.tolist(), "correct": correct.tolist(), "cost": cost}
+
+                saved = split_on_oom(attack_part, pos, device)
                 state.save(key, saved)
             done[b] = saved
         done = share(done)  # every rank folds in every batch, in the single-process order
@@ -227,15 +249,19 @@ def run_attacks(
                     robust[p] = False
                     broken += 1
             correct_draws += sum(saved["correct"])
+            oom_splits += saved.get("oom_splits", 0)
             for name in total:
                 total[name] += saved["cost"][name]
         outcome = {
             "label": label, **attack.describe(), "attacked": int(len(positions)), "broken": broken,
             "robust_after": accuracy_summary(int(robust.sum()), subset.n), "cost": total,
             **({"stage": stage} if stage != "attack" else {}),
+            **({"oom_splits": oom_splits} if oom_splits else {}),
         }
         if independent:  # this attack alone: worst case over the draws, and the mean over the draws
             outcome["robust_alone"] = accuracy_summary(int(len(positions)) - broken, subset.n)
             outcome["robust_alone_mean"] = correct_draws / (draws * subset.n)
         result.attacks.append(outcome)
+        log.info("%s: %d of %d attacked points broken, robust %.2f%% so far (%.1f s)", label, broken, len(positions),
+                 100 * robust.mean(), total["seconds"])
     return result

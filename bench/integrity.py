@@ -37,7 +37,7 @@ from attacks.adaptive import BPDAView
 from attacks.base import CountingModule, Threat, input_grad
 from attacks.losses import ce
 from attacks.suite import AttackSpec, Suite
-from bench.evaluate import attack_batch
+from bench.evaluation import attack_batch
 
 # A gradient whose mean absolute value is below this (per input pixel) counts as vanishing.
 VANISHING = 1e-10
@@ -182,7 +182,7 @@ def probe_attacks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Th
 
 def run_checks(model: nn.Module, subset, evaluation, threat: Threat, *, stochastic: bool, differentiable: bool,
                eot: int, draws: int, device, probe_n: int = 32, seed: int = 0) -> Findings:
-    """Every check, on the evaluated model and subset; ``evaluation`` is the result of ``bench.evaluate``."""
+    """Every check, on the evaluated model and subset; ``evaluation`` is the result of ``bench.evaluation.evaluate``."""
     findings = Findings()
     head = subset.x[: min(32, subset.n)].to(device)
     findings.add("randomness", check_randomness(model, head, stochastic, seed))

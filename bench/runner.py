@@ -24,7 +24,8 @@ from attacks.base import Threat
 from attacks.suite import BUDGETS, default_budget, load_suite
 from bench.classifiers import load_classifier
 from bench.errors import BenchError
-from bench.evaluate import BatchState, evaluate, run_attacks
+from bench.evaluation import BatchState, evaluate, run_attacks
+from bench.execution import MAX_AUTO_BATCH, Execution, auto_batch_size, executed
 from bench.integrity import run_checks
 from bench.distributed import barrier, init_from_env, is_main, world
 from bench.record import SCHEMA_VERSION, environment, to_json_data, write_record
@@ -52,18 +53,27 @@ class RunConfig:
     headline: str = "worst"  # which robust accuracy a table leads with: worst (any draw wrong), mean or majority
     checks: bool = True  # run the integrity checks (bench/integrity.py) after the attacks
     device: str = "auto"
-    batch_size: int = 128
+    batch_size: int | str = 128  # or "auto": the largest batch that fits (bench/execution.py); 128 on a CPU
     out: Path = Path("runs")
     download: bool = False
     defense_options: Dict[str, Any] = field(default_factory=dict)
+    channels_last: bool = False  # execution options (bench/execution.py), meant for CUDA; off by default
+    autocast: Optional[str] = None  # None, "bf16" or "fp16"
+    compile: bool = False
+
+    @property
+    def execution(self) -> Execution:
+        return Execution(self.channels_last, self.autocast, self.compile)
 
 
-def rerun_config(config: RunConfig, suite, threat: Threat) -> Dict[str, Any]:
+def rerun_config(config: RunConfig, suite, threat: Threat, batch_size: Optional[int] = None) -> Dict[str, Any]:
     """The ``bench run`` settings that reproduce a record (stored in it; ``config_from_record`` reads them)."""
     return {"defense": config.defense, "threat": threat.norm, "eps": threat.eps, "classifier": config.classifier,
             "dataset": config.dataset, "suite": suite.name, "budget": suite.budget, "n": config.n, "seed": config.seed,
             "success_draws": config.success_draws, "headline": config.headline, "checks": config.checks,
-            "batch_size": config.batch_size, "defense_options": dict(config.defense_options)}
+            "batch_size": batch_size if batch_size is not None else config.batch_size,
+            "defense_options": dict(config.defense_options),
+            **({} if config.execution.default else config.execution.to_dict())}
 
 
 def config_from_record(record: Dict[str, Any], **overrides: Any) -> RunConfig:
@@ -103,10 +113,7 @@ def record_filename(record: Dict[str, Any]) -> str:
 def run(config: RunConfig) -> Tuple[Dict[str, Any], Optional[Path]]:
     """Evaluate ``config``; return the record and the path it was written to (None on a torchrun rank other
     than 0, which writes nothing)."""
-    if config.batch_size < 1:
-        raise BenchError(f"--batch-size must be >= 1, got {config.batch_size}")
-    if config.headline not in ("worst", "mean", "majority"):
-        raise BenchError(f"--headline must be worst, mean or majority, got {config.headline!r}")
+    check_config(config)
     device, suite, threat, subset, defense = _resolve(config)
     if init_from_env(device):  # launched by torchrun: this process runs its share of every stage's batches
         rank, size = world()
@@ -114,14 +121,30 @@ def run(config: RunConfig) -> Tuple[Dict[str, Any], Optional[Path]]:
     return evaluate_defense(defense, subset, suite, threat, config, device)
 
 
+def check_config(config: RunConfig) -> None:
+    """User errors in the settings, raised before anything is loaded."""
+    if config.batch_size != "auto" and (not isinstance(config.batch_size, int) or config.batch_size < 1):
+        raise BenchError(f"--batch-size must be auto or an integer >= 1, got {config.batch_size!r}")
+    if config.headline not in ("worst", "mean", "majority"):
+        raise BenchError(f"--headline must be worst, mean or majority, got {config.headline!r}")
+    if config.success_draws < 1:
+        raise BenchError(f"success_draws must be >= 1, got {config.success_draws}")
+    config.execution  # noqa: B018 - Execution validates its options
+
+
+def resolve_suite(suite: Optional[str], threat: str, budget: str, eps: Optional[float], device: torch.device):
+    """(suite at its budget, threat): ``suite`` None is the threat's own suite, ``budget`` auto is paper on CUDA and
+    cpu on a CPU, ``eps`` None is the suite's."""
+    if budget not in ("auto", *BUDGETS):
+        raise BenchError(f"--budget must be auto or one of {', '.join(BUDGETS)}, got {budget!r}")
+    resolved = load_suite(suite, threat, default_budget(device) if budget == "auto" else budget, fallback=budget == "auto")
+    return resolved, Threat(resolved.threat.norm, eps if eps is not None else resolved.threat.eps)
+
+
 def _resolve(config: RunConfig):
     """(device, suite budget, threat, subset, defense) named by ``config``."""
     device = resolve_device(config.device)
-    if config.budget not in ("auto", *BUDGETS):
-        raise BenchError(f"--budget must be auto or one of {', '.join(BUDGETS)}, got {config.budget!r}")
-    suite = load_suite(config.suite, config.threat, default_budget(device) if config.budget == "auto" else config.budget,
-                       fallback=config.budget == "auto")
-    threat = Threat(suite.threat.norm, config.eps if config.eps is not None else suite.threat.eps)
+    suite, threat = resolve_suite(config.suite, config.threat, config.budget, config.eps, device)
     subset = load_subset(config.dataset, config.n, config.seed, download=config.download)
     classifier = load_classifier(config.classifier, device)
     defense = build_defense(config.defense, classifier, **config.defense_options).to(device).eval()
@@ -158,22 +181,38 @@ def correct_plan(defense: Defense, suite, threat: Threat, findings, device, succ
     return actions, plans, success_draws if undeclared_noise else None
 
 
+def resolve_batch_size(config: RunConfig, model, subset, device) -> int:
+    """``config.batch_size``, or for ``auto`` the largest batch whose forward+backward fits (128 on a CPU)."""
+    if config.batch_size != "auto":
+        return config.batch_size
+    size = auto_batch_size(model, subset.x[:MAX_AUTO_BATCH], subset.y[:MAX_AUTO_BATCH], device)
+    log.info("--batch-size auto: %d", size)
+    return size
+
+
 def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: RunConfig, device) -> Tuple[Dict[str, Any], Path]:
+    """Evaluate a built defense on ``subset`` against ``suite`` and write the record (``bench.evaluate`` and
+    ``bench run`` both end here)."""
+    check_config(config)
     plans = suite.build(threat, stochastic=defense.stochastic, differentiable=defense.differentiable,
                         eot_chunk_images=default_chunk_images(device), surrogate=defense.attack_surrogate())
     described = defense.describe()
     draws = config.success_draws if defense.stochastic else 1
+    execution = config.execution
+    model = executed(defense, execution)  # the defense itself unless an execution option is on
+    batch_size = resolve_batch_size(config, model, subset, device)
     key_source = {
         "defense": described, "classifier": defense.classifier.info.to_dict(), "subset": subset.to_dict(),
         "threat": threat.to_dict(), "suite": suite.to_dict(), "plans": [label for label, _ in plans],
-        "seed": config.seed, "batch_size": config.batch_size, "success_draws": draws,
+        "seed": config.seed, "batch_size": batch_size, "success_draws": draws,
+        **({} if execution.default else {"execution": execution.to_dict()}),
     }
     run_id = hashlib.sha256(json.dumps(key_source, sort_keys=True, default=str).encode()).hexdigest()[:24]
     state_dir = Path(config.out) / ".state" / run_id
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     log.info("run %s: %s on %s (%s, n=%d), suite %s (%s budget)", run_id, config.defense, config.classifier,
              subset.dataset, subset.n, suite.name, suite.budget)
-    result = evaluate(defense, subset, plans, threat, who=config.defense, batch_size=config.batch_size,
+    result = evaluate(model, subset, plans, threat, who=config.defense, batch_size=batch_size,
                       device=device, seed=config.seed, state_dir=state_dir, success_draws=draws,
                       independent=suite.independent)
     findings, checks, corrections = None, {"ran": False}, None
@@ -188,7 +227,7 @@ def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: Ru
             actions, fix_plans, fix_draws = fix
             before = accuracy_summary(int(result.robust.sum()), subset.n)
             log.warning("correcting the attack plan: %s", "; ".join(actions))
-            run_attacks(result, defense, subset, fix_plans, threat, batch_size=config.batch_size, device=device,
+            run_attacks(result, model, subset, fix_plans, threat, batch_size=batch_size, device=device,
                         seed=config.seed, state=BatchState(state_dir), success_draws=fix_draws, stage="correction")
             draws = result.draws
             corrections = {"actions": actions, "robust_before": before,
@@ -213,9 +252,11 @@ def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: Ru
         "unreliable": bool(findings and findings.unreliable),
         "unreliable_reasons": list(findings.reasons) if findings else [], "checks": checks,
         **({"corrections": corrections} if corrections else {}),
-        "settings": {"device": str(device), "batch_size": config.batch_size, "seed": config.seed,
+        "settings": {"device": str(device), "batch_size": batch_size, "seed": config.seed,
+                     **({"batch_size_requested": "auto"} if config.batch_size == "auto" else {}),
+                     **({} if execution.default else {"execution": execution.to_dict()}),
                      "success_draws": draws, "success_rule": "broken if any draw misclassifies",
-                     "run_config": rerun_config(config, suite, threat)},
+                     "run_config": rerun_config(config, suite, threat, batch_size)},
         "environment": environment(),
         "timing": {"started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
                    "seconds": time.perf_counter() - t0},
@@ -246,6 +287,7 @@ def audit(config: RunConfig):
     suite = Suite("audit", "1", base.budget, "integrity audit", threat, base.eot_draws, specs)
     plans = suite.build(threat, defense.stochastic, defense.differentiable, default_chunk_images(device))
     draws = config.success_draws if defense.stochastic else 1
-    result = evaluate(defense, subset, plans, threat, who=config.defense, batch_size=config.batch_size, device=device,
-                      seed=config.seed, success_draws=draws)
+    result = evaluate(defense, subset, plans, threat, who=config.defense,
+                      batch_size=resolve_batch_size(config, defense, subset, device), device=device, seed=config.seed,
+                      success_draws=draws)
     return _run_checks(defense, subset, result, threat, suite, draws, device, config.seed), result

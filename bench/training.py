@@ -118,7 +118,7 @@ def train_epochs(options: TrainOptions, trainer: Any, folder: Path, name: str, c
 
     from tqdm.auto import tqdm
 
-    from bench.evaluate import progress_enabled
+    from bench.evaluation import progress_enabled
 
     log = logging.getLogger(f"bench.train.{name}")
     checkpointer = Checkpointer(folder, name, options, config)

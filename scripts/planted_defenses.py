@@ -18,7 +18,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from attacks.suite import AttackSpec, Suite
-from bench.evaluate import evaluate
+from bench.evaluation import evaluate
 from bench.plugins import load_plugin
 from bench.runner import RunConfig, _resolve, run
 

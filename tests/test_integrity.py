@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from attacks import ATTACKS, Threat
-from bench.evaluate import evaluate
+from bench.evaluation import evaluate
 from bench.integrity import check_black_box, check_gradients, check_probabilities, check_randomness, run_checks
 from bench.subset import Subset
 from defenses.base import Defense

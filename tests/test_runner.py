@@ -134,7 +134,7 @@ class WrongEveryKthCall(torch.nn.Module):
 
 def test_stochastic_success_check_takes_the_worst_draw():
     from attacks import ATTACKS, Threat
-    from bench.evaluate import evaluate
+    from bench.evaluation import evaluate
     from bench.subset import Subset
 
     x, y = torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)
@@ -150,7 +150,7 @@ def test_stochastic_success_check_takes_the_worst_draw():
 
 def test_independent_suites_attack_every_clean_correct_point():
     from attacks import ATTACKS, Threat
-    from bench.evaluate import evaluate
+    from bench.evaluation import evaluate
     from bench.subset import Subset
     from tests.helpers import NearestColor
 
@@ -173,7 +173,7 @@ def test_independent_suites_attack_every_clean_correct_point():
 
 def test_robust_accuracy_is_reported_as_worst_case_mean_and_majority_vote():
     from attacks import ATTACKS, Threat
-    from bench.evaluate import evaluate
+    from bench.evaluation import evaluate
     from bench.subset import Subset
 
     x, y = torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)

@@ -13,7 +13,7 @@ import pytest
 from attacks.base import Threat
 from attacks.suite import AttackSpec, Suite, load_suite
 from bench.classifiers import load_classifier
-from bench.evaluate import evaluate
+from bench.evaluation import evaluate
 from bench.subset import load_subset
 from tests.conftest import needs_resnet4b
 
