@@ -11,7 +11,7 @@ import os
 import sys
 from fractions import Fraction
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 from tabulate import tabulate
 
@@ -29,14 +29,25 @@ def parse_eps(text: str) -> float:
         raise argparse.ArgumentTypeError(f"eps must be a number or a fraction like 8/255, got {text!r}") from None
 
 
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"batch size must be an integer or auto, got {text!r}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench", description="Adaptive-attack benchmark for adversarial purification defenses.")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="also print debugging details")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only warnings, errors and results (no progress)")
     parser.add_argument("--plugin", action="append", default=[], metavar="FILE", help="import FILE to register third-party defenses/attacks")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="evaluate a defense on the fixed subset against a suite")
-    run.add_argument("--defense", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="evaluate a defense on the fixed subset against a suite and write a record",
+                         description="Evaluate a defense (transform -> purifier -> classifier) on the fixed, hashed subset "
+                                     "against an adaptive attack suite; print the result and write a JSON record.")
+    run.add_argument("--defense", required=True, help="defense name (bench list defenses), or a+b to stack two")
     run.add_argument("--threat", choices=NORMS, default="linf",
                      help="linf (8/255), l2 (0.5; 1.0 with --eps 1.0) or stadv (flow field bounded by 0.05)")
     run.add_argument("--suite", default=None, help="suite name (default: the threat's own suite, linf, l2 or stadv)")
@@ -49,35 +60,45 @@ def _parser() -> argparse.ArgumentParser:
                           "wrong, default), mean (over the draws) or majority (vote over the draws)")
     run.add_argument("--no-checks", dest="checks", action="store_false",
                      help="skip the integrity checks after the attacks (the record then says checks.ran = false)")
-    run.add_argument("--dataset", default="cifar10-jpeg")
-    run.add_argument("--classifier", default="resnet20")
-    run.add_argument("--n", type=int, default=512)
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    run.add_argument("--batch-size", type=int, default=128)
+    run.add_argument("--dataset", default="cifar10-jpeg", help="dataset of the fixed subset (default cifar10-jpeg)")
+    run.add_argument("--classifier", default="resnet20", help="classifier behind the defense (default resnet20)")
+    run.add_argument("--n", type=int, default=512, help="images in the fixed subset (default 512)")
+    run.add_argument("--seed", type=int, default=0, help="seed of the subset and of the attacks (default 0)")
+    run.add_argument("--device", default="auto", help="auto (CUDA when present, default), cpu or cuda")
+    run.add_argument("--batch-size", type=_batch_size, default=128,
+                     help="images attacked together (default 128, the fastest on a CPU); auto = the largest that fits "
+                          "in GPU memory. A batch that runs out of memory is split in halves either way")
+    run.add_argument("--channels-last", action="store_true",
+                     help="run the model in channels-last memory format (faster on recent GPUs; off by default)")
+    run.add_argument("--autocast", choices=("bf16", "fp16"), default=None,
+                     help="mixed precision for the model's passes (changes the numbers a little; stored in the record)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model before the attacks (GPU)")
     run.add_argument("--download", action="store_true", help="let datasets that can be downloaded fetch themselves")
-    run.add_argument("--out", type=Path, default=Path("runs"))
+    run.add_argument("--out", type=Path, default=Path("runs"), help="folder for the record (default runs)")
     run.add_argument("--launcher", choices=("none", "torchrun"), default="none",
                      help="torchrun: run this evaluation over --nproc-per-node processes on this machine (one record)")
     run.add_argument("--nproc-per-node", type=int, default=2, help="processes for --launcher torchrun (default 2)")
     run.add_argument("--defense-option", action="append", default=[], metavar="KEY=VALUE",
                      help="pass an option to the defense, e.g. checkpoint=path/to/finetune.pt (repeatable)")
-    run.add_argument("--plugin", action="append", default=[], metavar="FILE", dest="run_plugins")
+    run.add_argument("--plugin", action="append", default=[], metavar="FILE", dest="run_plugins",
+                     help="import FILE first, to register your own defenses or attacks (repeatable)")
     train = sub.add_parser("train", help="train a defense's learned parts (the classifier stays frozen)")
-    train.add_argument("--defense", required=True)
-    train.add_argument("--classifier", default="resnet20")
-    train.add_argument("--dataset", default="cifar10-jpeg")
+    train.add_argument("--defense", required=True, help="defense to train: atop, nrp, jatp, jatp-obl, aid-purifier or pixeldefend")
+    train.add_argument("--classifier", default="resnet20", help="the frozen classifier it defends (default resnet20)")
+    train.add_argument("--dataset", default="cifar10-jpeg", help="training images come from its train split")
     train.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (AToP) / training epochs")
     train.add_argument("--pretrain-epochs", type=int, default=None)
     train.add_argument("--train-size", type=int, default=20000, help="training images used (seeded subset)")
-    train.add_argument("--batch-size", type=int, default=128)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", default="auto")
+    train.add_argument("--batch-size", type=int, default=128, help="training batch size (default 128)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the image subset and the initialization")
+    train.add_argument("--device", default="auto", help="auto, cpu or cuda")
     train.add_argument("--out", type=Path, default=None, help="checkpoint folder (default under $BENCH_CHECKPOINT_DIR)")
-    train.add_argument("--transform", choices=("rt1", "rt2", "rt3"), default=None)
-    train.add_argument("--purifier", choices=("gan", "ae"), default=None)
-    train.add_argument("--adv-target", choices=("classifier", "pipeline"), default=None)
-    train.add_argument("--rec-target", choices=("adv", "clean"), default=None)
+    train.add_argument("--transform", choices=("rt1", "rt2", "rt3"), default=None, help="AToP: the random transform")
+    train.add_argument("--purifier", choices=("gan", "ae"), default=None, help="AToP: the purifier network")
+    train.add_argument("--adv-target", choices=("classifier", "pipeline"), default=None,
+                       help="AToP: craft the fine-tuning examples against the bare classifier or the whole pipeline")
+    train.add_argument("--rec-target", choices=("adv", "clean"), default=None,
+                       help="AToP: what the reconstruction loss compares the purified image with")
     train.add_argument("--lam", type=float, default=None, help="weight of the adversarial CE loss (AToP lambda)")
     train.add_argument("--eps", type=parse_eps, default=None,
                        help="NRP/JATP: radius of the training perturbations (NRP 16/255, JATP 8/255)")
@@ -94,42 +115,90 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--pretrained", default=None, metavar="PATH",
                        help="AToP: skip pre-training and fine-tune this pre-trained purifier (e.g. RT2's for RT3)")
     aud = sub.add_parser("audit", help="run only the integrity checks on a defense and print a verdict")
-    aud.add_argument("--defense", required=True)
-    aud.add_argument("--threat", choices=NORMS, default="linf")
+    aud.add_argument("--defense", required=True, help="defense name (bench list defenses)")
+    aud.add_argument("--threat", choices=NORMS, default="linf", help="threat (default linf)")
     aud.add_argument("--eps", type=parse_eps, default=None, help="override the threat's eps, e.g. 2/255")
-    aud.add_argument("--classifier", default="resnet20")
-    aud.add_argument("--dataset", default="cifar10-jpeg")
+    aud.add_argument("--classifier", default="resnet20", help="classifier behind the defense (default resnet20)")
+    aud.add_argument("--dataset", default="cifar10-jpeg", help="dataset of the fixed subset (default cifar10-jpeg)")
     aud.add_argument("--n", type=int, default=64, help="images of the fixed subset to audit on (default 64)")
-    aud.add_argument("--seed", type=int, default=0)
-    aud.add_argument("--device", default="auto")
-    aud.add_argument("--defense-option", action="append", default=[], metavar="KEY=VALUE")
-    perf = sub.add_parser("perf", help="measure attack efficiency against raw passes, reference implementations, EOT batching and early stop")
-    perf.add_argument("--defense", default="none")
-    perf.add_argument("--classifier", default="resnet20")
-    perf.add_argument("--dataset", default="cifar10-jpeg")
+    aud.add_argument("--seed", type=int, default=0, help="subset seed (default 0)")
+    aud.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    aud.add_argument("--defense-option", action="append", default=[], metavar="KEY=VALUE",
+                     help="an option of the defense (repeatable)")
+    perf = sub.add_parser("perf", help="measure what attacks cost beyond their passes: efficiency, reference "
+                                       "implementations, EOT batching, early stop, execution options")
+    perf.add_argument("--defense", default="none", help="defense to measure on (default none: the bare classifier)")
+    perf.add_argument("--classifier", default="resnet20", help="classifier (default resnet20)")
+    perf.add_argument("--dataset", default="cifar10-jpeg", help="dataset of the fixed subset (default cifar10-jpeg)")
     perf.add_argument("--n", type=int, default=128, help="images of the fixed subset, attacked as one batch (default 128)")
-    perf.add_argument("--eps", type=parse_eps, default=8 / 255)
+    perf.add_argument("--eps", type=parse_eps, default=8 / 255, help="linf radius of the attacks (default 8/255)")
     perf.add_argument("--steps", type=int, default=20, help="steps of PGD and APGD-CE (default 20)")
     perf.add_argument("--suite", default="linf", help="suite for the early-stop comparison ('' skips it)")
-    perf.add_argument("--budget", default="cpu")
-    perf.add_argument("--seed", type=int, default=0)
-    perf.add_argument("--device", default="auto")
-    perf.add_argument("--defense-option", action="append", default=[], metavar="KEY=VALUE")
+    perf.add_argument("--budget", default="cpu", help="budget of that suite (default cpu)")
+    perf.add_argument("--seed", type=int, default=0, help="subset and attack seed (default 0)")
+    perf.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    perf.add_argument("--defense-option", action="append", default=[], metavar="KEY=VALUE",
+                      help="an option of the defense (repeatable)")
     perf.add_argument("--out", type=Path, default=None, help="write the measurements as JSON here")
+    show = sub.add_parser("show", help="draw clean, adversarial, transformed and purified images with predictions (PNG)")
+    show.add_argument("--defense", required=True, help="defense name (bench list defenses)")
+    show.add_argument("--classifier", default="resnet20", help="classifier behind the defense (default resnet20)")
+    show.add_argument("--dataset", default="cifar10-jpeg", help="dataset of the fixed subset (default cifar10-jpeg)")
+    show.add_argument("--threat", choices=("linf", "l2"), default="linf", help="threat of the adversarial column")
+    show.add_argument("--eps", type=parse_eps, default=None, help="radius (default 8/255 for linf, 0.5 for l2)")
+    show.add_argument("--images", type=int, default=6, help="how many images: the first of the fixed subset (default 6)")
+    show.add_argument("--n", type=int, default=512, help="size of the fixed subset they come from (default 512)")
+    show.add_argument("--attack", default="pgd", help="attack crafting the adversarial column (default pgd, 20 steps)")
+    show.add_argument("--attack-option", action="append", default=[], metavar="KEY=VALUE",
+                      help="an option of the attack, e.g. steps=50 (repeatable)")
+    show.add_argument("--eot", type=int, default=10, help="EOT draws when the defense is stochastic (default 10)")
+    show.add_argument("--seed", type=int, default=0, help="subset seed and attack seed (default 0)")
+    show.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    show.add_argument("--defense-option", action="append", default=[], metavar="KEY=VALUE",
+                      help="an option of the defense, e.g. checkpoint=path (repeatable)")
+    show.add_argument("--out", type=Path, default=None, help="PNG to write (default runs/pictures/<defense>-<classifier>.png)")
+    curve = sub.add_parser("curve", help="robust accuracy vs eps for a defense and its bare classifier (PNG + JSON)")
+    curve.add_argument("--defense", required=True, help="defense name (bench list defenses)")
+    curve.add_argument("--classifier", default="resnet20", help="classifier behind the defense (default resnet20)")
+    curve.add_argument("--dataset", default="cifar10-jpeg", help="dataset of the fixed subset (default cifar10-jpeg)")
+    curve.add_argument("--threat", choices=("linf", "l2"), default="linf", help="threat (default linf)")
+    curve.add_argument("--eps", default=None, metavar="LIST",
+                       help="comma-separated radii, 0 = clean (default 0,1/255,2/255,4/255,8/255,16/255 for linf; "
+                            "0,0.25,0.5,1 for l2)")
+    curve.add_argument("--suite", default=None, help="suite of each point (default: the threat's own suite)")
+    curve.add_argument("--budget", choices=("auto", "smoke", "cpu", "paper"), default="auto",
+                       help="budget of that suite, as for bench run (default auto: paper on CUDA, cpu on a CPU; smoke "
+                            "takes a minute and gives upper bounds)")
+    curve.add_argument("--n", type=int, default=64, help="images of the fixed subset per point (default 64)")
+    curve.add_argument("--seed", type=int, default=0, help="subset seed (default 0)")
+    curve.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    curve.add_argument("--defense-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="an option of the defense (repeatable)")
+    curve.add_argument("--runs", type=Path, default=Path("runs/curve"), help="where the points' records go")
+    curve.add_argument("--out", type=Path, default=None,
+                       help="PNG to write, a JSON of the points beside it (default runs/pictures/<defense>-curve.png)")
     sub.add_parser("leaderboard", help="regenerate every board and paper table under leaderboards/ from the committed records")
     chk = sub.add_parser("check", help="regression checks: records valid, markdown not stale, chosen entries rerun and compared")
     chk.add_argument("--board", action="append", default=[], metavar="NAME",
                      help="rerun this board's entries (repeatable; default: the boards with a check block in boards.json)")
     chk.add_argument("--fresh", type=Path, default=None, metavar="DIR",
                      help="compare with fresh records in DIR (matched by run id) instead of rerunning")
-    lst = sub.add_parser("list", help="list registered names")
-    lst.add_argument("what", nargs="?", choices=LIST_KINDS, default=None)
+    lst = sub.add_parser("list", help="list what can be named: defenses, attacks, suites, classifiers, datasets")
+    lst.add_argument("what", nargs="?", choices=LIST_KINDS, default=None, help="only this kind (default: all)")
     return parser
 
 
+#: The project's loggers; other libraries' stay at warnings.
+LOGGERS = ("bench", "attacks", "defenses", "leaderboards")
+
+
 def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    """One logging setup for every command: progress and steps at info (the default), details with ``-v``, only
+    warnings and errors with ``-q`` (which also hides progress bars). Everything goes to stderr; results to stdout."""
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for name in LOGGERS:
+        logging.getLogger(name).setLevel(level)
 
 
 def _registries() -> Dict[str, object]:
@@ -167,71 +236,48 @@ def _describe_spec(spec) -> str:
     return f"{spec.attack}({params})" + (f"+bpda[{','.join(spec.bpda)}]" if spec.bpda else "")
 
 
-def _pct(acc: Dict) -> str:
-    lo, hi = acc["ci95"]
-    return f"{100 * acc['accuracy']:.2f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+def option_value(text: str):
+    """A ``KEY=VALUE`` value as Python sees it: true/false as booleans, integers, decimals and fractions like 8/255 as
+    numbers, anything else (paths, names) as the string given."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    if any(c.isdigit() for c in text):
+        try:
+            return float(Fraction(text.strip()))
+        except (ValueError, ZeroDivisionError):
+            pass
+    return text
 
 
-def format_result(record: Dict) -> str:
-    independent = record["suite"].get("independent", False)
-    rows: List[List[object]] = []
-    for a in record["attacks"]:
-        c = a["cost"]
-        alone = [_pct(a["robust_alone"]), f"{100 * a['robust_alone_mean']:.2f}%"] if independent else []
-        label = a["label"] + (" (correction)" if a.get("stage") == "correction" else "")
-        rows.append([label, a["attacked"], a["broken"], *alone, _pct(a["robust_after"]), c["forward"], c["backward"],
-                     f"{c['seconds']:.1f}"])
-    alone_headers = ["alone [95% CI]", "alone, mean of draws"] if independent else []
-    headers = ["attack", "attacked", "broken", *alone_headers, "worst case so far [95% CI]", "fwd", "bwd", "s"]
-    table = tabulate(rows, headers=headers)
-    s, t = record["subset"], record["threat"]
-    head = (f"{record['defense']['name']} on {record['classifier']['name']} | {s['dataset']} n={s['n']} seed={s['seed']} "
-            f"subset {s['hash'][:12]} | {t['norm']} eps={t['eps']:.6g} | suite {record['suite']['name']} v{record['suite']['version']} "
-            f"({record['suite']['budget']} budget)")
-    draws = record["settings"].get("success_draws", 1)
-    rule = f"; each adversarial example classified {draws} times, broken if any draw is wrong" if draws > 1 else ""
-    clean_mean = f" (mean over {draws} draws: {100 * record['clean_mean']:.2f}%)" if draws > 1 else ""
-    lines = [head, f"clean accuracy: {_pct(record['clean'])}{clean_mean}", table,
-             f"robust accuracy (worst case over the suite{rule}): {_pct(record['robust'])}"]
-    if draws > 1:
-        lines.append(f"  mean over the draws: {100 * record['robust_mean']:.2f}%, majority vote: {_pct(record['robust_majority'])}")
-    h = record["headline"]
-    lines.append(f"headline ({h['metric']}): {100 * h['accuracy']:.2f}% in {record['timing']['seconds']:.1f} s")
-    fixed = record.get("corrections")
-    if record.get("unreliable"):
-        lines.append("UNRELIABLE: " + "; ".join(record["unreliable_reasons"]))
-    elif record.get("checks", {}).get("ran"):
-        lines.append(f"integrity checks passed ({record['checks']['seconds']:.1f} s)")
-    if fixed:
-        lines.append(f"attack plan corrected ({'; '.join(fixed['actions'])}): robust accuracy "
-                     f"{_pct(fixed['robust_before'])} as declared -> {_pct(fixed['robust_after'])}")
-    return "\n".join(lines)
-
-
-def parse_options(pairs: Sequence[str]) -> Dict[str, str]:
+def parse_options(pairs: Sequence[str], flag: str = "--defense-option") -> Dict[str, object]:
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise BenchError(f"--defense-option takes KEY=VALUE, got {pair!r}")
-        options[key.replace("-", "_")] = value
+            raise BenchError(f"{flag} takes KEY=VALUE, got {pair!r}")
+        options[key.replace("-", "_")] = option_value(value)
     return options
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from bench.runner import RunConfig, run
+    from bench.api import run
+    from bench.runner import RunConfig
 
     config = RunConfig(
         defense=args.defense, threat=args.threat, classifier=args.classifier, dataset=args.dataset, suite=args.suite,
         budget=args.budget, headline=args.headline, checks=args.checks,
         eps=args.eps, n=args.n, seed=args.seed, device=args.device, batch_size=args.batch_size, out=args.out,
         download=args.download, defense_options=parse_options(args.defense_option),
+        channels_last=args.channels_last, autocast=args.autocast, compile=args.compile,
     )
-    record, path = run(config)
-    if path is None:  # a torchrun rank other than 0
+    record = run(config)
+    if record.path is None:  # a torchrun rank other than 0
         return
-    print(format_result(record))
-    print(f"record: {path}")
+    print(record.summary())
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -257,19 +303,16 @@ def cmd_perf(args: argparse.Namespace) -> None:
 
     import torch
 
-    from bench.classifiers import load_classifier
+    from bench.api import load_defense, load_subset
     from bench.perf import format_report, run_perf
     from bench.record import environment, write_json_atomic
     from bench.runner import resolve_device
-    from bench.subset import load_subset
-    from defenses.base import build_defense
 
     device = resolve_device(args.device)
     subset = load_subset(args.dataset, args.n, args.seed)
-    classifier = load_classifier(args.classifier, device)
-    model = build_defense(args.defense, classifier, **parse_options(args.defense_option)).to(device).eval()
+    model = load_defense(args.defense, args.classifier, device, **parse_options(args.defense_option))
     report = run_perf(model, subset, device, eps=args.eps, steps=args.steps, suite=args.suite or None, budget=args.budget,
-                      eot_model=classifier, seed=args.seed)
+                      eot_model=model.classifier, seed=args.seed)
     report.update(defense=args.defense, classifier=args.classifier, dataset=args.dataset, n=args.n,
                   threads=torch.get_num_threads(), environment=environment())
     print(format_report(report))
@@ -297,6 +340,46 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return 1
     print("verdict: no integrity problem found")
     return 0
+
+
+def cmd_show(args: argparse.Namespace) -> None:
+    from attacks.base import Threat
+    from bench.api import load_defense, load_subset
+    from bench.pictures import show
+    from bench.runner import resolve_device
+
+    device = resolve_device(args.device)
+    threat = Threat(args.threat, args.eps if args.eps is not None else {"linf": 8 / 255, "l2": 0.5}[args.threat])
+    if not 1 <= args.images <= args.n:
+        raise BenchError(f"--images must be between 1 and --n ({args.n}), got {args.images}")
+    subset = load_subset(args.dataset, args.n, args.seed)
+    defense = load_defense(args.defense, args.classifier, device, **parse_options(args.defense_option))
+    out = args.out or Path("runs/pictures") / f"{args.defense}-{args.classifier}.png"
+    attack_params = parse_options(args.attack_option, "--attack-option") or None
+    print(f"picture: {show(defense, subset, out, threat, args.images, args.attack, attack_params, args.eot, args.seed, device)}")
+
+
+def cmd_curve(args: argparse.Namespace) -> None:
+    from bench.api import load_subset
+    from bench.pictures import curve_points, curve_title, plot_curve
+    from bench.runner import resolve_device
+
+    device = resolve_device(args.device)
+    default = "0,1/255,2/255,4/255,8/255,16/255" if args.threat == "linf" else "0,0.25,0.5,1"
+    try:
+        eps_values = sorted({parse_eps(e) for e in (args.eps or default).split(",") if e.strip()})
+    except argparse.ArgumentTypeError as exc:
+        raise BenchError(str(exc)) from None
+    subset = load_subset(args.dataset, args.n, args.seed)
+    points = curve_points(args.defense, args.classifier, eps_values, args.suite, args.threat, args.budget, subset, device,
+                          args.runs, parse_options(args.defense_option))
+    out = args.out or Path("runs/pictures") / f"{args.defense}-{args.classifier}-curve.png"
+    plot_curve(points, out, curve_title(args.defense, args.classifier, subset, points), args.threat)
+    rows = [[p["model"], f"{p['eps'] * (255 if args.threat == 'linf' else 1):.3g}", f"{100 * p['robust']['accuracy']:.2f}",
+             f"[{100 * p['robust']['ci95'][0]:.1f}, {100 * p['robust']['ci95'][1]:.1f}]"] for p in points]
+    print(tabulate(rows, headers=["model", "eps" + (" (/255)" if args.threat == "linf" else ""), "robust %", "95% CI"]))
+    print(f"picture: {out}")
+    print(f"points: {out.with_suffix('.json')}")
 
 
 def cmd_leaderboard() -> None:
@@ -364,6 +447,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_check(args)
         elif args.command == "perf":
             cmd_perf(args)
+        elif args.command == "show":
+            cmd_show(args)
+        elif args.command == "curve":
+            cmd_curve(args)
         else:
             cmd_run(args)
     except BenchError as exc:

@@ -43,7 +43,7 @@ class Registry(Generic[T]):
     def add(self, name: str, obj: T) -> None:
         if not name or name != name.strip():
             raise ValueError(f"invalid {self.kind} name {name!r}")
-        if name in self._entries and self._entries[name] is not obj:
+        if name in self._entries and self._entries[name] is not obj and not _same_definition(self._entries[name], obj):
             raise ValueError(f"{self.kind} {name!r} is already registered by {self._entries[name]!r}")
         if self.base is not None and isinstance(obj, type) and not issubclass(obj, self.base):
             raise TypeError(f"{self.kind} {name!r} must subclass {self.base.__name__}, got {obj!r}")
@@ -86,3 +86,10 @@ class Registry(Generic[T]):
     def items(self) -> List[tuple]:
         self.discover()
         return sorted(self._entries.items())
+
+
+def _same_definition(old: object, new: object) -> bool:
+    """A notebook cell or script run again defines a new object under the same module and qualified name: that
+    replaces the entry instead of clashing with it."""
+    key = lambda obj: (getattr(obj, "__module__", None), getattr(obj, "__qualname__", None))
+    return key(old) == key(new) and key(new)[1] is not None

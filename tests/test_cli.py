@@ -141,3 +141,12 @@ def test_run_records_the_checks_or_their_absence(tmp_path, capsys):
     assert main([*base, "--no-checks", "--out", str(tmp_path / "b")]) == 0
     unchecked = json.loads(next((tmp_path / "b").glob("*.json")).read_text())
     assert unchecked["checks"] == {"ran": False} and not unchecked["unreliable"]
+
+
+def test_option_values_arrive_parsed():
+    from bench.cli import parse_options
+
+    options = parse_options(["untrained=false", "eps-defend=8/255", "steps=3", "lam=0.5", "checkpoint=runs/a.pt",
+                             "layers=layer1", "flag=True"])
+    assert options == {"untrained": False, "eps_defend": 8 / 255, "steps": 3, "lam": 0.5, "checkpoint": "runs/a.pt",
+                       "layers": "layer1", "flag": True}

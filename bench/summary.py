@@ -1,0 +1,58 @@
+"""Plain-text summaries of records: the table ``bench run`` prints and the one-line end-of-run summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from tabulate import tabulate
+
+
+def _pct(acc: Dict) -> str:
+    lo, hi = acc["ci95"]
+    return f"{100 * acc['accuracy']:.2f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def format_result(record: Dict) -> str:
+    independent = record["suite"].get("independent", False)
+    rows: List[List[object]] = []
+    for a in record["attacks"]:
+        c = a["cost"]
+        alone = [_pct(a["robust_alone"]), f"{100 * a['robust_alone_mean']:.2f}%"] if independent else []
+        label = a["label"] + (" (correction)" if a.get("stage") == "correction" else "")
+        rows.append([label, a["attacked"], a["broken"], *alone, _pct(a["robust_after"]), c["forward"], c["backward"],
+                     f"{c['seconds']:.1f}"])
+    alone_headers = ["alone [95% CI]", "alone, mean of draws"] if independent else []
+    headers = ["attack", "attacked", "broken", *alone_headers, "worst case so far [95% CI]", "fwd", "bwd", "s"]
+    table = tabulate(rows, headers=headers)
+    s, t = record["subset"], record["threat"]
+    head = (f"{record['defense']['name']} on {record['classifier']['name']} | {s['dataset']} n={s['n']} seed={s['seed']} "
+            f"subset {s['hash'][:12]} | {t['norm']} eps={t['eps']:.6g} | suite {record['suite']['name']} v{record['suite']['version']} "
+            f"({record['suite']['budget']} budget)")
+    draws = record["settings"].get("success_draws", 1)
+    rule = f"; each adversarial example classified {draws} times, broken if any draw is wrong" if draws > 1 else ""
+    clean_mean = f" (mean over {draws} draws: {100 * record['clean_mean']:.2f}%)" if draws > 1 else ""
+    lines = [head, f"clean accuracy: {_pct(record['clean'])}{clean_mean}", table,
+             f"robust accuracy (worst case over the suite{rule}): {_pct(record['robust'])}"]
+    if draws > 1:
+        lines.append(f"  mean over the draws: {100 * record['robust_mean']:.2f}%, majority vote: {_pct(record['robust_majority'])}")
+    h = record["headline"]
+    lines.append(f"headline ({h['metric']}): {100 * h['accuracy']:.2f}% in {record['timing']['seconds']:.1f} s")
+    fixed = record.get("corrections")
+    if record.get("unreliable"):
+        lines.append("UNRELIABLE: " + "; ".join(record["unreliable_reasons"]))
+    elif record.get("checks", {}).get("ran"):
+        lines.append(f"integrity checks passed ({record['checks']['seconds']:.1f} s)")
+    if fixed:
+        lines.append(f"attack plan corrected ({'; '.join(fixed['actions'])}): robust accuracy "
+                     f"{_pct(fixed['robust_before'])} as declared -> {_pct(fixed['robust_after'])}")
+    return "\n".join(lines)
+
+
+def end_of_run(record: Dict, path: Optional[Path]) -> str:
+    """One line: what was evaluated, on what, against which suite, how long it took and where the record is."""
+    s, t, suite = record["subset"], record["threat"], record["suite"]
+    where = f"record: {path}" if path is not None else "record not written"
+    return (f"evaluated {record['defense']['name']} on {record['classifier']['name']} | {s['dataset']} n={s['n']} | "
+            f"{t['norm']} eps={t['eps']:.6g} | suite {suite['name']} ({suite['budget']}) | "
+            f"{record['timing']['seconds']:.1f} s | {where}")

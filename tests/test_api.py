@@ -1,0 +1,132 @@
+"""The Python API mirrors the command line: same records, user modules, notebook registration, pictures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import bench
+from bench.cli import main
+from bench.plugins import load_plugin
+from bench.record import validate_record
+from tests.conftest import REPO
+
+PLUGIN = str(Path(__file__).with_name("plugin_examples.py"))
+
+
+@pytest.fixture(autouse=True)
+def _plugin():
+    load_plugin(PLUGIN)  # the tiny dataset, classifier and defenses
+
+
+def _without_timing(data):
+    """The record without wall-clock fields (timing, seconds of each attack and of the checks)."""
+    if isinstance(data, dict):
+        return {k: _without_timing(v) for k, v in data.items() if k not in ("timing", "seconds")}
+    if isinstance(data, list):
+        return [_without_timing(v) for v in data]
+    return data
+
+
+def test_evaluate_a_loaded_defense_gives_the_record_bench_run_writes(tmp_path):
+    cli = bench.run(bench.RunConfig(defense="plugin-blur", classifier="tiny", dataset="tiny-test", budget="smoke",
+                                    n=20, batch_size=8, out=tmp_path / "cli"))
+    defense = bench.load_defense("plugin-blur", classifier="tiny")
+    subset = bench.load_subset("tiny-test", n=20)
+    api = bench.evaluate(defense, budget="smoke", subset=subset, batch_size=8, out=tmp_path / "api")
+    assert api.run_id == cli.run_id and api.path.is_file() and cli.path.is_file()
+    assert _without_timing(api.data) == _without_timing(cli.data)
+    assert api.robust_accuracy == cli.data["robust"]["accuracy"] and api.clean_accuracy == 1.0
+    assert "plugin-blur on tiny" in api.summary() and f"record: {api.path}" in api.summary()
+
+
+class Doubler(nn.Module):
+    """A plain user module around the tiny classifier (not a Defense)."""
+
+    def __init__(self, classifier: nn.Module) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x):
+        return 2 * self.classifier(x)
+
+
+def test_any_module_is_evaluated_as_one_model(tmp_path):
+    model = Doubler(bench.load_classifier("tiny"))
+    record = bench.evaluate(model, budget="smoke", dataset="tiny-test", n=16, out=tmp_path)
+    validate_record(json.loads(record.path.read_text()))
+    assert record["defense"]["name"] == "Doubler" and record["classifier"]["architecture"] == "Doubler"
+    assert record["classifier"]["weights"].startswith("in memory, sha256 ")
+    assert not record["defense"]["stochastic"] and not record.unreliable
+    assert [a["label"] for a in record["attacks"]] == ["fgsm", "pgd-10"]  # exact gradients, no EOT or BPDA
+    noisy = bench.evaluate(model, budget="smoke", dataset="tiny-test", n=16, out=tmp_path, name="doubler", stochastic=True)
+    assert noisy["defense"]["name"] == "doubler" and noisy["settings"]["success_draws"] == 10
+    assert all(a.get("eot") == 2 for a in noisy["attacks"])  # the smoke budget's EOT for a declared-random model
+
+
+def test_a_classifier_is_evaluated_behind_the_none_defense(tmp_path):
+    record = bench.evaluate(bench.load_classifier("tiny"), budget="smoke", dataset="tiny-test", n=8, out=tmp_path)
+    assert record["defense"]["name"] == "none" and record["classifier"]["name"] == "tiny"
+
+
+def test_notebook_registration_replaces_a_rerun_cell_but_refuses_a_real_clash():
+    namespace = {"__name__": "notebook_cell"}
+    cell = ("import bench\n@bench.register_defense('nb-identity')\nclass NbIdentity(bench.Defense):\n    pass\n")
+    exec(cell, namespace)  # noqa: S102
+    first = namespace["NbIdentity"]
+    exec(cell, namespace)  # noqa: S102 - the same cell run again
+    assert namespace["NbIdentity"] is not first and bench.load_defense("nb-identity", "tiny").__class__ is namespace["NbIdentity"]
+    with pytest.raises(ValueError, match="already registered"):
+        exec(cell.replace("NbIdentity", "Other"), namespace)  # noqa: S102
+
+
+def test_importing_bench_is_cheap_and_exports_the_api():
+    out = subprocess.run([sys.executable, "-c", "import sys, bench; print('torch' in sys.modules); print(bench.__all__)"],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0] == "False"
+    for name in ("load_defense", "load_classifier", "load_subset", "evaluate", "register_defense", "register_attack"):
+        assert name in out[1]
+
+
+def test_bench_show_writes_the_grid(tmp_path, capsys):
+    out = tmp_path / "show.png"
+    assert main(["--plugin", PLUGIN, "show", "--defense", "plugin-blur", "--classifier", "tiny", "--dataset", "tiny-test",
+                 "--n", "20", "--images", "3", "--attack-option", "steps=3", "--out", str(out)]) == 0
+    assert f"picture: {out}" in capsys.readouterr().out
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_show_panels_follow_the_pipeline():
+    from attacks.base import Threat
+    from bench.pictures import show_panels
+
+    defense = bench.load_defense("plugin-blur", classifier="tiny")
+    subset = bench.load_subset("tiny-test", n=4)
+    panels = show_panels(defense, subset.x, subset.y, Threat("linf", 0.1), attack_params={"steps": 5})
+    images = panels["images"]
+    assert (images["adversarial"] - subset.x).abs().max() <= 0.1 + 1e-6
+    with torch.no_grad():
+        assert torch.allclose(images["purified (clean)"], defense.purifier(defense.transform(subset.x)))
+        assert torch.equal(panels["preds"]["purified (adv.)"], defense(images["adversarial"]).argmax(1))
+    assert panels["attack"] == "pgd(steps=5)"
+
+
+def test_bench_curve_evaluates_each_radius_for_the_defense_and_its_classifier(tmp_path, capsys):
+    out = tmp_path / "curve.png"
+    assert main(["--plugin", PLUGIN, "curve", "--defense", "plugin-blur", "--classifier", "tiny", "--dataset", "tiny-test",
+                 "--n", "8", "--eps", "0,0.05,0.2", "--runs", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    points = json.loads(out.with_suffix(".json").read_text())["points"]
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert sorted((p["model"], p["eps"]) for p in points) == sorted(
+        (m, e) for m in ("plugin-blur", "none (bare classifier)") for e in (0.0, 0.05, 0.2))
+    for model in ("plugin-blur", "none (bare classifier)"):
+        accs = [p["robust"]["accuracy"] for p in sorted((p for p in points if p["model"] == model), key=lambda p: p["eps"])]
+        assert accs[0] == 1.0 and accs == sorted(accs, reverse=True)  # clean first, then no better at a larger radius
+    assert len(list((tmp_path / "runs").glob("*.json"))) == 4
+    assert "picture:" in capsys.readouterr().out
