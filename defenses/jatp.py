@@ -1,8 +1,8 @@
 """NRP and JATP: a learned pre-processing network in front of a frozen classifier (``purifier -> classifier``).
 
 - ``nrp``: NRP's purifier trained with self-supervised feature-distortion perturbations (Naseer et al. 2020).
-- ``nrp-dynamic``: the same weights with Gaussian noise N(0, 0.05) added before purification (NRP's "dynamic"
-  inference); stochastic, so suites attack it with EOT.
+- ``nrp-dynamic``: the same weights with Gaussian noise N(0, 0.05), projected into the 16/255 ball and clipped to
+  [0, 1], before purification (NRP's "dynamic" inference); stochastic, so suites attack it with EOT.
 - ``jatp``: the same network trained with JATP's joint adversarial training on full adversarial examples.
 - ``jatp-obl``: JATP's loss on examples crafted against the bare classifier (the paper's "-obl" setting).
 
@@ -54,17 +54,22 @@ def load_generator(path: Path) -> Tuple[NRPGenerator, Dict[str, Any]]:
 
 
 class GaussianNoise(nn.Module):
-    """x + N(0, sigma^2), fresh on every call (NRP's dynamic inference); not clipped, as in NRP."""
+    """x + N(0, sigma^2), fresh on every call, then (with ``radius``) projected into the linf ball of that radius
+    around x and clipped to [0, 1]: NRP's dynamic inference as the authors' ``purify.py`` runs it (sigma 0.05,
+    radius 16/255). Differentiable almost everywhere (the clip and projection pass gradients inside)."""
 
     stochastic = True
     differentiable = True
 
-    def __init__(self, sigma: float) -> None:
+    def __init__(self, sigma: float, radius: Optional[float] = None) -> None:
         super().__init__()
-        self.sigma = sigma
+        self.sigma, self.radius = sigma, radius
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.sigma * torch.randn_like(x)
+        noisy = x + self.sigma * torch.randn_like(x)
+        if self.radius is None:
+            return noisy
+        return torch.min(torch.max(noisy, x - self.radius), x + self.radius).clamp(0.0, 1.0)
 
 
 class PreprocessingDefense(Defense):
@@ -73,6 +78,7 @@ class PreprocessingDefense(Defense):
     version = "1"
     weights_name: ClassVar[str] = ""  # checkpoint folder of the training recipe
     noise_sigma: ClassVar[Optional[float]] = None
+    noise_radius: ClassVar[Optional[float]] = None
 
     def __init__(self, classifier: nn.Module, checkpoint: Optional[str] = None, trained_with: Optional[str] = None,
                  untrained: bool = False) -> None:
@@ -86,7 +92,7 @@ class PreprocessingDefense(Defense):
             self.checkpoint_path, self.checkpoint_source = self._checkpoint(checkpoint)
             generator, self.training_info = load_generator(self.checkpoint_path)
             self.checkpoint_sha256 = sha256_file(self.checkpoint_path)
-        transform = GaussianNoise(self.noise_sigma) if self.noise_sigma else None
+        transform = GaussianNoise(self.noise_sigma, self.noise_radius) if self.noise_sigma else None
         super().__init__(classifier, transform, generator.eval())
         self.purifier.requires_grad_(False)
 
@@ -110,7 +116,8 @@ class PreprocessingDefense(Defense):
         return {
             "recipe": self.weights_name, "trained_with": self.trained_with,
             "cross_model": self.trained_with != getattr(getattr(self.classifier, "info", None), "name", self.trained_with),
-            "noise_sigma": self.noise_sigma, "purifier": self.purifier.config(), "training": self.training_info,
+            "noise_sigma": self.noise_sigma, "noise_radius": self.noise_radius, "purifier": self.purifier.config(),
+            "training": self.training_info,
             "checkpoint": checkpoint_display(self.checkpoint_path, self.checkpoint_source), "checkpoint_source": self.checkpoint_source, "checkpoint_sha256": self.checkpoint_sha256,
         }
 
@@ -124,10 +131,13 @@ class NRP(PreprocessingDefense):
 
 @register_defense("nrp-dynamic")
 class NRPDynamic(PreprocessingDefense):
-    """NRP with dynamic inference: N(0, 0.05) noise before the purifier (stochastic)."""
+    """NRP with dynamic inference: N(0, 0.05) noise, projected into the 16/255 ball around the input and clipped to
+    [0, 1], before the purifier (stochastic). Version 2 adds the projection and clip of the authors' code."""
 
+    version = "2"
     weights_name = "nrp"
     noise_sigma = 0.05
+    noise_radius = 16 / 255
     stochastic = True
 
 

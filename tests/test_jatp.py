@@ -183,6 +183,9 @@ def test_dynamic_nrp_adds_noise_before_the_same_purifier():
     x = torch.rand(2, 3, 8, 8)
     assert not torch.equal(defense(x), defense(x))
     assert defense.describe()["config"]["noise_sigma"] == 0.05
+    noisy = defense.transform(x)  # projected into the 16/255 ball and clipped, as the authors' purify.py does
+    assert (noisy - x).abs().max() <= 16 / 255 + 1e-6 and noisy.min() >= 0 and noisy.max() <= 1
+    assert not torch.equal(noisy, x)
 
 
 def test_missing_checkpoint_says_how_to_train(monkeypatch, tmp_path):
