@@ -38,6 +38,21 @@ def _batch_size(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"batch size must be an integer or auto, got {text!r}") from None
 
 
+def _model_arguments(parser: argparse.ArgumentParser, defense_default: Optional[str] = None) -> None:
+    """The flags that name what is evaluated, the same in every command: defense, classifier, dataset, device and
+    defense options."""
+    if defense_default is None:
+        parser.add_argument("--defense", required=True, help="defense name (bench list defenses), or a+b to stack two")
+    else:
+        parser.add_argument("--defense", default=defense_default,
+                            help=f"defense name (bench list defenses; default {defense_default})")
+    parser.add_argument("--classifier", default="resnet20", help="classifier behind the defense (default resnet20)")
+    parser.add_argument("--dataset", default="cifar10-jpeg", help="dataset of the fixed subset (default cifar10-jpeg)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present, default), cpu or cuda")
+    parser.add_argument("--defense-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an option of the defense, e.g. checkpoint=path/to/weights.pt (repeatable)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench", description="Adaptive-attack benchmark for adversarial purification defenses.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="also print debugging details")
@@ -47,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="evaluate a defense on the fixed subset against a suite and write a record",
                          description="Evaluate a defense (transform -> purifier -> classifier) on the fixed, hashed subset "
                                      "against an adaptive attack suite; print the result and write a JSON record.")
-    run.add_argument("--defense", required=True, help="defense name (bench list defenses), or a+b to stack two")
+    _model_arguments(run)
     run.add_argument("--threat", choices=NORMS, default="linf",
                      help="linf (8/255), l2 (0.5; 1.0 with --eps 1.0) or stadv (flow field bounded by 0.05)")
     run.add_argument("--suite", default=None, help="suite name (default: the threat's own suite, linf, l2 or stadv)")
@@ -60,11 +75,8 @@ def _parser() -> argparse.ArgumentParser:
                           "wrong, default), mean (over the draws) or majority (vote over the draws)")
     run.add_argument("--no-checks", dest="checks", action="store_false",
                      help="skip the integrity checks after the attacks (the record then says checks.ran = false)")
-    run.add_argument("--dataset", default="cifar10-jpeg", help="dataset of the fixed subset (default cifar10-jpeg)")
-    run.add_argument("--classifier", default="resnet20", help="classifier behind the defense (default resnet20)")
     run.add_argument("--n", type=int, default=512, help="images in the fixed subset (default 512)")
     run.add_argument("--seed", type=int, default=0, help="seed of the subset and of the attacks (default 0)")
-    run.add_argument("--device", default="auto", help="auto (CUDA when present, default), cpu or cuda")
     run.add_argument("--batch-size", type=_batch_size, default=128,
                      help="images attacked together (default 128, the fastest on a CPU); auto = the largest that fits "
                           "in GPU memory. A batch that runs out of memory is split in halves either way")
@@ -78,17 +90,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--launcher", choices=("none", "torchrun"), default="none",
                      help="torchrun: run this evaluation over --nproc-per-node processes on this machine (one record)")
     run.add_argument("--nproc-per-node", type=int, default=2, help="processes for --launcher torchrun (default 2)")
-    run.add_argument("--defense-option", action="append", default=[], metavar="KEY=VALUE",
-                     help="pass an option to the defense, e.g. checkpoint=path/to/finetune.pt (repeatable)")
     run.add_argument("--plugin", action="append", default=[], metavar="FILE", dest="run_plugins",
                      help="import FILE first, to register your own defenses or attacks (repeatable)")
     train = sub.add_parser("train", help="train a defense's learned parts (the classifier stays frozen)")
     train.add_argument("--defense", required=True, help="defense to train: atop, nrp, jatp, jatp-obl, aid-purifier or pixeldefend")
     train.add_argument("--classifier", default="resnet20", help="the frozen classifier it defends (default resnet20)")
     train.add_argument("--dataset", default="cifar10-jpeg", help="training images come from its train split")
-    train.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (AToP) / training epochs")
-    train.add_argument("--pretrain-epochs", type=int, default=None)
-    train.add_argument("--train-size", type=int, default=20000, help="training images used (seeded subset)")
+    train.add_argument("--epochs", type=int, default=None,
+                       help="training epochs (AToP: fine-tuning epochs); default: the defense's own recipe")
+    train.add_argument("--pretrain-epochs", type=int, default=None,
+                       help="AToP: epochs of pre-training the purifier before fine-tuning")
+    train.add_argument("--train-size", type=int, default=20000,
+                       help="training images used, a seeded subset of the train split (default 20000)")
     train.add_argument("--batch-size", type=int, default=128, help="training batch size (default 128)")
     train.add_argument("--seed", type=int, default=0, help="seed of the image subset and the initialization")
     train.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -99,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="AToP: craft the fine-tuning examples against the bare classifier or the whole pipeline")
     train.add_argument("--rec-target", choices=("adv", "clean"), default=None,
                        help="AToP: what the reconstruction loss compares the purified image with")
-    train.add_argument("--lam", type=float, default=None, help="weight of the adversarial CE loss (AToP lambda)")
+    train.add_argument("--lam", type=float, default=None, help="AToP: weight of the adversarial cross-entropy loss (lambda)")
     train.add_argument("--eps", type=parse_eps, default=None,
                        help="NRP/JATP: radius of the training perturbations (NRP 16/255, JATP 8/255)")
     train.add_argument("--step-size", type=parse_eps, default=None, help="NRP/JATP: PGD step of the training perturbations")
@@ -115,36 +128,25 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--pretrained", default=None, metavar="PATH",
                        help="AToP: skip pre-training and fine-tune this pre-trained purifier (e.g. RT2's for RT3)")
     aud = sub.add_parser("audit", help="run only the integrity checks on a defense and print a verdict")
-    aud.add_argument("--defense", required=True, help="defense name (bench list defenses)")
+    _model_arguments(aud)
     aud.add_argument("--threat", choices=NORMS, default="linf", help="threat (default linf)")
     aud.add_argument("--eps", type=parse_eps, default=None, help="override the threat's eps, e.g. 2/255")
-    aud.add_argument("--classifier", default="resnet20", help="classifier behind the defense (default resnet20)")
-    aud.add_argument("--dataset", default="cifar10-jpeg", help="dataset of the fixed subset (default cifar10-jpeg)")
     aud.add_argument("--n", type=int, default=64, help="images of the fixed subset to audit on (default 64)")
     aud.add_argument("--seed", type=int, default=0, help="subset seed (default 0)")
-    aud.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    aud.add_argument("--defense-option", action="append", default=[], metavar="KEY=VALUE",
-                     help="an option of the defense (repeatable)")
     perf = sub.add_parser("perf", help="measure what attacks cost beyond their passes: efficiency, reference "
                                        "implementations, EOT batching, early stop, execution options")
-    perf.add_argument("--defense", default="none", help="defense to measure on (default none: the bare classifier)")
-    perf.add_argument("--classifier", default="resnet20", help="classifier (default resnet20)")
-    perf.add_argument("--dataset", default="cifar10-jpeg", help="dataset of the fixed subset (default cifar10-jpeg)")
+    _model_arguments(perf, defense_default="none")
     perf.add_argument("--n", type=int, default=128, help="images of the fixed subset, attacked as one batch (default 128)")
     perf.add_argument("--eps", type=parse_eps, default=8 / 255, help="linf radius of the attacks (default 8/255)")
     perf.add_argument("--steps", type=int, default=20, help="steps of PGD and APGD-CE (default 20)")
     perf.add_argument("--suite", default="linf", help="suite for the early-stop comparison ('' skips it)")
     perf.add_argument("--budget", default="cpu", help="budget of that suite (default cpu)")
     perf.add_argument("--seed", type=int, default=0, help="subset and attack seed (default 0)")
-    perf.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    perf.add_argument("--defense-option", action="append", default=[], metavar="KEY=VALUE",
-                      help="an option of the defense (repeatable)")
     perf.add_argument("--out", type=Path, default=None, help="write the measurements as JSON here")
     show = sub.add_parser("show", help="draw clean, adversarial, transformed and purified images with predictions (PNG)")
-    show.add_argument("--defense", required=True, help="defense name (bench list defenses)")
-    show.add_argument("--classifier", default="resnet20", help="classifier behind the defense (default resnet20)")
-    show.add_argument("--dataset", default="cifar10-jpeg", help="dataset of the fixed subset (default cifar10-jpeg)")
-    show.add_argument("--threat", choices=("linf", "l2"), default="linf", help="threat of the adversarial column")
+    _model_arguments(show)
+    show.add_argument("--threat", choices=("linf", "l2"), default="linf",
+                      help="threat of the adversarial column (default linf)")
     show.add_argument("--eps", type=parse_eps, default=None, help="radius (default 8/255 for linf, 0.5 for l2)")
     show.add_argument("--images", type=int, default=6, help="how many images: the first of the fixed subset (default 6)")
     show.add_argument("--n", type=int, default=512, help="size of the fixed subset they come from (default 512)")
@@ -153,15 +155,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="an option of the attack, e.g. steps=50 (repeatable)")
     show.add_argument("--eot", type=int, default=10, help="EOT draws when the defense is stochastic (default 10)")
     show.add_argument("--seed", type=int, default=0, help="subset seed and attack seed (default 0)")
-    show.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    show.add_argument("--defense-option", action="append", default=[], metavar="KEY=VALUE",
-                      help="an option of the defense, e.g. checkpoint=path (repeatable)")
     show.add_argument("--out", type=Path, default=None, help="PNG to write (default runs/pictures/<defense>-<classifier>.png)")
     curve = sub.add_parser("curve", help="robust accuracy vs eps for a defense and its bare classifier (PNG + JSON)")
-    curve.add_argument("--defense", required=True, help="defense name (bench list defenses)")
-    curve.add_argument("--classifier", default="resnet20", help="classifier behind the defense (default resnet20)")
-    curve.add_argument("--dataset", default="cifar10-jpeg", help="dataset of the fixed subset (default cifar10-jpeg)")
-    curve.add_argument("--threat", choices=("linf", "l2"), default="linf", help="threat (default linf)")
+    _model_arguments(curve)
+    curve.add_argument("--threat", choices=("linf", "l2"), default="linf", help="threat of every point (default linf)")
     curve.add_argument("--eps", default=None, metavar="LIST",
                        help="comma-separated radii, 0 = clean (default 0,1/255,2/255,4/255,8/255,16/255 for linf; "
                             "0,0.25,0.5,1 for l2)")
@@ -171,12 +168,10 @@ def _parser() -> argparse.ArgumentParser:
                             "takes a minute and gives upper bounds)")
     curve.add_argument("--n", type=int, default=64, help="images of the fixed subset per point (default 64)")
     curve.add_argument("--seed", type=int, default=0, help="subset seed (default 0)")
-    curve.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    curve.add_argument("--defense-option", action="append", default=[], metavar="KEY=VALUE",
-                       help="an option of the defense (repeatable)")
-    curve.add_argument("--runs", type=Path, default=Path("runs/curve"), help="where the points' records go")
-    curve.add_argument("--out", type=Path, default=None,
-                       help="PNG to write, a JSON of the points beside it (default runs/pictures/<defense>-curve.png)")
+    curve.add_argument("--runs", type=Path, default=Path("runs/curve"),
+                       help="folder for the records of the points (default runs/curve)")
+    curve.add_argument("--out", type=Path, default=None, help="PNG to write, a JSON of the points beside it "
+                       "(default runs/pictures/<defense>-<classifier>-curve.png)")
     sub.add_parser("leaderboard", help="regenerate every board and paper table under leaderboards/ from the committed records")
     chk = sub.add_parser("check", help="regression checks: records valid, markdown not stale, chosen entries rerun and compared")
     chk.add_argument("--board", action="append", default=[], metavar="NAME",
