@@ -159,5 +159,6 @@ def plot_curve(points: List[Dict[str, Any]], out: Path, title: str, norm: str) -
 def curve_title(defense: str, classifier: str, subset: Subset, points: List[Dict[str, Any]]) -> str:
     suite = next((p["suite"] for p in points if p["suite"]), {})
     return (f"{defense} vs its bare classifier {classifier} | {subset.dataset} n={subset.n} subset {subset.subset_hash[:12]}\n"
-            f"suite {suite.get('name')} v{suite.get('version')} ({suite.get('budget')} budget); shaded: 95% interval")
+            f"suite {suite.get('name')} v{suite.get('version')} ({suite.get('budget')} budget); eps 0: clean accuracy; "
+            f"shaded: 95% interval")
 
