@@ -51,13 +51,11 @@ class Threat:
         """Into the ball and [0, 1]; for ``stadv`` only into [0, 1] (the attack bounds its own flow)."""
         if not self.pixel:
             return x_adv.clamp(0.0, 1.0)
+        if self.norm == "linf":  # clamp to [x - eps, x + eps]: a point already inside is returned unchanged
+            return torch.min(torch.max(x_adv, x - self.eps), x + self.eps).clamp(0.0, 1.0)
         delta = x_adv - x
-        if self.norm == "linf":
-            delta = delta.clamp(-self.eps, self.eps)
-        else:
-            norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-            delta = delta * (self.eps / norms).clamp(max=1.0)
-        return (x + delta).clamp(0.0, 1.0)
+        norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        return (x + delta * (self.eps / norms).clamp(max=1.0)).clamp(0.0, 1.0)
 
     def random_start(self, x: torch.Tensor) -> torch.Tensor:
         self._needs_pixel("a random start")

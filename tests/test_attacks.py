@@ -44,6 +44,8 @@ def test_projection_is_exact():
     proj = threat.project(far, x)
     assert torch.allclose((proj - x).flatten(1).norm(dim=1), torch.tensor([0.5, 0.5]), atol=1e-5)
     assert torch.allclose(Threat("linf", 0.05).project(far, x), x + 0.05 * (far - x).sign())
+    inside = (x + 0.01 * torch.randn_like(x)).clamp(0, 1)
+    assert torch.equal(Threat("linf", 0.05).project(inside, x), inside)  # no rounding of points already inside
 
 
 def test_pgd_and_apgd_break_an_undefended_model(tiny_net, batch):
