@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Dict, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -102,16 +102,21 @@ class PassCounter:
 
 
 class CountingModule(nn.Module):
-    """Wraps a model and counts forward/backward passes, also through ``bpda_forward``."""
+    """Wraps a model and counts forward/backward passes, also through ``bpda_forward``. With ``record_sizes`` it
+    also keeps the batch size of every pass (``forward_sizes``, ``backward_sizes``; ``bench perf`` uses them)."""
 
-    def __init__(self, model: nn.Module, counter: PassCounter | None = None) -> None:
+    def __init__(self, model: nn.Module, counter: PassCounter | None = None, record_sizes: bool = False) -> None:
         super().__init__()
         self.model = model
         self.counter = counter if counter is not None else PassCounter()
+        self.forward_sizes: Optional[List[int]] = [] if record_sizes else None
+        self.backward_sizes: Optional[List[int]] = [] if record_sizes else None
 
     def _count(self, out: torch.Tensor, n: int) -> torch.Tensor:
         self.counter.forward += 1
         self.counter.forward_images += n
+        if self.forward_sizes is not None:
+            self.forward_sizes.append(n)
         if out.requires_grad:
             out.register_hook(self._on_backward(n))
         return out
@@ -120,6 +125,8 @@ class CountingModule(nn.Module):
         def hook(grad: torch.Tensor) -> None:
             self.counter.backward += 1
             self.counter.backward_images += n
+            if self.backward_sizes is not None:
+                self.backward_sizes.append(n)
 
         return hook
 

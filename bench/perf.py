@@ -66,25 +66,6 @@ def raw_pass_times(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: 
             "forward_per_image": t_fwd / n, "backward_per_image": max(t_fb - t_fwd, 0.0) / n}
 
 
-class _PassSizes(nn.Module):
-    """Records the batch size of every forward and backward pass through ``model``."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model, self.forwards, self.backwards = model, [], []
-
-    @property
-    def stochastic(self) -> bool:
-        return bool(getattr(self.model, "stochastic", False))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
-        self.forwards.append(x.shape[0])
-        if out.requires_grad:
-            out.register_hook(lambda grad, n=x.shape[0]: self.backwards.append(n))
-        return out
-
-
 def passes_at_their_sizes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forwards: Sequence[int],
                           backwards: Sequence[int], repeats: int = 3) -> float:
     """Seconds that raw passes of exactly these batch sizes take (each size timed on its own): what an attack whose
@@ -102,18 +83,17 @@ def measure_attack(model: nn.Module, make_attack: Callable[[], object], x: torch
     the same pass measured at the start of a process was up to 40% slower here, which would inflate efficiency."""
     runs = []
     for _ in range(repeats):
-        sizes = _PassSizes(model)
-        counting = CountingModule(sizes, PassCounter())
+        counting = CountingModule(model, PassCounter(), record_sizes=True)
         attack = make_attack()
         torch.manual_seed(seed)
         start = time.perf_counter()
         x_adv = attack.perturb(counting, x, y)
-        runs.append((time.perf_counter() - start, counting.counter.snapshot(), x_adv, sizes))
+        runs.append((time.perf_counter() - start, counting.counter.snapshot(), x_adv, counting))
     seconds = statistics.median(r[0] for r in runs)
-    _, passes, x_adv, sizes = runs[0]
+    _, passes, x_adv, counted = runs[0]
     raw = raw_pass_times(model, x, y)
     modelled = passes["forward_images"] * raw["forward_per_image"] + passes["backward_images"] * raw["backward_per_image"]
-    at_sizes = passes_at_their_sizes(model, x, y, sizes.forwards, sizes.backwards)
+    at_sizes = passes_at_their_sizes(model, x, y, counted.forward_sizes, counted.backward_sizes)
     return {"seconds": seconds, **passes, "robust_accuracy": _robust(model, x_adv, y, seed),
             "efficiency": modelled / seconds if seconds else None,
             "efficiency_at_pass_sizes": at_sizes / seconds if seconds else None, "raw": raw}
@@ -215,10 +195,10 @@ def execution_comparison(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt
     def agreement(m: nn.Module, reference: Optional[torch.Tensor]):
         """Largest logit difference from the plain model (deterministic models), or the mean clean accuracy over
         10 draws (stochastic ones: their draws differ between options, e.g. noise laid out channels-last)."""
+        if stochastic:
+            return _robust(m, x, y, seed=-1)  # seeded with 0
         torch.manual_seed(0)
         with torch.no_grad():
-            if stochastic:
-                return statistics.fmean((m(x).argmax(1) == y).float().mean().item() for _ in range(ROBUST_DRAWS))
             logits = m(x)
         return logits if reference is None else (logits - reference).abs().max().item()
 

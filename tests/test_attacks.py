@@ -182,6 +182,10 @@ def test_counting_module_counts_passes(tiny_net, batch):
     ATTACKS.get("pgd")(Threat("linf", 1e-4), steps=3).perturb(counting, x, y)
     # 3 gradient steps (forward + backward) and one final forward, tiny eps keeps every point
     assert counting.counter.forward == 4 and counting.counter.backward == 3
+    assert counting.forward_sizes is None  # sizes are only kept when asked for
+    sized = CountingModule(tiny_net, record_sizes=True)
+    ATTACKS.get("pgd")(Threat("linf", 1e-4), steps=3).perturb(sized, x, y)
+    assert sized.forward_sizes == [len(x)] * 4 and sized.backward_sizes == [len(x)] * 3
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan")])
