@@ -43,12 +43,12 @@ def _repeat(t: torch.Tensor, k: int) -> torch.Tensor:
 class EOTOracle(Oracle):
     """Expectation over Transformation: mean loss, mean gradient and mean logits over ``n`` draws."""
 
-    def __init__(self, model: nn.Module, n: int, chunk_images: int) -> None:
-        super().__init__(model)
+    def __init__(self, model: nn.Module, n: int, chunk_images: int, judge=None, real: bool = True) -> None:
+        super().__init__(model, judge, real)
         self.n, self.chunk_images = n, chunk_images
 
-    def with_model(self, model: nn.Module) -> "EOTOracle":
-        return EOTOracle(model, self.n, self.chunk_images)
+    def with_model(self, model: nn.Module, real: Optional[bool] = None) -> "EOTOracle":
+        return EOTOracle(model, self.n, self.chunk_images, self.judge, self.real if real is None else real)
 
     @property
     def single_draw(self) -> bool:
@@ -102,6 +102,18 @@ class _Wrapper(Attack):
     def params(self) -> Dict[str, Any]:
         return self.inner.params()
 
+    @property
+    def completes(self) -> bool:  # type: ignore[override]
+        return self.inner.completes
+
+    @property
+    def early_stop(self) -> bool:  # type: ignore[override]
+        return self.inner.early_stop
+
+    @early_stop.setter
+    def early_stop(self, value: bool) -> None:
+        self.inner.early_stop = value
+
 
 class EOT(_Wrapper):
     """Average the attack's gradients over ``n`` draws of the (stochastic) model."""
@@ -118,7 +130,7 @@ class EOT(_Wrapper):
         if self.chunk_images is None:  # resolved once, then recorded
             device = next(iter(model.parameters()), torch.empty(0)).device
             self.chunk_images = default_chunk_images(device)
-        return EOTOracle(base.model, self.n, self.chunk_images)
+        return EOTOracle(base.model, self.n, self.chunk_images, base.judge, base.real)
 
     def wrapper_settings(self) -> Dict[str, Any]:
         return {**self.inner.wrapper_settings(), "eot": self.n, "eot_chunk_images": self.chunk_images}
@@ -175,7 +187,8 @@ class Surrogate(_Wrapper):
     def make_oracle(self, model: nn.Module) -> Oracle:
         base = self.inner.make_oracle(model)
         counter = getattr(model, "counter", None)
-        return base.with_model(CountingModule(self.model, counter) if counter is not None else self.model)
+        # the stand-in's logits are not the defense's: the judge classifies candidates with the real model
+        return base.with_model(CountingModule(self.model, counter) if counter is not None else self.model, real=False)
 
     def wrapper_settings(self) -> Dict[str, Any]:
         return {**self.inner.wrapper_settings(), "surrogate": True}

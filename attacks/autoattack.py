@@ -3,6 +3,12 @@
 ``version="standard"`` is APGD-CE, APGD-T, FAB-T and Square; ``version="rand"`` is APGD-CE and APGD-DLR
 with EOT over 20 draws, for randomized defenses. pyautoattack runs its own model loop (and its own EOT),
 so this attack cannot be wrapped by ``EOT``/``BPDA``; pass a BPDA view of the model yourself if needed.
+
+Counting, for a stochastic defense: pyautoattack calls a point broken when one forward pass misclassifies its
+example, and never attacks a point its own single clean pass got wrong (it returns the clean image, counted wrong).
+Either verdict is a draw of the defense misclassifying an image inside the threat ball, so both stand: every point
+pyautoattack reports misclassified is handed to the evaluation's judge as broken (``Judge.force``), and the
+evaluation's own draws on the returned example may break more. A point counts broken if either says so.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import torch
 from torch import nn
 
 from attacks.base import Attack, Threat, register_attack
+from attacks.verdict import current_judge
 from bench.errors import BenchError
 
 _NORMS = {"linf": "Linf", "l2": "L2"}
@@ -42,5 +49,9 @@ class AutoAttackReference(Attack):
             model, norm=_NORMS[self.threat.norm], eps=self.threat.eps, version=self.version,
             device=x.device, seed=self.seed,
         )
-        x_adv, _ = adversary.run_standard_evaluation(x.contiguous(), y, batch_size=min(self.batch_size, x.shape[0]))
-        return self.threat.project(x_adv.detach(), x)
+        x_adv, y_adv = adversary.run_standard_evaluation(x.contiguous(), y, batch_size=min(self.batch_size, x.shape[0]))
+        x_adv = self.threat.project(x_adv.detach(), x)
+        judge = current_judge()
+        if judge is not None:  # pyautoattack's own verdict stands beside the evaluation's draws
+            judge.force(x_adv[y_adv.to(y.device) != y])
+        return x_adv

@@ -38,6 +38,8 @@ def find_auxiliary(defense: nn.Module) -> nn.Module:
 class AuxiliaryAware(Attack):
     """PGD on (1 - lam) * CE of the bare classifier - lam * BCE(D(x), clean)."""
 
+    completes = True
+
     uses_oracle = False
     norms = ("linf", "l2")
 

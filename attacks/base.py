@@ -15,6 +15,7 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from attacks.verdict import Judge, current_judge
 from bench.errors import BenchError
 from bench.registry import Registry
 
@@ -55,7 +56,9 @@ class Threat:
             return torch.min(torch.max(x_adv, x - self.eps), x + self.eps).clamp(0.0, 1.0)
         delta = x_adv - x
         norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        return (x + delta * (self.eps / norms).clamp(max=1.0)).clamp(0.0, 1.0)
+        scaled = x + delta * (self.eps / norms).clamp(max=1.0)
+        inside = norms <= self.eps * (1 + 1e-6)  # a point inside comes back unchanged (bit for bit)
+        return torch.where(inside, x_adv, scaled).clamp(0.0, 1.0)
 
     def random_start(self, x: torch.Tensor) -> torch.Tensor:
         self._needs_pixel("a random start")
@@ -146,6 +149,17 @@ class CountingModule(nn.Module):
         return bool(getattr(self.model, "stochastic", False))
 
 
+#: Rows an attack runs side by side when it has several runs (restarts, target classes) for few points: runs are
+#: stacked until about this many rows, so finishing 3 points with 9 targets costs one run of 27 rows, not 9 runs of 3.
+PARALLEL_ROWS = {"cpu": 32, "cuda": 1024}
+
+
+def run_groups(points: int, runs: int, device: torch.device | str) -> int:
+    """How many of ``runs`` runs to stack side by side for ``points`` points (at least 1)."""
+    limit = PARALLEL_ROWS.get(torch.device(device).type, PARALLEL_ROWS["cpu"])
+    return max(1, min(runs, limit // max(points, 1)))
+
+
 def input_grad(loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """d loss.sum() / d x, and zeros (not an exception) where the model cut ``x`` out of the graph.
 
@@ -159,19 +173,27 @@ def input_grad(loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class Oracle:
-    """What an attack may ask of the model: logits, and a per-sample loss with its input gradient."""
+    """What an attack may ask of the model: logits, a per-sample loss with its input gradient, and the verdict on
+    candidates (``judge_candidates``, see ``attacks.verdict``).
 
-    def __init__(self, model: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    ``judge`` is the evaluation's judge when an attack runs inside ``attacks.verdict.judging`` (the runner does
+    that), else one for ``model`` itself. ``real`` says whether this oracle's logits come from the real forward of
+    the evaluated model (True for plain, BPDA and EOT oracles; False for a stand-in ``Surrogate`` model).
+    """
+
+    def __init__(self, model: Callable[[torch.Tensor], torch.Tensor], judge: Optional[Judge] = None,
+                 real: bool = True) -> None:
         self.model = model
+        self.judge = judge if judge is not None else (current_judge() or Judge.for_model(model))
+        self.real = real
 
-    def with_model(self, model: Callable[[torch.Tensor], torch.Tensor]) -> "Oracle":
-        """The same kind of oracle around another model (how wrappers compose)."""
-        return Oracle(model)
+    def with_model(self, model: Callable[[torch.Tensor], torch.Tensor], real: Optional[bool] = None) -> "Oracle":
+        """The same kind of oracle around another model (how wrappers compose); the judge stays."""
+        return Oracle(model, self.judge, self.real if real is None else real)
 
     @property
     def single_draw(self) -> bool:
-        """True when each answer is one random draw of a stochastic model (no averaging): a point that one draw
-        misclassifies may be classified right by the next, so early stop must not trust it."""
+        """True when each answer is one random draw of a stochastic model (no averaging)."""
         return bool(getattr(self.model, "stochastic", False))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,6 +209,10 @@ class Oracle:
             grad = input_grad(loss, x)
         return loss.detach(), grad.detach(), logits.detach()
 
+    def judge_candidates(self, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Broken mask under the verdict rule for candidates ``x`` the attack saw ``logits`` for."""
+        return self.judge(x, y, logits, real=self.real)
+
 
 class Attack:
     """Base class: subclasses implement ``run(oracle, x, y)``; wrappers override ``make_oracle``."""
@@ -196,11 +222,16 @@ class Attack:
     uses_oracle: ClassVar[bool] = True
     #: False for score-based attacks: they never ask for a gradient, so a BPDA variant would repeat them.
     uses_gradients: ClassVar[bool] = True
+    #: True when ``early_stop = False`` makes the attack optimise every point to its last step and return each
+    #: point's best candidate: only such attacks give mean and majority over the draws that mean something. A
+    #: plug-in attack opts in by setting it.
+    completes: ClassVar[bool] = False
     #: The threat norms the attack can work in.
     norms: ClassVar[Tuple[str, ...]] = PIXEL_NORMS
-    #: Attacks with early stop (PGD and its kin, APGD) drop a point once it is misclassified. False keeps
-    #: attacking it (the first misclassified iterate is still what the attack returns): ``bench perf`` uses it
-    #: to measure what early stop saves; evaluations never turn it off.
+    #: Early stop: a point leaves the attack once the judge confirms it broken (``attacks.verdict``). False runs
+    #: every step on every point and returns each point's best candidate: evaluations turn it off for a stochastic
+    #: defense in an independent suite (mean and majority over the draws need completed attacks), ``Transfer`` for
+    #: its source, and ``bench perf`` to measure what early stop saves.
     early_stop: bool = True
 
     def __init__(self, threat: Threat) -> None:
@@ -210,6 +241,8 @@ class Attack:
         self.threat = threat
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The attack's examples, projected into the threat; inside ``attacks.verdict.judging`` its verdicts are the
+        evaluation's."""
         x_adv = self.run(self.make_oracle(model), x, y)
         return self.threat.project(x_adv.detach(), x)
 

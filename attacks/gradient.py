@@ -1,12 +1,9 @@
-"""FGSM and PGD (Madry et al. 2018) for linf and l2, with random start and early stop.
+"""FGSM and PGD (Madry et al. 2018) for linf and l2, with random start, restarts and early stop.
 
-Early stop: a point whose current iterate is misclassified (judged on the logits of the same forward
-pass that produced its gradient, so no extra pass) keeps that iterate and leaves the batch.
-
-On a stochastic model seen one draw at a time (no EOT averaging, ``Oracle.single_draw``), one misclassified draw
-says little: the next draw may classify the same iterate right. There PGD takes every step on every point and
-returns the last iterate, as the textbook loop does; with restarts, a point counts as fooled when a fresh draw of
-its last iterate misclassifies it (the last restart needs no such pass).
+Every iterate is offered to the attack's ``Candidates`` (``attacks.verdict``) with the logits of the pass that
+produced its gradient (no extra pass): a point leaves once the judge confirms it broken (for a stochastic defense,
+any of the evaluation's fresh draws wrong), and a point never broken returns its lowest-margin iterate. Restarts of
+few remaining points run side by side (``attacks.base.run_groups``).
 """
 
 from __future__ import annotations
@@ -16,8 +13,9 @@ from typing import Any, Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from attacks.base import Attack, Oracle, Threat, register_attack
+from attacks.base import Attack, Oracle, Threat, register_attack, run_groups
 from attacks.losses import LOSSES
+from attacks.verdict import Candidates
 from bench.errors import BenchError
 
 
@@ -30,6 +28,8 @@ def _loss(name: str):
 @register_attack("fgsm")
 class FGSM(Attack):
     """One step of size eps along the gradient sign (linf) or the normalized gradient (l2)."""
+
+    completes = True
 
     def __init__(self, threat: Threat, loss: str = "ce") -> None:
         super().__init__(threat)
@@ -51,6 +51,8 @@ class PGD(Attack):
     ``step_fraction`` gives the step as a fraction of eps instead (a paper's step 0.01 at eps 8/255 is
     fraction 0.31875), so a suite keeps the paper's ratio when run at another ``--eps``.
     """
+
+    completes = True
 
     def __init__(
         self, threat: Threat, steps: int = 20, step_size: float | None = None, loss: str = "ce",
@@ -74,57 +76,36 @@ class PGD(Attack):
                 **({"step_fraction": self.step_fraction} if self.step_fraction is not None else {})}
 
     def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x_best = x.clone()
-        done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        todo = torch.arange(x.shape[0], device=x.device)
-        for r in range(self.restarts):
+        found = Candidates(oracle, x, y, self.early_stop)
+        started = 0
+        while started < self.restarts:
+            todo = found.open()
             if todo.numel() == 0:
                 break
-            x_adv, fooled = self._single(oracle, x[todo], y[todo], judge_last=r < self.restarts - 1)
-            update = ~done[todo]  # a point fooled by an earlier restart keeps that example
-            x_best[todo[update]] = x_adv[update]
-            done[todo[fooled]] = True
-            todo = todo[~fooled] if self.early_stop else todo
-        return x_best
+            group = run_groups(len(todo), self.restarts - started, x.device)
+            owners = todo.repeat(group)
+            self._ascend(oracle, found, owners, x[owners], y[owners])
+            started += group
+        return found.x
 
-    def _single(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, judge_last: bool = True):
-        """One PGD run; returns the final/first-fooling iterates and which points were fooled. On single draws of a
-        stochastic model the last iterates are only judged (one more forward pass) if ``judge_last`` (a restart
-        follows)."""
-        x_out = x.clone()
-        fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        active = torch.arange(x.shape[0], device=x.device)
+    def _ascend(self, oracle: Oracle, found: Candidates, owners: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One PGD run for rows ``x`` (row i attacks point ``owners[i]``); every iterate is offered to ``found``."""
         x_adv = self.threat.random_start(x) if self.random_start else x.clone()
-        memory = torch.zeros_like(x)  # per-point state of the ascent direction (momentum), if any
-        single_draw = oracle.single_draw
+        memory = torch.zeros_like(x)  # per-row state of the ascent direction (momentum), if any
         for _ in range(self.steps):
-            _, grad, logits = oracle.loss_grad(x_adv, y[active], self._loss_fn)
-            if not single_draw:  # no verdict from one draw: then every point keeps stepping
-                keep = self._record(x_out, fooled, active, x_adv, logits, y)
-                if not bool(keep.all()):
-                    active, x_adv, grad, memory = active[keep], x_adv[keep], grad[keep], memory[keep]
-                if active.numel() == 0:
-                    return x_out, fooled
+            _, grad, logits = oracle.loss_grad(x_adv, y, self._loss_fn)
+            keep = found.offer(owners, x_adv, logits)
+            if not bool(keep.all()):
+                owners, x, y, x_adv, grad, memory = (t[keep] for t in (owners, x, y, x_adv, grad, memory))
+                if owners.numel() == 0:
+                    return
             direction, memory = self.direction(grad, memory)
-            x_adv = self.threat.project(self.threat.step(x_adv, direction, self.step_size), x[active])
-        if single_draw and not judge_last:
-            x_out[active] = x_adv
-        else:
-            self._record(x_out, fooled, active, x_adv, oracle.logits(x_adv), y, last=single_draw)
-        return x_out, fooled
+            x_adv = self.threat.project(self.threat.step(x_adv, direction, self.step_size), x)
+        found.offer(owners, x_adv, oracle.logits(x_adv))
 
     def direction(self, grad: torch.Tensor, memory: torch.Tensor):
-        """The ascent direction from this step's gradient (and per-point memory); PGD uses the gradient."""
+        """The ascent direction from this step's gradient (and per-row memory); PGD uses the gradient."""
         return grad, memory
-
-    def _record(self, x_out, fooled, active, x_adv, logits, y, last: bool = False) -> torch.Tensor:
-        """Store the current iterates of points not yet fooled (of every point if ``last``), mark the misclassified
-        ones; return the mask of points to keep attacking (all of them without early stop)."""
-        hit = logits.argmax(1) != y[active]
-        store = torch.ones_like(hit) if last else ~fooled[active]  # a fooled point keeps its first adversarial iterate
-        x_out[active[store]] = x_adv[store]
-        fooled[active[hit]] = True
-        return ~hit if self.early_stop else torch.ones_like(hit)
 
 
 @register_attack("cw-linf")

@@ -2,11 +2,11 @@
 (Moosavi-Dezfooli et al. 2016).
 
 Both look for the *smallest* perturbation that changes the label, not the worst one inside the ball. In a
-bounded evaluation a point counts as broken only by an adversarial example inside the threat ball: CW-l2
-keeps, per point, the smallest adversarial example it met inside the ball; DeepFool stops at its first
-adversarial iterate. Either way a result outside the ball is projected into it (it may or may not stay
-adversarial; the evaluation re-classifies it). Both read the model only through the oracle (loss, input
-gradient, logits), so EOT and BPDA wrap them like any other attack.
+bounded evaluation a point counts as broken only by an adversarial example inside the threat ball, under the
+verdict rule of ``attacks.verdict``: every in-ball iterate (for DeepFool, the iterate projected into the ball) is
+offered to the attack's ``Candidates``, a point leaves once the judge confirms it broken, and a point never broken
+returns its lowest-margin in-ball candidate. Both read the model only through the oracle (loss, input gradient,
+logits), so EOT and BPDA wrap them like any other attack.
 
 - ``cw-l2``: minimise ||delta||_2^2 + c * max(z_y - max_{i != y} z_i, -kappa) over x_adv = (tanh(w) + 1) / 2
   with Adam (lr 0.01), ``steps`` per constant c, and a binary search over c (``search_steps`` rounds, c
@@ -23,6 +23,7 @@ from typing import Any, Dict
 import torch
 
 from attacks.base import Attack, Oracle, Threat, register_attack
+from attacks.verdict import Candidates
 from bench.errors import BenchError
 
 
@@ -44,6 +45,8 @@ def _margin_to(k: torch.Tensor):
 class CWL2(Attack):
     """Carlini-Wagner l2 with a binary search over c; returns the smallest in-ball adversarial example found."""
 
+    completes = True
+
     norms = ("l2",)
 
     def __init__(self, threat: Threat, steps: int = 100, search_steps: int = 5, c: float = 0.1, kappa: float = 0.0,
@@ -56,16 +59,10 @@ class CWL2(Attack):
     def params(self) -> Dict[str, Any]:
         return {"steps": self.steps, "search_steps": self.search_steps, "c": self.c, "kappa": self.kappa, "lr": self.lr}
 
-    def _keep_best(self, best: torch.Tensor, best_size: torch.Tensor, x_new: torch.Tensor, x: torch.Tensor,
-                   fooled: torch.Tensor) -> None:
-        size = _size(x_new - x, self.threat.norm)
-        better = fooled & (size <= self.threat.eps) & (size < best_size)
-        best[better] = x_new[better]
-        best_size[better] = size[better]
-
     def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        best, best_size = x.clone(), torch.full((n,), float("inf"), device=x.device)
+        found = Candidates(oracle, x, y, self.early_stop)
+        all_rows = torch.arange(n, device=x.device)
         last = x.clone()
         c = torch.full((n,), self.c, device=x.device)
         lower, upper = torch.zeros(n, device=x.device), torch.full((n,), float("inf"), device=x.device)
@@ -80,13 +77,14 @@ class CWL2(Attack):
         for _ in range(self.search_steps):
             w = w0.clone()
             m, v = torch.zeros_like(w), torch.zeros_like(w)
-            found = torch.zeros(n, dtype=torch.bool, device=x.device)
+            found_now = torch.zeros(n, dtype=torch.bool, device=x.device)
             for t in range(1, self.steps + 1):
                 x_adv = (torch.tanh(w) + 1) / 2
                 _, grad_f, logits = oracle.loss_grad(x_adv, y, f)
-                fooled = logits.argmax(1) != y
-                self._keep_best(best, best_size, x_adv, x, fooled)
-                found |= fooled
+                inside = _size(x_adv - x, self.threat.norm) <= self.threat.eps
+                if inside.any():
+                    found.offer(all_rows[inside], x_adv[inside], logits[inside])
+                found_now |= logits.argmax(1) != y
                 # d/dw of ||x_adv - x||^2 + c * f, through x_adv = (tanh(w) + 1) / 2
                 grad_x = 2 * (x_adv - x) + c.view(-1, 1, 1, 1) * grad_f
                 grad_w = grad_x * (1 - torch.tanh(w) ** 2) / 2
@@ -95,18 +93,23 @@ class CWL2(Attack):
                 w = w - self.lr * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
             last = (torch.tanh(w) + 1) / 2
             # binary search: smaller c where an adversarial example was found, larger where not
-            upper = torch.where(found, torch.minimum(upper, c), upper)
-            lower = torch.where(found, lower, torch.maximum(lower, c))
+            upper = torch.where(found_now, torch.minimum(upper, c), upper)
+            lower = torch.where(found_now, lower, torch.maximum(lower, c))
             c = torch.where(torch.isfinite(upper), (lower + upper) / 2, c * 10)
-        done = torch.isfinite(best_size)
-        out = self.threat.project(last, x)
-        out[done] = best[done]
-        return out
+            if self.early_stop and bool(found.broken.all()):
+                break
+        empty = torch.isinf(found.margin) & ~found.broken  # no in-ball candidate yet: the last iterate, projected
+        if empty.any():
+            projected = self.threat.project(last[empty], x[empty])
+            found.offer(all_rows[empty], projected, oracle.logits(projected))
+        return found.x
 
 
 @register_attack("deepfool")
 class DeepFool(Attack):
     """DeepFool (l2, or linf with the l1-dual step) with overshoot; the best in-ball adversarial example is kept."""
+
+    completes = True
 
     def __init__(self, threat: Threat, steps: int = 50, overshoot: float = 0.02, candidates: int = 10) -> None:
         super().__init__(threat)
@@ -119,28 +122,28 @@ class DeepFool(Attack):
 
     def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        out = x.clone()  # per point: its first adversarial iterate, projected into the ball if it overshot
+        found = Candidates(oracle, x, y, self.early_stop)
         logits = oracle.logits(x)
         k = min(self.candidates, logits.shape[1])
         # candidate classes: the k most likely on the clean image, the true class excluded
         others = logits.scatter(1, y[:, None], float("-inf")).topk(k - 1, dim=1).indices
         total = torch.zeros_like(x)
         x_adv = x.clone()
-        active = torch.arange(n, device=x.device)
-        for _ in range(self.steps):
+        owners = torch.arange(n, device=x.device)
+        for step in range(self.steps):
             margins, grads = [], []
             for j in range(k - 1):
-                loss, grad, logits = oracle.loss_grad(x_adv, y[active], _margin_to(others[active, j]))
+                loss, grad, logits = oracle.loss_grad(x_adv, y[owners], _margin_to(others[owners, j]))
                 margins.append(loss)
                 grads.append(grad)
-            fooled = logits.argmax(1) != y[active]
-            out[active[fooled]] = self.threat.project(x_adv[fooled], x[active[fooled]])
-            keep = ~fooled
-            active, x_adv, total = active[keep], x_adv[keep], total[keep]
-            if active.numel() == 0:
-                return out
-            f = torch.stack(margins, 1)[keep].abs()  # distance of the linearised boundary in logit units
-            w = torch.stack(grads, 1)[keep]  # (B, k-1, C, H, W)
+            if step > 0:  # the first iterate is the clean image
+                keep = found.offer(owners, *self._in_ball(oracle, x_adv, x[owners], logits))
+                owners, x_adv, total = owners[keep], x_adv[keep], total[keep]
+                margins, grads = [t[keep] for t in margins], [t[keep] for t in grads]
+                if owners.numel() == 0:
+                    return found.x
+            f = torch.stack(margins, 1).abs()  # distance of the linearised boundary in logit units
+            w = torch.stack(grads, 1)  # (B, k-1, C, H, W)
             dual = w.flatten(2).abs().sum(2) if self.threat.norm == "linf" else w.flatten(2).norm(dim=2)
             dist = f / dual.clamp_min(1e-12)
             j = dist.argmin(1)
@@ -151,6 +154,15 @@ class DeepFool(Attack):
             else:
                 r = dj * wj / wj.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
             total = total + r
-            x_adv = (x[active] + (1 + self.overshoot) * total).clamp(0, 1)
-        out[active] = self.threat.project(x_adv, x[active])  # never fooled: the last iterate, projected
-        return out
+            x_adv = (x[owners] + (1 + self.overshoot) * total).clamp(0, 1)
+        found.offer(owners, *self._in_ball(oracle, x_adv, x[owners], oracle.logits(x_adv)))
+        return found.x
+
+    def _in_ball(self, oracle: Oracle, x_adv: torch.Tensor, x: torch.Tensor, logits: torch.Tensor):
+        """The iterates projected into the ball, with logits for them (one more pass for those that moved)."""
+        candidate = self.threat.project(x_adv, x)
+        moved = (candidate != x_adv).flatten(1).any(1)
+        if moved.any():
+            logits = logits.clone()
+            logits[moved] = oracle.logits(candidate[moved])
+        return candidate, logits

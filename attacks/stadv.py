@@ -10,7 +10,9 @@ max_{i != y} z_i - z_y minus tau times the flow smoothness loss of their Eq. 4,
 
 (over the 4-neighbourhood), with tau = 0.0025 / eps as in Laidlaw et al. Instead of L-BFGS the flow is
 optimised by projected signed-gradient ascent (step 2.5 * eps / steps, like PGD), which keeps the bound
-exact and the attack batched; points leave the batch once misclassified.
+exact and the attack batched. Every warped iterate is offered to the attack's ``Candidates``
+(``attacks.verdict``): a point leaves once the judge confirms it broken, and a point never broken returns its
+lowest-margin warped image.
 
 The model is read only through the oracle: the oracle gives d loss / d image at the warped image, and the
 chain rule through the (differentiable) warp gives the flow's gradient, so EOT and BPDA wrap it unchanged.
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 
 from attacks.base import Attack, Oracle, Threat, register_attack
 from attacks.losses import margin
+from attacks.verdict import Candidates
 from bench.errors import BenchError
 
 
@@ -53,6 +56,8 @@ def flow_smoothness(flow: torch.Tensor) -> torch.Tensor:
 class StAdv(Attack):
     """Projected signed-gradient ascent on a bounded flow field: margin - tau * smoothness."""
 
+    completes = True
+
     norms = ("stadv",)
 
     def __init__(self, threat: Threat, steps: int = 100, step_size: float | None = None, tau: float | None = None) -> None:
@@ -67,23 +72,23 @@ class StAdv(Attack):
         return {"steps": self.steps, "step_size": self.step_size, "tau": self.tau}
 
     def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = x.clone()
+        found = Candidates(oracle, x, y, self.early_stop)
         flow = torch.zeros(x.shape[0], 2, *x.shape[2:], device=x.device, dtype=x.dtype)
-        active = torch.arange(x.shape[0], device=x.device)
-        for _ in range(self.steps):
+        owners = torch.arange(x.shape[0], device=x.device)
+        for step in range(self.steps):
             f = flow.detach().requires_grad_(True)
             with torch.enable_grad():
-                warped = warp(x[active], f)
-            _, grad_img, logits = oracle.loss_grad(warped.detach(), y[active], margin)
-            hit = logits.argmax(1) != y[active]
-            out[active] = warped.detach()
+                warped = warp(x[owners], f)
+            _, grad_img, logits = oracle.loss_grad(warped.detach(), y[owners], margin)
             with torch.enable_grad():  # chain rule through the warp, and the smoothness penalty
                 objective = (warped * grad_img).sum() - self.tau * flow_smoothness(f).sum()
                 (grad_flow,) = torch.autograd.grad(objective, f)
-            keep = ~hit
-            active, flow, grad_flow = active[keep], flow[keep], grad_flow[keep]
-            if active.numel() == 0:
-                return out
+            if step > 0:  # the first iterate (zero flow) is the clean image
+                keep = found.offer(owners, warped.detach(), logits)
+                owners, flow, grad_flow = owners[keep], flow[keep], grad_flow[keep]
+                if owners.numel() == 0:
+                    return found.x
             flow = (flow + self.step_size * grad_flow.sign()).clamp(-self.threat.eps, self.threat.eps)
-        out[active] = warp(x[active], flow).detach()
-        return out
+        warped = warp(x[owners], flow).detach()
+        found.offer(owners, warped, oracle.logits(warped))
+        return found.x

@@ -84,19 +84,22 @@ class Suite:
 
     def build(
         self, threat: Threat, stochastic: bool, differentiable: bool, eot_chunk_images: Optional[int] = None,
-        surrogate: Optional[torch.nn.Module] = None, pipeline_bpda: bool = False,
+        surrogate: Optional[torch.nn.Module] = None, pipeline_bpda: bool = False, complete: bool = False,
     ) -> List[Tuple[str, Attack]]:
         """Resolve the suite for a defense: a list of (label, attack) in the order they run.
 
         ``surrogate`` (the defense's ``attack_surrogate()``) replaces the model in every oracle-based attack
         when this budget allows it (``"surrogate": true``). ``pipeline_bpda`` runs every gradient attack only
         under BPDA through the whole pipeline (``+bpda[pipeline]``, replacing a spec's stage BPDA and the
-        separate BPDA variant): the runner's correction for a defense without usable gradients."""
+        separate BPDA variant): the runner's correction for a defense without usable gradients. ``complete`` builds
+        every attack without early stop (``Attack.early_stop``): each runs to its last step on every point, as the
+        mean and majority over the draws of a stochastic defense need (``complete_attacks``)."""
         plans: List[Tuple[str, Attack]] = []
         stand_in = surrogate if self.surrogate and not pipeline_bpda else None
 
         def build(spec: AttackSpec) -> Attack:
             attack = spec.build(threat)
+            attack.early_stop = not complete
             return Surrogate(attack, stand_in) if stand_in is not None and attack.uses_oracle and attack.uses_gradients else attack
 
         for spec in self.attacks:
@@ -121,6 +124,11 @@ class Suite:
         if len(set(labels)) != len(labels):
             raise BenchError(f"suite {self.name} ({self.budget}): two attacks share a label in {labels}")
         return plans
+
+    def complete_attacks(self, stochastic: bool) -> bool:
+        """Whether attacks run to completion for this defense: an independent suite (each attack's own accuracy, the
+        papers' columns) on a stochastic defense, whose mean and majority over the draws are reported per attack."""
+        return self.independent and stochastic
 
     def to_dict(self) -> Dict[str, Any]:
         return {

@@ -8,6 +8,10 @@ transfer attack that beats every white-box attack on some points is a sign of ma
 source *is* the evaluated model (the bare classifier, or a defense whose stages are all the identity) the attack
 is white-box PGD; the record says so (``source_is_target``) and the black-box integrity check ignores it.
 
+The attack on the source runs every step on every point (no early stop once the source is fooled: a barely
+adversarial example transfers poorly) and hands over each point's lowest source-margin iterate, the most confidently
+misclassified one on the source; the defense's verdict comes from the evaluation's draws on that example.
+
 ``attack`` (default ``pgd``) and ``attack_params`` choose another attack to run on the source (``mim``,
 ``deepfool``, ``cw-linf``...): the AID-Purifier paper's "oblivious" columns are each attack run on the bare
 classifier, then shown to the purifier.
@@ -22,6 +26,7 @@ from torch import nn
 
 from attacks.base import ATTACKS, Attack, Oracle, Threat, register_attack
 from attacks.gradient import PGD
+from attacks.verdict import Judge
 from bench.errors import BenchError
 
 
@@ -36,13 +41,19 @@ def _defense_of(model: nn.Module) -> nn.Module:
 class Transfer(Attack):
     """PGD on a source model; the defense only sees the result."""
 
+    completes = True
+
     uses_oracle = False
+    norms = ("linf", "l2", "stadv")  # stadv: the flow attack on the source
 
     def __init__(self, threat: Threat, source: str = "classifier", steps: int = 20, loss: str = "ce", attack: str = "pgd",
                  attack_params: Optional[Dict[str, Any]] = None) -> None:
         super().__init__(threat)
         self.source, self.steps, self.loss, self.attack = source, steps, loss, attack
         self.attack_params = dict(attack_params or {})
+        if attack == "pgd" and threat.norm == "stadv":  # PGD needs a pixel threat: the flow attack instead
+            attack = self.attack = "stadv"
+            self.attack_params = self.attack_params or {"steps": steps}
         if attack == "pgd" and not self.attack_params:
             self._inner: Attack = PGD(threat, steps=steps, loss=loss)
         else:
@@ -53,6 +64,7 @@ class Transfer(Attack):
                 self._inner = cls(threat, **self.attack_params)
             except TypeError as exc:
                 raise BenchError(f"transfer: bad attack_params for {attack}: {exc}") from None
+        self._inner.early_stop = False  # run to completion on the source
         self._source_model = None
         self.source_is_target: bool | None = None  # known once the attack has run
 
@@ -82,4 +94,6 @@ class Transfer(Attack):
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         source = self.source_model(model, x.device)
-        return self.threat.project(self._inner.run(Oracle(source), x, y).detach(), x)
+        # the source's own judge (never the evaluation's, which judges the defense)
+        oracle = Oracle(source, Judge(source, draws=1, stochastic=False))
+        return self.threat.project(self._inner.run(oracle, x, y).detach(), x)

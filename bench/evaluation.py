@@ -1,10 +1,18 @@
 """The evaluation loop: clean accuracy, then each attack on the points still robust, with resumable state.
 
-Per-sample worst case: a point counts as robust only if it is classified correctly on the clean image and
-no attack of the suite found an adversarial example for it. Each attack only sees points that survived
-the previous ones (early stop). Every finished batch is saved as a small JSON file in ``state_dir``; a
-killed run restarted with the same configuration skips those batches. Randomness is re-seeded per batch
-from (seed, attack, batch), so a resumed run ends with the same numbers as an uninterrupted one.
+The verdict rule (PROTOCOL rule 8, ``attacks.verdict``): a point is broken when its example is misclassified, for a
+stochastic defense when any of ``success_draws`` fresh forward passes misclassifies it. The same rule holds before
+any attack (the clean image is a candidate inside the ball: ``clean_worst``, the no-attack floor), inside every
+attack (a point leaves an attack only when the evaluation's judge confirms it broken) and after it (the judge's
+verdict on the returned example is re-used, the others are classified ``success_draws`` times).
+
+Per-sample worst case: a point counts as robust only if the clean verdict passed and no attack of the suite broke
+it; each attack of a sequential suite only sees the points the previous ones left (early stop). An independent suite
+runs every attack on every point; for a stochastic defense its attacks run to completion (no early stop) on every
+point with at least one right clean draw, so that each attack's mean and majority over the draws are measured on
+fully optimised examples. Every finished batch is saved as a small JSON file in ``state_dir``; a killed run restarted
+with the same configuration skips those batches. Randomness is re-seeded per batch from (seed, attack, batch), so a
+resumed run ends with the same numbers as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from attacks.base import Attack, CountingModule, PassCounter, Threat
+from attacks.verdict import Judge, judging
 from bench.distributed import mine, share
 from bench.errors import BenchError
 from bench.execution import split_on_oom
@@ -94,15 +103,29 @@ def check_in_ball(x_adv: torch.Tensor, x: torch.Tensor, threat: Threat, label: s
 
 @dataclass
 class Evaluation:
-    clean_pred: np.ndarray
-    clean_correct: np.ndarray
+    clean_pred: np.ndarray  # first clean draw
+    clean_correct: np.ndarray  # first clean draw right (the one-draw clean accuracy)
     robust: np.ndarray
     broken_by: List[Optional[str]]
     attacks: List[Dict[str, Any]]
     clean_mean: float  # mean accuracy over the clean re-classification draws (= clean accuracy if deterministic)
-    draws_right: np.ndarray  # per point: fewest right re-classification draws after any attack (0 if clean-wrong)
-    draws: int  # re-classification draws per adversarial example
+    draws_right: np.ndarray  # per point: fewest right draws on the clean image or after any attack
+    draws: int  # re-classification draws per example
     broken_points: Dict[str, set]  # attack label -> positions it broke (for the integrity checks)
+    clean_draws_right: Optional[np.ndarray] = None  # per point: right draws on the clean image
+    complete: bool = False  # attacks run to completion on every point with a right clean draw (mean is meaningful)
+
+    @property
+    def clean_worst(self) -> np.ndarray:
+        """Points every clean draw classifies right: the no-attack floor under the verdict rule."""
+        base = self.clean_draws_right if self.clean_draws_right is not None else self.clean_correct * self.draws
+        return base >= self.draws
+
+    @property
+    def mean_valid(self) -> bool:
+        """Mean and majority over the draws mean something: one draw (they equal the worst case), or every attack
+        ran to completion on every point it could still move."""
+        return self.draws == 1 or (self.complete and all(a.get("completed", False) for a in self.attacks))
 
     @property
     def robust_mean(self) -> float:
@@ -120,7 +143,8 @@ def _batches(positions: np.ndarray, size: int) -> List[np.ndarray]:
 
 
 def _clean_pass(
-    model, subset: Subset, batch_size: int, device, seed: int, who: str, state: BatchState, draws: int = 1
+    model, subset: Subset, batch_size: int, device, seed: int, who: str, state: BatchState, draws: int = 1,
+    stage: str = "clean",
 ) -> Tuple[np.ndarray, np.ndarray]:
     """The clean prediction (first draw) of every image, and how many of ``draws`` forward passes were right."""
     preds = np.empty(subset.n, dtype=np.int64)
@@ -130,11 +154,11 @@ def _clean_pass(
     for b, pos in enumerate(batches):
         if not mine(b):  # another process of a torchrun run has this batch
             continue
-        saved = state.load(f"clean-{b}")
+        saved = state.load(f"{stage}-{b}")
         if saved is None:
 
             def classify(p: np.ndarray, depth: int, b: int = b) -> Dict[str, Any]:
-                torch.manual_seed(batch_seed(seed, ("clean", b), p, depth))
+                torch.manual_seed(batch_seed(seed, (stage, b), p, depth))
                 x, y = subset.x[p].to(device), subset.y[p].to(device)
                 with torch.inference_mode():
                     logits = model(x)
@@ -145,7 +169,7 @@ def _clean_pass(
                 return {"positions": p.tolist(), "pred": logits.argmax(1).cpu().tolist(), "correct": right.cpu().tolist()}
 
             saved = split_on_oom(classify, pos, device)
-            state.save(f"clean-{b}", saved)
+            state.save(f"{stage}-{b}", saved)
         done[b] = saved
     done = share(done)
     for b, pos in enumerate(batches):
@@ -155,47 +179,68 @@ def _clean_pass(
 
 
 def attack_batch(
-    model: CountingModule, attack: Attack, label: str, x: torch.Tensor, y: torch.Tensor, threat: Threat, draws: int
+    model: CountingModule, attack: Attack, label: str, x: torch.Tensor, y: torch.Tensor, threat: Threat, draws: int,
+    stochastic: Optional[bool] = None,
 ) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
-    """Attack one batch; return (fooled on any draw, correct draws per point, cost)."""
+    """Attack one batch under the verdict rule; return (broken, right draws per point, cost).
+
+    The attack runs inside ``judging`` with this batch's judge (``draws`` fresh passes for a stochastic model), so
+    every point it confirmed broken keeps that verdict; the other returned examples are classified ``draws`` times
+    and count as broken if any draw is wrong."""
     before, start = model.counter.snapshot(), time.perf_counter()
-    x_adv = attack.perturb(model, x, y)
+    stochastic = draws > 1 or model.stochastic if stochastic is None else stochastic
+    judge = Judge(model, draws, stochastic=stochastic)
+    with judging(judge):
+        x_adv = attack.perturb(model, x, y)
     check_in_ball(x_adv, x, threat, label)
-    correct = np.zeros(len(y), dtype=np.int64)
-    with torch.inference_mode():  # worst case over the draws: one misclassified draw breaks the point
-        for _ in range(draws):
-            correct += (model(x_adv).argmax(1) == y).cpu().numpy()
+    known = [judge.verdict(row) for row in x_adv]
+    correct = torch.tensor([-1 if v is None else v for v in known], dtype=torch.long, device=y.device)
+    fresh = correct < 0
+    if fresh.any():
+        correct[fresh] = judge.classify(x_adv[fresh], y[fresh])
+    correct = correct.cpu().numpy()
     after = model.counter.snapshot()
     cost = {k: after[k] - before[k] for k in after}
     cost["seconds"] = time.perf_counter() - start
-    return correct < draws, correct, cost
+    return correct < judge.draws, correct, cost
 
 
 def evaluate(
     model: nn.Module, subset: Subset, plans: Sequence[Tuple[str, Attack]], threat: Threat, *, who: str,
     batch_size: int = 128, device: str | torch.device = "cpu", seed: int = 0, state_dir: Optional[Path] = None,
-    success_draws: int = 1, independent: bool = False,
+    success_draws: int = 1, independent: bool = False, complete: bool = False,
 ) -> Evaluation:
     """Clean accuracy, then every attack in ``plans`` on the points still robust.
 
-    ``success_draws`` > 1 (for stochastic defenses) classifies each adversarial example that many times and
-    counts it as broken if any draw is wrong, so an attack that found a real weakness is not lost to one
-    lucky forward pass; the mean over the draws is kept as well.
-    ``independent`` runs every attack on all clean-correct points (each attack's own accuracy is then
-    ``robust_alone``); the overall result is still the per-sample worst case.
+    ``success_draws`` > 1 (for stochastic defenses) classifies each example that many times and counts it as
+    broken if any draw is wrong; the clean image is judged by the same rule (``Evaluation.clean_worst``), and only
+    points that pass it are attacked in a sequential suite. ``independent`` runs every attack on every clean-verdict
+    point (each attack's own accuracy is then ``robust_alone``); with ``complete`` (an independent suite on a
+    stochastic defense, attacks built without early stop) on every point with at least one right clean draw, so each
+    attack also gets a mean and a majority over the draws. The overall result is the per-sample worst case.
     """
     state = BatchState(state_dir)
     counting = CountingModule(model, PassCounter())
-    clean_pred, clean_draws_correct = _clean_pass(counting, subset, batch_size, device, seed, who, state, success_draws)
+    clean_pred, clean_draws = _clean_pass(counting, subset, batch_size, device, seed, who, state, success_draws)
     labels = subset.y.numpy()
-    robust = clean_pred == labels
-    # Per point, the fewest re-classification draws that were right after any attack it met (clean-correct
-    # points start at all draws); mean and majority-vote robust accuracy come from it.
-    draws_right = np.where(robust, success_draws, 0)
-    clean_mean = float(clean_draws_correct.sum()) / (success_draws * subset.n)
-    result = Evaluation(clean_pred, robust.copy(), robust, [None] * subset.n, [], clean_mean, draws_right, success_draws, {})
+    first_right = clean_pred == labels
+    robust = clean_draws >= success_draws  # the clean verdict: every draw right
+    broken_by: List[Optional[str]] = [None if ok or not first else "clean-draws" for ok, first in zip(robust, first_right)]
+    clean_mean = float(clean_draws.sum()) / (success_draws * subset.n)
+    result = Evaluation(clean_pred, first_right, robust, broken_by, [], clean_mean, clean_draws.copy(), success_draws, {},
+                        clean_draws_right=clean_draws, complete=complete and independent)
     return run_attacks(result, model, subset, plans, threat, batch_size=batch_size, device=device, seed=seed,
                        state=state, independent=independent)
+
+
+def _targets(result: Evaluation, independent: bool) -> np.ndarray:
+    """Positions an attack meets: the points still robust (sequential), every clean-verdict point (independent), or
+    every point with a right clean draw (independent and complete)."""
+    if not independent:
+        return np.flatnonzero(result.robust)
+    if result.complete:
+        return np.flatnonzero(result.clean_draws_right > 0)
+    return np.flatnonzero(result.clean_worst)
 
 
 def run_attacks(
@@ -203,20 +248,26 @@ def run_attacks(
     batch_size: int = 128, device: str | torch.device = "cpu", seed: int = 0, state: Optional[BatchState] = None,
     independent: bool = False, success_draws: Optional[int] = None, stage: str = "attack",
 ) -> Evaluation:
-    """Run ``plans`` on ``result``'s points (still robust, or all clean-correct if ``independent``) and fold
-    their outcomes into it (per-sample worst case). ``stage`` names the batch-state keys and marks the
-    outcomes (``"correction"`` for the attacks a failed integrity check adds after the suite).
-    ``success_draws`` changes the re-classification draws from here on (a defense found stochastic)."""
+    """Run ``plans`` on ``result``'s points (see ``_targets``) and fold their outcomes into it (per-sample worst
+    case). ``stage`` names the batch-state keys and marks the outcomes (``"correction"`` for the attacks a failed
+    integrity check adds after the suite). ``success_draws`` changes the re-classification draws from here on (a
+    defense found stochastic)."""
     state = state if state is not None else BatchState(None)
     counting = CountingModule(model, PassCounter())
-    if success_draws is not None and success_draws != result.draws:  # rescale the per-point draw counts
-        result.draws_right = result.draws_right * success_draws // result.draws
-        result.draws = success_draws
+    if success_draws is not None and success_draws != result.draws:  # the clean verdict again, with the new draws
+        _, clean_draws = _clean_pass(counting, subset, batch_size, device, seed, "correction", state, success_draws,
+                                     stage=f"{stage}-clean")
+        result.draws_right = np.minimum(result.draws_right * success_draws // result.draws, clean_draws)
+        result.draws, result.clean_draws_right = success_draws, clean_draws
+        result.clean_mean = float(clean_draws.sum()) / (success_draws * subset.n)
+        result.robust &= result.clean_worst
     draws, robust, draws_right = result.draws, result.robust, result.draws_right
+    stochastic = draws > 1 or bool(getattr(model, "stochastic", False))
     for k, (label, attack) in enumerate(plans):
-        positions = np.flatnonzero(result.clean_correct if independent else robust)
+        positions = _targets(result, independent)
         total = {"forward": 0, "backward": 0, "forward_images": 0, "backward_images": 0, "seconds": 0.0}
-        broken, correct_draws, oom_splits = 0, 0, 0
+        broken, oom_splits = 0, 0
+        right = np.zeros(subset.n, dtype=np.int64)
         batches = _batches(positions, batch_size)
         done: Dict[int, Dict[str, Any]] = {}
         bar = tqdm(list(enumerate(batches)), desc=label, unit="batch", disable=not progress_enabled(), leave=False)
@@ -231,7 +282,7 @@ def run_attacks(
                                 attack: Attack = attack) -> Dict[str, Any]:
                     torch.manual_seed(batch_seed(seed, (stage, k, b), p, depth))
                     fooled, correct, cost = attack_batch(counting, attack, label, subset.x[p].to(device),
-                                                          subset.y[p].to(device), threat, draws)
+                                                          subset.y[p].to(device), threat, draws, stochastic)
                     return {"positions": p.tolist(), "fooled": fooled.tolist(), "correct": correct.tolist(), "cost": cost}
 
                 saved = split_on_oom(attack_part, pos, device)
@@ -240,27 +291,33 @@ def run_attacks(
         done = share(done)  # every rank folds in every batch, in the single-process order
         for b, pos in enumerate(batches):
             saved = done[b]
-            for p, hit, right in zip(pos, saved["fooled"], saved["correct"]):
-                draws_right[p] = min(draws_right[p], right)
+            for p, hit, r in zip(pos, saved["fooled"], saved["correct"]):
+                draws_right[p] = min(draws_right[p], r)
+                right[p] = r
                 if hit:
-                    result.broken_points.setdefault(label, set()).add(int(p))
-                    if robust[p]:
-                        result.broken_by[p] = label
-                    robust[p] = False
                     broken += 1
-            correct_draws += sum(saved["correct"])
+                    if result.clean_worst[p]:  # points the clean verdict broke were never robust
+                        result.broken_points.setdefault(label, set()).add(int(p))
+                        if robust[p]:
+                            result.broken_by[p] = label
+                        robust[p] = False
             oom_splits += saved.get("oom_splits", 0)
             for name in total:
                 total[name] += saved["cost"][name]
+        completed = bool(getattr(attack, "completes", False)) and not getattr(attack, "early_stop", True)
         outcome = {
             "label": label, **attack.describe(), "attacked": int(len(positions)), "broken": broken,
             "robust_after": accuracy_summary(int(robust.sum()), subset.n), "cost": total,
+            "completed": completed or draws == 1,
             **({"stage": stage} if stage != "attack" else {}),
             **({"oom_splits": oom_splits} if oom_splits else {}),
         }
-        if independent:  # this attack alone: worst case over the draws, and the mean over the draws
-            outcome["robust_alone"] = accuracy_summary(int(len(positions)) - broken, subset.n)
-            outcome["robust_alone_mean"] = correct_draws / (draws * subset.n)
+        if independent:  # this attack alone: worst case under the verdict rule, and the mean and majority over the draws
+            alone = result.clean_worst & (right >= draws)
+            outcome["robust_alone"] = accuracy_summary(int(alone.sum()), subset.n)
+            if outcome["completed"]:
+                outcome["robust_alone_mean"] = float(right.sum()) / (draws * subset.n)
+                outcome["robust_alone_majority"] = accuracy_summary(int((right * 2 > draws).sum()), subset.n)
         result.attacks.append(outcome)
         log.info("%s: %d of %d attacked points broken, robust %.2f%% so far (%.1f s)", label, broken, len(positions),
                  100 * robust.mean(), total["seconds"])

@@ -7,6 +7,7 @@ never sees half a record.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -21,7 +22,7 @@ from typing import Any, Dict, Optional
 import jsonschema
 import torch
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SCHEMA_PATH = Path(__file__).with_name("schemas") / "record.schema.json"
 _PACKAGES = ("torch", "torchvision", "numpy", "pyautoattack", "robustbench", "pandas", "jsonschema")
 
@@ -82,6 +83,25 @@ def _git(*args: str) -> Optional[str]:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+@lru_cache(maxsize=1)
+def source_hash() -> str:
+    """sha256 over the project's Python sources and suite files (paths and contents): the code that makes a result,
+    whether or not the checkout is a git repository. Resume state is keyed by it, so a run killed before a fix
+    never resumes from batches the old code made."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for package in ("bench", "attacks", "defenses"):
+        for path in sorted((root / package).rglob("*")):
+            if path.suffix in (".py", ".json") and "checkpoints" not in path.parts and path.is_file():
+                digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def code_version() -> Dict[str, str]:
+    """The package version and the source hash (what the resume key and the record name)."""
+    return {"package": _package_version("purification-bench") or "unknown", "source_sha256": source_hash()}
+
+
 def environment() -> Dict[str, Any]:
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {
@@ -91,4 +111,5 @@ def environment() -> Dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
+        "code": code_version(),
     }

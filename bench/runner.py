@@ -28,12 +28,27 @@ from bench.evaluation import BatchState, evaluate, run_attacks
 from bench.execution import MAX_AUTO_BATCH, Execution, auto_batch_size, executed
 from bench.integrity import run_checks
 from bench.distributed import barrier, init_from_env, is_main, world
-from bench.record import SCHEMA_VERSION, environment, to_json_data, write_record
+from bench.record import SCHEMA_VERSION, code_version, environment, to_json_data, write_record
 from bench.stats import accuracy_summary
 from bench.subset import load_subset
 from defenses.base import Defense, build_defense
 
 log = logging.getLogger(__name__)
+
+#: The evaluation semantics (verdict rule, clean floor, best candidates); part of the run id, so a record made under
+#: other semantics never shares an id with one made under these.
+ENGINE_VERSION = 4
+SUCCESS_RULE = ("broken if any of the draws misclassifies, on the clean image or on an attack's example; attacks "
+                "drop a point only on that verdict")
+MEAN_OMITTED = ("attacks stopped refining each point at its verdict, so a mean or majority over the draws would be "
+                "measured on barely adversarial examples; an independent suite runs attacks to completion and reports them")
+
+
+def resume_key(run_id: str) -> str:
+    """The state folder of a run: its id and the code that makes it (package version and source hash), so a killed
+    run restarted after a code change starts afresh instead of reusing batches the old code made."""
+    code = code_version()
+    return f"{run_id}-{hashlib.sha256(json.dumps(code, sort_keys=True).encode()).hexdigest()[:12]}"
 
 
 @dataclass(frozen=True)
@@ -194,8 +209,14 @@ def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: Ru
     """Evaluate a built defense on ``subset`` against ``suite`` and write the record (``bench.evaluate`` and
     ``bench run`` both end here)."""
     check_config(config)
+    complete = suite.complete_attacks(defense.stochastic)
+    if config.headline != "worst" and defense.stochastic and not complete:
+        raise BenchError(f"--headline {config.headline} needs attacks run to completion on every point: use an "
+                         f"independent suite (atop-table7, aid-table3, jatp-table1); suite {suite.name} stops attacking "
+                         "a point at its verdict, so its mean and majority would read high")
     plans = suite.build(threat, stochastic=defense.stochastic, differentiable=defense.differentiable,
-                        eot_chunk_images=default_chunk_images(device), surrogate=defense.attack_surrogate())
+                        eot_chunk_images=default_chunk_images(device), surrogate=defense.attack_surrogate(),
+                        complete=complete)
     described = defense.describe()
     draws = config.success_draws if defense.stochastic else 1
     execution = config.execution
@@ -204,17 +225,17 @@ def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: Ru
     key_source = {
         "defense": described, "classifier": defense.classifier.info.to_dict(), "subset": subset.to_dict(),
         "threat": threat.to_dict(), "suite": suite.to_dict(), "plans": [label for label, _ in plans],
-        "seed": config.seed, "batch_size": batch_size, "success_draws": draws,
+        "seed": config.seed, "batch_size": batch_size, "success_draws": draws, "engine": ENGINE_VERSION,
         **({} if execution.default else {"execution": execution.to_dict()}),
     }
     run_id = hashlib.sha256(json.dumps(key_source, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    state_dir = Path(config.out) / ".state" / run_id
+    state_dir = Path(config.out) / ".state" / resume_key(run_id)
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     log.info("run %s: %s on %s (%s, n=%d), suite %s (%s budget)", run_id, config.defense, config.classifier,
              subset.dataset, subset.n, suite.name, suite.budget)
     result = evaluate(model, subset, plans, threat, who=config.defense, batch_size=batch_size,
                       device=device, seed=config.seed, state_dir=state_dir, success_draws=draws,
-                      independent=suite.independent)
+                      independent=suite.independent, complete=complete)
     findings, checks, corrections = None, {"ran": False}, None
     if config.checks:
         t_checks = time.perf_counter()
@@ -232,22 +253,27 @@ def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: Ru
             draws = result.draws
             corrections = {"actions": actions, "robust_before": before,
                            "robust_after": accuracy_summary(int(result.robust.sum()), subset.n)}
+    if config.headline != "worst" and not result.mean_valid:  # a correction added early-stopped attacks
+        raise BenchError(f"--headline {config.headline}: the record has no mean or majority ({MEAN_OMITTED})")
     headline = {"worst": float(result.robust.mean()), "mean": result.robust_mean,
                 "majority": float(result.robust_majority.mean())}[config.headline]
+    spread = ({"robust_mean": result.robust_mean,
+               "robust_majority": accuracy_summary(int(result.robust_majority.sum()), subset.n)}
+              if result.mean_valid else {"mean_omitted": MEAN_OMITTED})
     record = {
         "schema_version": SCHEMA_VERSION, "run_id": run_id, "defense": described,
         "classifier": defense.classifier.info.to_dict(), "subset": subset.to_dict(), "threat": threat.to_dict(),
         "suite": suite.to_dict(), "attacks": result.attacks,
         "clean": accuracy_summary(int(result.clean_correct.sum()), subset.n),
         "clean_mean": result.clean_mean,
+        "clean_worst": accuracy_summary(int(result.clean_worst.sum()), subset.n),
         "robust": accuracy_summary(int(result.robust.sum()), subset.n),
-        "robust_mean": result.robust_mean,
-        "robust_majority": accuracy_summary(int(result.robust_majority.sum()), subset.n),
+        **spread,
         "headline": {"metric": config.headline, "accuracy": headline},
         "samples": {
             "index": subset.indices.tolist(), "label": subset.y.tolist(), "clean_pred": result.clean_pred.tolist(),
             "clean_correct": result.clean_correct.tolist(), "robust": result.robust.tolist(), "broken_by": result.broken_by,
-            "draws_right": result.draws_right.tolist(),
+            "draws_right": result.draws_right.tolist(), "clean_draws_right": result.clean_draws_right.tolist(),
         },
         "unreliable": bool(findings and findings.unreliable),
         "unreliable_reasons": list(findings.reasons) if findings else [], "checks": checks,
@@ -255,7 +281,7 @@ def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: Ru
         "settings": {"device": str(device), "batch_size": batch_size, "seed": config.seed,
                      **({"batch_size_requested": "auto"} if config.batch_size == "auto" else {}),
                      **({} if execution.default else {"execution": execution.to_dict()}),
-                     "success_draws": draws, "success_rule": "broken if any draw misclassifies",
+                     "success_draws": draws, "success_rule": SUCCESS_RULE, "complete_attacks": result.complete,
                      "run_config": rerun_config(config, suite, threat, batch_size)},
         "environment": environment(),
         "timing": {"started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),

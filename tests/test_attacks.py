@@ -10,6 +10,7 @@ from attacks import ATTACKS, BPDA, EOT, CountingModule, Oracle, Threat
 from attacks.adaptive import EOTOracle
 from attacks.apgd import checkpoints
 from attacks.losses import ce, dlr
+from attacks.verdict import Candidates, Judge, judging, margin
 from bench.errors import BenchError
 from defenses.base import Defense
 from tests.helpers import TinyNet
@@ -121,27 +122,71 @@ class NoisyLogits(nn.Module):
         return logits + 3 * logits.detach().std() * torch.randn_like(logits)
 
 
-def test_pgd_on_single_draws_of_a_stochastic_model_takes_every_step_and_returns_the_last_iterate(tiny_net, batch):
-    x, y = batch
-    steps, eps = 7, 0.03
-    counting = CountingModule(NoisyLogits(tiny_net))
-    attack = ATTACKS.get("pgd")(Threat("linf", eps), steps=steps, random_start=False)
-    torch.manual_seed(3)
-    x_adv = attack.perturb(counting, x, y)
-    # no early stop on a lucky draw: every step on every point, and the last iterate is returned
-    assert counting.counter.backward_images == steps * len(x)
-    assert counting.counter.forward_images == steps * len(x)  # no extra pass to judge the last iterate
-    torch.manual_seed(3)  # the textbook loop with the same draws
-    x_ref = x.clone()
-    for _ in range(steps):
-        xg = x_ref.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(ce(counting.model(xg), y).sum(), xg)
-        x_ref = torch.min(torch.max(x_ref + attack.step_size * grad.sign(), x - eps), x + eps).clamp(0, 1)
-    assert torch.allclose(x_adv, x_ref, atol=1e-6)
-    # EOT averages the draws, so its verdicts are trusted again; a deterministic model is unaffected
-    assert not EOTOracle(counting, 4, 64).single_draw and EOTOracle(counting, 1, 64).single_draw
-    assert not Oracle(CountingModule(tiny_net)).single_draw
-    assert BPDA(attack).make_oracle(counting).single_draw
+def test_a_point_leaves_an_attack_only_on_the_judges_verdict(tiny_net, batch):
+    x, _ = batch
+    y = tiny_net(x).argmax(1)
+    rows, cand = torch.arange(len(y)), (x + 0.01).clamp(0, 1)
+    says_wrong = torch.nn.functional.one_hot((y + 1) % 10, 10).float()  # the attack's own evidence: misclassified
+    calm = Judge(CountingModule(tiny_net), 6, stochastic=True)  # draws that are always right
+    found = Candidates(Oracle(NoisyLogits(tiny_net), calm), x, y)
+    assert found.offer(rows, cand, says_wrong).all() and not found.broken.any()
+    noisy = Judge(CountingModule(NoisyLogits(tiny_net)), 6)
+    found = Candidates(Oracle(NoisyLogits(tiny_net), noisy), x, y)
+    keep = found.offer(rows, cand, says_wrong)
+    right = torch.tensor([noisy.verdict(row) for row in cand])
+    assert torch.equal(~keep, right < 6) and (~keep).any()  # exactly the points a fresh draw misclassified leave
+    assert torch.equal(found.x[~keep], cand[~keep])  # with the example the judge confirmed
+
+
+def test_pgd_on_single_draws_that_never_confirm_takes_every_step(tiny_net, batch):
+    x, _ = batch
+    y = tiny_net(x).argmax(1)
+    steps = 7
+    model = CountingModule(NoisyLogits(tiny_net))  # single draws: often wrong
+    calm = Judge(CountingModule(tiny_net), 6, stochastic=True)  # but the verdict's draws are always right
+    attack = ATTACKS.get("pgd")(Threat("linf", 1e-3), steps=steps, random_start=False)
+    with judging(calm):
+        x_adv = attack.perturb(model, x, y)
+    assert model.counter.backward_images == steps * len(x)  # no point left on a lucky draw
+    assert (x_adv != x).flatten(1).any(1).all()  # and each returns a candidate, not the clean image
+    assert not EOTOracle(model, 4, 64).single_draw and EOTOracle(model, 1, 64).single_draw
+    assert BPDA(attack).make_oracle(model).single_draw
+
+
+def test_judge_confirms_with_fresh_draws_and_keeps_its_verdicts(tiny_net, batch):
+    x, _ = batch
+    y = tiny_net(x).argmax(1)
+    deterministic = Judge(CountingModule(tiny_net), 10)
+    assert deterministic.draws == 1 and not deterministic.stochastic
+    wrong = (y + 1) % 10
+    assert deterministic(x, wrong, tiny_net(x)).all()  # a deterministic verdict reuses the logits: no pass
+    assert deterministic.model.counter.forward == 0 and deterministic.verdict(x[0]) == 0
+    noisy = CountingModule(NoisyLogits(tiny_net))
+    judge = Judge(noisy, 8)
+    logits = tiny_net(x).detach()
+    broken = judge(x, y, torch.nn.functional.one_hot(wrong, 10).float())  # the attack's logits only trigger the draws
+    right = torch.tensor([judge.verdict(row) for row in x])
+    assert torch.equal(broken, right < 8) and noisy.counter.forward_images == 8 * len(x)
+    assert not judge(x, y, logits).any() or noisy.counter.forward_images > 8 * len(x)
+    judge.force(x[:1])
+    assert judge.verdict(x[0]) == 0
+
+
+def test_candidates_keep_the_lowest_margin_and_never_the_clean_image(tiny_net, batch):
+    x, _ = batch
+    y = tiny_net(x).argmax(1)
+    oracle = Oracle(tiny_net)
+    found = Candidates(oracle, x, y, early_stop=False)
+    owners = torch.arange(len(y)).repeat(2)  # two runs side by side
+    near, far = x + 0.001, x + 0.2
+    found.offer(owners, torch.cat([near, x]), tiny_net(torch.cat([near, x])))
+    assert torch.equal(found.x, near)  # the clean image never wins, though its margin may be lower
+    cand = torch.cat([near, far]).clamp(0, 1)
+    logits = tiny_net(cand)
+    found.offer(owners, cand, logits)
+    m = margin(logits, y.repeat(2)).view(2, -1)
+    pick = m.argmin(0)
+    assert torch.equal(found.x, torch.stack([cand.view(2, *x.shape)[p, i] for i, p in enumerate(pick)]))
 
 
 class Quantize(nn.Module):
@@ -296,7 +341,8 @@ def test_square_is_a_score_based_attack_that_eot_can_wrap(tiny_net, batch):
     assert not square.uses_gradients
     counting = CountingModule(tiny_net)
     x_adv = EOT(square, n=2, chunk_images=64).perturb(counting, x, y)
-    assert (x_adv - x).abs().max() <= 0.5 + 1e-6 and (tiny_net(x_adv).argmax(1) != y).float().mean() >= 0.5
+    assert (x_adv - x).abs().max() <= 0.5 + 1e-6 and (tiny_net(x_adv).argmax(1) != y).any()
+    assert (x_adv != x).flatten(1).any(1).all()  # every point gets a candidate, never the clean image
     assert counting.counter.backward == 0  # no gradient was ever asked for
 
 

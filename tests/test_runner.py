@@ -38,7 +38,8 @@ def test_record_of_a_plugin_run_is_complete(tmp_path):
     assert record["attacks"][1]["attacked"] == record["clean"]["correct"] - record["attacks"][0]["broken"]
     assert not (tmp_path / ".state" / record["run_id"]).exists()  # state is removed once the record is written
     # a deterministic defense: one draw, so mean, majority and worst case agree, and the headline is the worst case
-    assert record["schema_version"] == 3 and record["settings"]["success_draws"] == 1
+    assert record["schema_version"] == 4 and record["settings"]["success_draws"] == 1
+    assert record["clean_worst"] == record["clean"]  # one draw: the no-attack floor is the clean accuracy
     assert record["robust_mean"] == record["robust"]["accuracy"] == record["robust_majority"]["accuracy"]
     assert record["headline"] == {"metric": "worst", "accuracy": record["robust"]["accuracy"]}
     mean_run, _ = run(RunConfig(defense="plugin-blur", classifier="tiny", dataset="tiny-test", budget="smoke", n=20,

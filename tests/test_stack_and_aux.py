@@ -75,8 +75,9 @@ def test_transfer_runs_any_oracle_attack_on_the_bare_classifier():
     threat = Threat("linf", 8 / 255)
     x, y = torch.rand(4, 3, 8, 8), torch.randint(0, 10, (4,))
     out = Transfer(threat, attack="mim", attack_params={"steps": 4}).perturb(defense, x, y)
-    direct = MIM(threat, steps=4).run(Oracle(net), x, y)
-    assert torch.equal(out, direct)
+    direct = MIM(threat, steps=4)
+    direct.early_stop = False  # the source is attacked to completion (no early stop once the source is fooled)
+    assert torch.equal(out, direct.run(Oracle(net), x, y))
     assert Transfer(threat, attack="mim", attack_params={"steps": 4}).params()["attack"] == "mim"
 
 
