@@ -3,14 +3,18 @@
 Indices are drawn once with ``numpy.random.RandomState(seed).choice(len(test), n, replace=False)`` (the
 convention of DiffPure's evaluation) and kept in that order. The record stores the sha256 of the indices
 (little-endian int64) and of the pixels (uint8 NHWC bytes of the selected images, then their labels);
-``subset_hash`` combines both and is what boards compare.
+``subset_hash`` combines both and is what boards compare. Hashes of the subsets the boards use ship with the package
+(``bench/subsets.json``) and are checked whenever such a subset is loaded.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
-from typing import Any, Dict
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Dict, Tuple
 
 import numpy as np
 import torch
@@ -61,7 +65,29 @@ def load_subset(
     labels = np.ascontiguousarray(data.labels[indices].astype(np.int64))
     pixels = hashlib.sha256(images.tobytes() + labels.astype("<i8").tobytes()).hexdigest()
     x, y = data.tensors(indices)
-    return Subset(
+    subset = Subset(
         dataset=dataset, split=split, n=n, seed=seed, indices=indices, x=x, y=y, num_classes=data.num_classes,
         indices_sha256=hashlib.sha256(indices.astype("<i8").tobytes()).hexdigest(), pixels_sha256=pixels,
     )
+    if split == "test":
+        check_pinned(subset)
+    return subset
+
+
+PINNED_PATH = Path(__file__).with_name("subsets.json")
+
+
+@lru_cache(maxsize=1)
+def pinned_hashes() -> Dict[Tuple[str, int, int], str]:
+    """(dataset, n, seed) -> the subset hash that ships with the package (``bench/subsets.json``)."""
+    entries = json.loads(PINNED_PATH.read_text())["subsets"]
+    return {(e["dataset"], int(e["n"]), int(e["seed"])): e["hash"] for e in entries}
+
+
+def check_pinned(subset: Subset) -> None:
+    """A pinned (dataset, n, seed) must give its pinned hash: other images must not reach a record or a board."""
+    expected = pinned_hashes().get((subset.dataset, subset.n, subset.seed))
+    if expected is not None and expected != subset.subset_hash:
+        raise BenchError(f"subset {subset.dataset} n={subset.n} seed={subset.seed} hashes to {subset.subset_hash[:12]}, "
+                         f"not the pinned {expected[:12]} (bench/subsets.json): the data under BENCH_DATA_DIR are not the "
+                         "images the boards were measured on")
