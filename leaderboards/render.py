@@ -98,7 +98,7 @@ def load_records(board: Board, root: Path = ROOT) -> List[Dict[str, Any]]:
 
 def accept_problems(board: Board, record: Dict[str, Any]) -> List[str]:
     problems = []
-    for name in ("clean", "robust", "robust_majority"):
+    for name in ("clean", "clean_worst", "robust", "robust_majority"):
         summary = record.get(name)
         if summary and abs(summary["correct"] / summary["n"] - summary["accuracy"]) > 1e-9:
             problems.append(f"{name} accuracy {summary['accuracy']} is not {summary['correct']}/{summary['n']} (edited by hand?)")
@@ -186,7 +186,7 @@ def board_rows(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
         rows.append({
             "record": r, "defense": r["defense"]["name"] + mark(r), "classifier": r["classifier"]["name"],
             "clean": r["clean"]["accuracy"], "robust": r["robust"]["accuracy"], "ci": r["robust"]["ci95"],
-            "mean": r.get("robust_mean") if stochastic else None,
+            "floor": no_attack_floor(r), "draws": r["settings"].get("success_draws", 1) if stochastic else 1,
             "headline": r.get("headline", {}).get("accuracy", r["robust"]["accuracy"]),
             "suite": f"{r['suite']['name']} v{r['suite']['version']} {r['suite']['budget']}", "n": r["subset"]["n"],
             "seconds_per_image": cost, "passes_per_image": passes,
@@ -199,11 +199,12 @@ def board_rows(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 def render_board(board: Board, records: Sequence[Dict[str, Any]]) -> str:
     rows = board_rows(records)
-    table = _table([[str(r["rank"]), r["defense"], r["classifier"], pct(r["clean"]), pct(r["robust"]), pct(r["mean"]),
+    table = _table([[str(r["rank"]), r["defense"], r["classifier"], pct(r["clean"]),
+                     pct(r["floor"]) + (f" ({r['draws']} draws)" if r["draws"] > 1 else ""), pct(r["robust"]),
                      f"[{100 * r['ci'][0]:.1f}, {100 * r['ci'][1]:.1f}]", r["suite"], str(r["n"]),
                      f"{r['seconds_per_image']:.2f}", f"{r['passes_per_image']:.0f}"] for r in rows],
-                   ["rank", "defense", "classifier", "clean %", "robust % (worst case)", "robust % (mean of draws)",
-                    "95% CI", "suite", "n", "attack s / image", "image-passes / image"])
+                   ["rank", "defense", "classifier", "clean % (one draw)", "no attack % (every draw right)",
+                    "robust % (worst case)", "95% CI", "suite", "n", "attack s / image", "image-passes / image"])
     labelled = [(f"{r['record']['defense']['name']} on {r['record']['classifier']['name']}", r["record"]) for r in rows]
     return _env().get_template("board.md.j2").render(
         board=board, table=table, setting=subset_line(records) if records else None, notes=footnotes(labelled),
@@ -252,6 +253,24 @@ def plot_board(board: Board, records: Sequence[Dict[str, Any]]) -> Optional[byte
     return buffer.getvalue()
 
 
+def no_attack_floor(record: Dict[str, Any]) -> Optional[float]:
+    """Clean accuracy under the verdict rule (every re-classification draw right): the most a robust accuracy can
+    be. The one-draw clean accuracy for a deterministic defense; None for an older stochastic record without it."""
+    if "clean_worst" in record:
+        return record["clean_worst"]["accuracy"]
+    stochastic = record["defense"].get("stochastic", True) or record.get("settings", {}).get("success_draws", 1) > 1
+    return None if stochastic else record["clean"]["accuracy"]
+
+
+def clean_majority(record: Dict[str, Any]) -> Optional[float]:
+    """Clean accuracy of a majority vote over the re-classification draws (from the record's per-point counts)."""
+    counts = record.get("samples", {}).get("clean_draws_right")
+    if counts is None:
+        return None
+    draws = record["settings"].get("success_draws", 1)
+    return sum(c * 2 > draws for c in counts) / len(counts)
+
+
 # ------------------------------------------------------------------------------------------- paper tables
 
 
@@ -260,8 +279,23 @@ def _cell(measured: Optional[float], paper: Optional[float]) -> str:
     return left if paper is None else f"{left} ({paper:.1f})"
 
 
-def transform_rows(board: Board, table: Dict[str, Any], records: Sequence[Dict[str, Any]], field_name: str):
-    """AToP's transform x {pre-trained, fine-tuned} shape (Tables 7, 8, 9): rows, headers, labelled records."""
+#: The three readings of a stochastic defense's table: (per-attack field, what it is, the clean accuracy read the same
+#: way, whether the no-attack floor gets its own column).
+VARIANTS = (
+    ("robust_alone", "worst case: broken if any re-classification draw is wrong; clean = one draw, no attack = every "
+                     "draw right on the clean image (the floor of this reading)", lambda r: r["clean"]["accuracy"], True),
+    ("robust_alone_mean", "mean over the re-classification draws (attacks run to completion); clean = mean over as "
+                          "many draws", lambda r: r.get("clean_mean"), False),
+    ("robust_alone_majority", "majority vote over the re-classification draws (attacks run to completion); clean = "
+                              "majority vote over as many draws", clean_majority, False),
+)
+
+
+def transform_rows(board: Board, table: Dict[str, Any], records: Sequence[Dict[str, Any]], field_name: str,
+                   clean_of=lambda r: r["clean"]["accuracy"], floor: bool = False):
+    """AToP's transform x {pre-trained, fine-tuned} shape (Tables 7, 8, 9): rows, headers, labelled records.
+    ``clean_of`` reads a record's clean accuracy the way ``field_name`` reads robust accuracy; ``floor`` adds the
+    no-attack column (clean accuracy with every draw right)."""
     paper_rows = {(row["transform"], row["atop"]): dict(zip(table["columns"], row["values"])) for row in table["rows"]}
     ours, bare = {}, None
     for record in records:
@@ -278,21 +312,24 @@ def transform_rows(board: Board, table: Dict[str, Any], records: Sequence[Dict[s
     rows: List[List[str]] = []
     if bare is not None:  # the bare classifier on the same images (PROTOCOL rule 8); the paper has no such row
         measured = {k: 100 * v for k, v in per_attack(bare, field_name).items()}
+        bare_floor = no_attack_floor(bare)
         rows.append(["none (bare classifier)" + mark(bare), "", _cell(100 * bare["clean"]["accuracy"], None),
+                     *([_cell(None if bare_floor is None else 100 * bare_floor, None)] if floor else []),
                      *(_cell(measured.get(board.columns.get(c, "")), None) for c in columns),
                      *(_cell(measured.get(f"{board.columns[c]}+skip"), None) for c in skipped)])
     for transform in ("rt1", "rt2", "rt3"):
         for atop in (False, True):
             record, theirs = ours.get((transform, atop)), paper_rows[(transform, atop)]
             measured = {k: 100 * v for k, v in per_attack(record, field_name).items()} if record else {}
-            clean = None
-            if record:
-                clean = 100 * (record.get("clean_mean", record["clean"]["accuracy"]) if field_name == "robust_alone_mean"
-                               else record["clean"]["accuracy"])
-            rows.append([transform.upper() + mark(record), "✓" if atop else "✗", _cell(clean, theirs["clean"]),
+            clean = clean_of(record) if record else None
+            no_attack = no_attack_floor(record) if record else None
+            rows.append([transform.upper() + mark(record), "✓" if atop else "✗",
+                         _cell(None if clean is None else 100 * clean, theirs["clean"]),
+                         *([_cell(None if no_attack is None else 100 * no_attack, None)] if floor else []),
                          *(_cell(measured.get(board.columns.get(c, "")), theirs[c]) for c in columns),
                          *(_cell(measured.get(f"{board.columns[c]}+skip"), None) for c in skipped)])
-    headers = ["transform", "AToP", "clean", *columns, *(f"{c}, purifier skipped" for c in skipped)]
+    headers = ["transform", "AToP", "clean", *(["no attack"] if floor else []), *columns,
+               *(f"{c}, purifier skipped" for c in skipped)]
     labelled = ([("none", bare)] if bare is not None else []) + [
         (f"{t.upper()} {'✓' if a else '✗'}", ours[(t, a)]) for t in ("rt1", "rt2", "rt3") for a in (False, True) if (t, a) in ours]
     return rows, headers, labelled
@@ -305,11 +342,8 @@ def render_paper(board: Board, records: Sequence[Dict[str, Any]], root: Path = R
     env = _env()
     if board.template == "atop_transform.md.j2":
         variants = []
-        fields = [("robust_alone", "worst case over the re-classification draws; clean = one draw")]
-        if records:
-            fields.append(("robust_alone_mean", "mean over the re-classification draws; clean = mean over as many draws"))
-        for field_name, what in fields:
-            rows, headers, labelled = transform_rows(board, table, records, field_name)
+        for field_name, what, clean_of, floor in VARIANTS[: 3 if records else 1]:
+            rows, headers, labelled = transform_rows(board, table, records, field_name, clean_of, floor)
             variants.append({"what": what, "table": _table(rows, headers), "notes": footnotes(labelled)})
         return env.get_template(board.template).render(
             board=board, paper=table, variants=variants, setting=subset_line(records) if records else None, records=records)

@@ -13,21 +13,23 @@ TABLE7 = next(b for b in load_boards() if b.name == "atop-table7")
 
 
 def atop_table7(records, field="robust_alone"):
-    """The Table 7 section for one field (worst case or mean over the draws)."""
+    """The Table 7 section for one field (worst case, mean or majority over the draws)."""
     text = render_paper(TABLE7, records)
-    mean_at = text.index("## Robust accuracy: mean")
-    return text[mean_at:] if field == "robust_alone_mean" else text[:mean_at]
+    mean_at, majority_at = text.index("## Robust accuracy: mean"), text.index("## Robust accuracy: majority")
+    return {"robust_alone_mean": text[mean_at:majority_at], "robust_alone_majority": text[majority_at:]}.get(field, text[:mean_at])
 
 
 def _record(stage: str, clean: float, pgd10: float, subset_hash: str = "a" * 64, checks: bool = True,
             reasons: tuple = ()) -> dict:
     def attack(name, steps, value, skip=False):
-        entry = {"attack": name, "params": {"steps": steps} if steps else {},
-                 "robust_alone": {"accuracy": value}, "robust_alone_mean": value + 0.1}
+        entry = {"attack": name, "params": {"steps": steps} if steps else {}, "robust_alone": {"accuracy": value},
+                 "robust_alone_mean": value + 0.1, "robust_alone_majority": {"accuracy": value + 0.05}}
         return {**entry, "bpda_stages": ["purifier"]} if skip else entry
 
     return {
-        "defense": {"name": f"atop-rt2-gan-{stage[:3]}", "config": {"transform": "rt2", "stage": stage}},
+        "defense": {"name": f"atop-rt2-gan-{stage[:3]}", "config": {"transform": "rt2", "stage": stage}, "stochastic": True},
+        "settings": {"success_draws": 4}, "clean_worst": {"accuracy": clean / 4},
+        "samples": {"clean_draws_right": [4, 3, 2, 1]},  # a majority vote (> 2 of 4 draws) keeps 2 of 4 points
         "suite": {"name": "atop-table7", "version": "1", "budget": "cpu", "eot_draws": 10},
         "subset": {"dataset": "cifar10-jpeg", "n": 256, "seed": 0, "hash": subset_hash},
         "threat": {"norm": "linf", "eps": 8 / 255},
@@ -47,11 +49,14 @@ def test_paper_numbers_are_numbers():
 
 def test_table7_puts_measured_beside_paper():
     text = atop_table7([_record("pretrain", 0.383, 0.031), _record("finetune", 0.438, 0.012)])
-    assert "| RT2         | ✗      | 38.3 (84.2) | 20.0 (55.1) | 3.1 (72.3)" in text
-    assert "| RT2         | ✓      | 43.8 (90.0) | 20.0 (89.8) | 1.2 (84.8)" in text
+    # one-draw clean beside the paper's, then the no-attack floor (every draw right), then the attacks
+    assert "| RT2         | ✗      | 38.3 (84.2) | 9.6         | 20.0 (55.1) | 3.1 (72.3)" in text
+    assert "| RT2         | ✓      | 43.8 (90.0) | 10.9        | 20.0 (89.8) | 1.2 (84.8)" in text
     assert "— (76.0)" in text  # rows without a record keep the paper's number
     mean = atop_table7([_record("pretrain", 0.383, 0.031)], field="robust_alone_mean")
     assert "37.3 (84.2) | 30.0 (55.1) | 13.1 (72.3)" in mean  # clean_mean and the mean over draws
+    majority = atop_table7([_record("pretrain", 0.383, 0.031)], field="robust_alone_majority")
+    assert "50.0 (84.2) | 25.0 (55.1) | 8.1 (72.3)" in majority  # majority of the clean draws, and of the attacks' draws
 
 
 def test_flagged_and_unchecked_records_carry_a_mark_and_a_footnote():
@@ -166,13 +171,14 @@ def test_check_fails_on_a_moved_number_and_on_stale_markdown(tmp_path):
     assert any(f[0] == "ci-smoke.md" and "stale" in f[-1] for f in failures)
 
 
-def _board_record(name, clean, robust, n=10, stochastic=False, reasons=(), checks=True):
+def _board_record(name, clean, robust, n=10, stochastic=False, reasons=(), checks=True, floor=None):
     acc = lambda k: {"correct": k, "n": n, "accuracy": k / n, "ci95": [max(0.0, k / n - 0.2), min(1.0, k / n + 0.2)]}  # noqa: E731
     return {
         "run_id": name, "defense": {"name": name, "stochastic": stochastic}, "classifier": {"name": "resnet20"},
         "subset": {"dataset": "cifar10-jpeg", "n": n, "seed": 0, "hash": "c" * 64}, "threat": {"norm": "linf", "eps": 8 / 255},
         "suite": {"name": "linf", "version": "4", "budget": "cpu"}, "clean": acc(clean), "robust": acc(robust),
-        "robust_mean": (robust + 1) / n, "headline": {"metric": "worst", "accuracy": robust / n},
+        **({"clean_worst": acc(floor)} if floor is not None else {}),
+        "headline": {"metric": "worst", "accuracy": robust / n},
         "settings": {"success_draws": 10 if stochastic else 1},
         "attacks": [{"cost": {"seconds": 2.0, "forward_images": 30, "backward_images": 20}}],
         "checks": {"ran": checks}, "unreliable": bool(reasons), "unreliable_reasons": list(reasons),
@@ -183,12 +189,16 @@ def test_a_board_ranks_by_robust_accuracy_and_marks_flagged_entries():
     from leaderboards.render import Board, render_board
 
     board = Board(name="toy", kind="board", title="Toy board", results="results/toy")
-    text = render_board(board, [_board_record("none", 8, 0), _board_record("atop", 5, 2, stochastic=True),
-                                _board_record("broken", 6, 6, reasons=("zero input gradients (exact) on 4 of 4 points",))])
+    text = render_board(board, [_board_record("none", 8, 0), _board_record("atop", 5, 2, stochastic=True, floor=3),
+                                _board_record("broken", 6, 6, reasons=("zero input gradients (exact) on 4 of 4 points",)),
+                                _board_record("old", 5, 1, stochastic=True)])
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines() if line.startswith("| ")]
+    assert cells[0][3:6] == ["clean % (one draw)", "no attack % (every draw right)", "robust % (worst case)"]
+    assert cells[1][:6] == ["1", "broken †", "resnet20", "60.00", "60.00", "60.00"]  # deterministic: floor = clean
+    assert cells[2][:6] == ["2", "atop", "resnet20", "50.00", "30.00 (10 draws)", "20.00"]
+    assert cells[3][:6] == ["3", "old", "resnet20", "50.00", "— (10 draws)", "10.00"]  # a record from before the floor
+    assert cells[4][:6] == ["4", "none", "resnet20", "80.00", "80.00", "0.00"]
     lines = [line for line in text.splitlines() if line.startswith("| ")]
-    assert lines[1].startswith("| 1      | broken †  | resnet20     | 60.00     | 60.00 ")
-    assert lines[2].startswith("| 2      | atop      | resnet20     | 50.00     | 20.00                   | 30.00 ")
-    assert lines[3].startswith("| 3      | none      | resnet20     | 80.00     | 0.00                    | —  ")
     assert "| 0.20               | 5 " in lines[1]  # 2 s / 10 images, 50 image-passes / 10 images
     assert "cifar10-jpeg, n = 10 (seed 0, subset cccccccccccc), linf eps 0.0313725; suites: linf v4 (cpu)" in text
     assert "† broken on resnet20 unreliable: zero input gradients (exact) on 4 of 4 points." in text
