@@ -4,29 +4,36 @@ Each check returns the reasons it found (empty when it passed). A record with an
 ``unreliable: true`` and its tables carry the mark. The checks follow PROTOCOL.md's list:
 
 - ``randomness``: two forward passes on the same images differ although the defense did not declare
-  randomness, or are identical although it did;
+  randomness, or are identical although it did; and, for a declared-stochastic defense, copies of one image in
+  one batch must get independent draws (noise shared across the batch turns EOT's stacked draws into one draw);
 - ``gradients``: the input gradient of the loss (exact, or through the BPDA surrogate for a defense with
-  non-differentiable stages) is NaN, zero on some points or vanishing;
+  non-differentiable stages) is NaN, zero on some points or vanishing; or it exists but does not help (Athalye et
+  al.'s shattered gradients): a small step along it does not raise the loss on most points, or gradients at nearby
+  points are uncorrelated. Randomness is held fixed between the compared passes (the same seed), so only the input
+  differs;
 - ``probabilities``: the outputs look like probabilities or log-probabilities rather than logits (a softmax
   inside the model flattens the loss the attacks climb);
-- ``black_box``: a score-based or transfer attack broke points that every gradient attack before it missed;
-- ``monotone``: on a small probe set, PGD accuracy does not fall when eps doubles, when the steps grow or
-  (stochastic defenses) when the EOT draws grow;
+- ``black_box``: a score-based or transfer attack broke points that every gradient attack before it missed
+  (every ``cpu`` and ``paper`` budget ends with Square and a transfer attack, so the check can fire);
+- ``monotone``: on a small probe set, PGD accuracy rises when eps, the steps or (stochastic defenses) the EOT
+  draws grow, read against the 95% Wilson interval of the smaller setting's accuracy (not fixed points); or it does
+  not fall at all from eps/2 to 2 eps (four times the radius broke not one more probe point);
 - ``unbounded``: PGD at eps = 1 (the whole image box) does not drive accuracy to about 0%.
 
 The probes (``monotone``, ``unbounded``) run a cheap PGD-10 (StAdv-10 for the ``stadv`` threat) on at most
-``probe_n`` clean-correct points with ``PROBE_EOT`` EOT draws (the same for every probe but the EOT-growth
-one, so their accuracies stay comparable), so they cost a small fraction of the evaluation; the record's
+``probe_n`` points that pass the clean verdict, with ``PROBE_EOT`` EOT draws (the same for every probe but the
+EOT-growth one, so their accuracies stay comparable), so they cost a small fraction of the evaluation; the record's
 ``checks`` gives their settings and results.
 
 Every reason is filed under the check that found it (``Findings.codes``): the runner reads the codes to
-correct the attack plan (EOT for undeclared randomness, BPDA for missing gradients), see ``bench/runner.py``.
+correct the attack plan (EOT for undeclared randomness, BPDA for missing or useless gradients), see
+``bench/runner.py``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -38,18 +45,24 @@ from attacks.base import CountingModule, Threat, input_grad
 from attacks.losses import ce
 from attacks.suite import AttackSpec, Suite
 from bench.evaluation import attack_batch
+from bench.stats import wilson_interval
 
 # A gradient whose mean absolute value is below this (per input pixel) counts as vanishing.
 VANISHING = 1e-10
-# Accuracy may rise by this much (fraction of probe points) between probes before it is called a rise, and
-# always by up to RISE_POINTS probe points: a probe of 16-32 points with a stochastic defense moves by a point
-# or two between runs by chance alone.
-RISE_TOLERANCE = 0.05
-RISE_POINTS = 2
 # An eps = 1 attack may leave at most this fraction of probe points correct.
 UNBOUNDED_LIMIT = 0.05
 # EOT draws of the probes (fewer than the suite's: the probes compare PGD with itself, not with the suite).
 PROBE_EOT = 4
+# Useful gradients: a step of STEP_FRACTION * eps along the gradient must raise the loss on at least USEFUL_SHARE of the
+# points, and the gradients at x and at a point NEARBY_FRACTION * eps away must have a median cosine of at least
+# CORRELATED. Measured on the shared ResNet-20 and ResNet-4b and on atop, the share is 1.0 and the cosine above 0.6;
+# a shattered-gradient plant (tests/plugin_examples.py) gives a share near 0.5 and a cosine near 0.
+STEP_FRACTION = 0.25
+USEFUL_SHARE = 0.75
+NEARBY_FRACTION = 0.125
+CORRELATED = 0.2
+# Copies of each image in the per-image randomness check.
+COPIES = 4
 
 
 @dataclass
@@ -78,24 +91,87 @@ def check_randomness(model: nn.Module, x: torch.Tensor, declared: bool, seed: in
                 "(declare stochastic = True so the suites attack it with EOT)"]
     if declared and not observed:
         return ["randomness declared but not observed: two forward passes on the same images were identical"]
+    if declared:
+        return check_independent_draws(model, x[: max(1, min(8, len(x)))])
     return []
 
 
-def check_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, differentiable: bool) -> List[str]:
-    view = model if differentiable else BPDAView(model)
+def check_independent_draws(model: nn.Module, x: torch.Tensor) -> List[str]:
+    """Copies of one image stacked in one batch must get their own draws: EOT and the verdict's re-classification
+    stack draws along the batch, so noise shared across the batch would make k stacked draws one draw."""
+    with torch.inference_mode():
+        out = model(x.repeat(COPIES, 1, 1, 1)).view(COPIES, len(x), -1)
+    shared = [i for i in range(len(x)) if all(torch.equal(out[0, i], out[c, i]) for c in range(1, COPIES))]
+    if shared:
+        return [f"randomness is shared across the batch: {COPIES} copies of one image in one batch got identical outputs "
+                f"on {len(shared)} of {len(x)} images (draw the noise per image, e.g. torch.randn_like(x); stacked EOT "
+                "draws would otherwise collapse into one)"]
+    return []
+
+
+def _view(model: nn.Module, differentiable: bool) -> nn.Module:
+    return model if differentiable else BPDAView(model)
+
+
+def _loss_and_grad(view: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int, seed: int):
+    """Per-point CE averaged over ``draws`` stacked draws, and its input gradient, with the randomness fixed by
+    ``seed`` (common random numbers: two calls with one seed see the same draws)."""
+    torch.manual_seed(seed)
     xg = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        grad = input_grad(ce(view(xg), y), xg)
+        loss = ce(view(xg.repeat(draws, 1, 1, 1)), y.repeat(draws)).view(draws, len(y)).mean(0)
+        grad = input_grad(loss, xg)
+    return loss.detach(), grad.detach()
+
+
+def check_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, differentiable: bool,
+                    threat: Optional[Threat] = None, draws: int = 1, seed: int = 0,
+                    measurements: Optional[Dict[str, object]] = None) -> List[str]:
+    view = _view(model, differentiable)
     how = "exact" if differentiable else "BPDA"
+    loss, grad = _loss_and_grad(view, x, y, draws, seed)
     if not torch.isfinite(grad).all():
         return [f"NaN or infinite input gradients ({how})"]
     per_point = grad.flatten(1).abs().mean(dim=1)
-    reasons = []
     zero = int((per_point == 0).sum())
     if zero:
-        reasons.append(f"zero input gradients ({how}) on {zero} of {len(per_point)} points")
-    elif float(per_point.min()) < VANISHING:
-        reasons.append(f"vanishing input gradients ({how}): mean |grad| down to {float(per_point.min()):.2e}")
+        return [f"zero input gradients ({how}) on {zero} of {len(per_point)} points"]
+    if float(per_point.min()) < VANISHING:
+        return [f"vanishing input gradients ({how}): mean |grad| down to {float(per_point.min()):.2e}"]
+    return check_useful_gradients(view, x, y, grad, loss, threat, draws, seed, how, measurements)
+
+
+def gradient_usefulness(view: nn.Module, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor, loss: torch.Tensor,
+                        threat: Optional[Threat], draws: int, seed: int) -> Dict[str, float]:
+    """The share of points whose loss a small step along the gradient raises, and the median cosine between the
+    gradients at x and at a nearby point (the same draws in every pass)."""
+    pixel = threat if threat is not None and threat.pixel else Threat("linf", 8 / 255)
+    size = STEP_FRACTION * pixel.eps
+    stepped = pixel.project(pixel.step(x, grad, size), x)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        raised = ce(view(stepped.repeat(draws, 1, 1, 1)), y.repeat(draws)).view(draws, len(y)).mean(0) > loss
+    near = Threat("linf", NEARBY_FRACTION * (pixel.eps if pixel.norm == "linf" else 8 / 255))
+    generator = torch.Generator(device="cpu").manual_seed(seed + 1)
+    offset = (torch.rand(x.shape, generator=generator) * 2 - 1).to(x.device) * near.eps
+    _, grad_near = _loss_and_grad(view, (x + offset).clamp(0, 1), y, draws, seed)
+    cosine = torch.nn.functional.cosine_similarity(grad.flatten(1), grad_near.flatten(1), dim=1)
+    return {"raised_share": float(raised.float().mean()), "nearby_cosine": float(cosine.median())}
+
+
+def check_useful_gradients(view: nn.Module, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor, loss: torch.Tensor,
+                           threat: Optional[Threat], draws: int, seed: int, how: str,
+                           measurements: Optional[Dict[str, object]] = None) -> List[str]:
+    measured = gradient_usefulness(view, x, y, grad, loss, threat, draws, seed)
+    if measurements is not None:
+        measurements["gradient_usefulness"] = measured
+    reasons = []
+    if measured["raised_share"] < USEFUL_SHARE:
+        reasons.append(f"input gradients ({how}) do not help: a step of {STEP_FRACTION:g} eps along them raised the loss "
+                       f"on only {100 * measured['raised_share']:.0f}% of the points (shattered gradients)")
+    if measured["nearby_cosine"] < CORRELATED:
+        reasons.append(f"input gradients ({how}) at nearby points are uncorrelated: median cosine "
+                       f"{measured['nearby_cosine']:.2f} at {NEARBY_FRACTION:g} eps apart (shattered gradients)")
     return reasons
 
 
@@ -140,12 +216,18 @@ def _pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Th
     return float(1 - fooled.mean())
 
 
+def _rises(smaller: float, larger: float, n: int) -> bool:
+    """``larger`` lies above the 95% Wilson interval of ``smaller`` (both accuracies on the same ``n`` probe points)."""
+    return larger > wilson_interval(round(smaller * n), n)[1] + 1e-12
+
+
 def probe_attacks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, *, stochastic: bool,
                   differentiable: bool, eot: int, draws: int, steps: int = 10) -> Findings:
-    """The eps sweep, the steps check and the eps = 1 attack on clean-correct probe points."""
+    """The eps sweep, the steps check and the eps = 1 attack on probe points that pass the clean verdict."""
     findings = Findings()
     run = lambda t, s, e=eot: _pgd_accuracy(model, x, y, t, s, e, stochastic, differentiable, draws)  # noqa: E731
     name = "PGD" if threat.pixel else "StAdv"
+    n = len(y)
     limit = {"linf": 1.0, "l2": float("inf"), "stadv": 2.0}[threat.norm]
     sweep = {eps: run(Threat(threat.norm, min(eps, limit)), steps) for eps in (threat.eps / 2, threat.eps, 2 * threat.eps)}
     more_steps = run(threat, 4 * steps)
@@ -155,23 +237,26 @@ def probe_attacks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Th
                         "stadv": Threat("stadv", 0.5)}[threat.norm]
     unbounded = run(unbounded_threat, steps)
     findings.measurements = {
-        "probe_points": int(len(y)), "pgd_steps": steps, "probe_eot": eot if stochastic else 1,
+        "probe_points": int(n), "pgd_steps": steps, "probe_eot": eot if stochastic else 1,
         "eps_sweep": {f"{eps:.6g}": acc for eps, acc in sweep.items()},
         f"pgd{4 * steps}_at_eps": more_steps, "unbounded_eps": unbounded_threat.eps, "unbounded_accuracy": unbounded,
+        "tolerance": "95% Wilson interval of the smaller setting's accuracy",
     }
     accs = list(sweep.values())
-    tolerance = max(RISE_TOLERANCE, RISE_POINTS / len(y))
-    findings.measurements["rise_tolerance"] = tolerance
-    if accs[1] > accs[0] + tolerance or accs[2] > accs[1] + tolerance:
-        findings.add("monotone", [f"robust accuracy does not fall as eps grows ({name}-{steps} at eps/2, eps, 2 eps: "
-                                  + ", ".join(f"{100 * a:.1f}%" for a in accs) + ")"])
-    if more_steps > accs[1] + tolerance:
+    curve = ", ".join(f"{100 * a:.1f}%" for a in accs)
+    if _rises(accs[0], accs[1], n) or _rises(accs[1], accs[2], n):
+        findings.add("monotone", [f"robust accuracy rises as eps grows ({name}-{steps} at eps/2, eps, 2 eps: {curve}; "
+                                  f"{n} probe points)"])
+    elif accs[0] > 0 and accs[2] >= accs[0]:  # 4x the eps broke not one more point
+        findings.add("monotone", [f"robust accuracy does not fall as eps grows from eps/2 to 2 eps ({name}-{steps}: "
+                                  f"{curve}; {n} probe points)"])
+    if _rises(accs[1], more_steps, n):
         findings.add("monotone", [f"robust accuracy rises with more steps ({name}-{steps} {100 * accs[1]:.1f}%, "
                                   f"{name}-{4 * steps} {100 * more_steps:.1f}%)"])
     if stochastic:  # the EOT-growth probe: 4x the draws must not help the defense
         more_eot = run(threat, steps, 4 * eot)
         findings.measurements.update({"eot_growth": [eot, 4 * eot], "pgd_at_eps_more_eot": more_eot})
-        if more_eot > accs[1] + tolerance:
+        if _rises(accs[1], more_eot, n):
             findings.add("monotone", [f"robust accuracy rises with more EOT draws ({name}-{steps} EOT-{eot} "
                                       f"{100 * accs[1]:.1f}%, EOT-{4 * eot} {100 * more_eot:.1f}%)"])
     if unbounded > UNBOUNDED_LIMIT:
@@ -182,16 +267,18 @@ def probe_attacks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Th
 
 def run_checks(model: nn.Module, subset, evaluation, threat: Threat, *, stochastic: bool, differentiable: bool,
                eot: int, draws: int, device, probe_n: int = 32, seed: int = 0) -> Findings:
-    """Every check, on the evaluated model and subset; ``evaluation`` is the result of ``bench.evaluation.evaluate``."""
+    """Every check, on the evaluated model and subset; ``evaluation`` is the result of ``bench.evaluation.evaluate``.
+    The gradient checks and the probes use points that pass the clean verdict (every draw right)."""
     findings = Findings()
     head = subset.x[: min(32, subset.n)].to(device)
     findings.add("randomness", check_randomness(model, head, stochastic, seed))
     with torch.inference_mode():
         findings.add("probabilities", check_probabilities(model(head)))
-    correct = np.flatnonzero(evaluation.clean_correct)[:probe_n]
+    correct = np.flatnonzero(evaluation.clean_worst)[:probe_n]
     if len(correct):
         x, y = subset.x[correct].to(device), subset.y[correct].to(device)
-        findings.add("gradients", check_gradients(model, x, y, differentiable))
+        findings.add("gradients", check_gradients(model, x, y, differentiable, threat, min(eot, PROBE_EOT) if stochastic else 1,
+                                                  seed, findings.measurements))
         torch.manual_seed(seed)
         probes = probe_attacks(model, x, y, threat, stochastic=stochastic, differentiable=differentiable,
                                eot=min(eot, PROBE_EOT), draws=draws)
@@ -199,4 +286,24 @@ def run_checks(model: nn.Module, subset, evaluation, threat: Threat, *, stochast
             findings.add(code, reasons)
         findings.measurements.update(probes.measurements)
     findings.add("black_box", check_black_box(evaluation.attacks, evaluation.broken_points))
+    findings.measurements["checks_ran"], findings.measurements["checks_not_run"] = checks_run(evaluation.attacks, len(correct))
     return findings
+
+
+def checks_run(outcomes: Sequence[Dict[str, object]], probe_points: int):
+    """Which checks ran on this evaluation and which could not (with why)."""
+    ran = ["randomness", "probabilities"]
+    missing = {}
+    if probe_points:
+        ran += ["gradients", "monotone", "unbounded"]
+    else:
+        missing.update({k: "no point passed the clean verdict" for k in ("gradients", "monotone", "unbounded")})
+    labels = [o["label"] for o in outcomes]
+    black = [o for o in outcomes if o["attack"] == "square" or (o["attack"] == "transfer" and not o.get("source_is_target"))]
+    if not black:
+        missing["black_box"] = "the suite has no score-based or transfer attack"
+    elif not any(o not in black for o in outcomes[: labels.index(black[0]["label"])]):
+        missing["black_box"] = "no gradient attack ran before the first black-box one"
+    else:
+        ran.append("black_box")
+    return ran, missing

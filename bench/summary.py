@@ -47,7 +47,13 @@ def format_result(record: Dict) -> str:
     if record.get("unreliable"):
         lines.append("UNRELIABLE: " + "; ".join(record["unreliable_reasons"]))
     elif record.get("checks", {}).get("ran"):
-        lines.append(f"integrity checks passed ({record['checks']['seconds']:.1f} s)")
+        checks = record["checks"]
+        ran = f": {', '.join(checks['checks_ran'])}" if checks.get("checks_ran") else ""
+        lines.append(f"integrity checks passed{ran} ({checks['seconds']:.1f} s)")
+    else:
+        lines.append("integrity checks skipped (--no-checks): the record carries the ‡ mark on boards")
+    for name, why in record.get("checks", {}).get("checks_not_run", {}).items():
+        lines.append(f"  check {name} could not run: {why}")
     if fixed:
         lines.append(f"attack plan corrected ({'; '.join(fixed['actions'])}): robust accuracy "
                      f"{_pct(fixed['robust_before'])} as declared -> {_pct(fixed['robust_after'])}")

@@ -107,3 +107,61 @@ class PlantedArgmax(Defense):
 
     def __init__(self, classifier):
         super().__init__(classifier, purifier=_ArgmaxPalette())
+
+
+# Plants for the checks of issue 17: each hides one failure a check must name.
+
+
+class _SharedNoise(torch.nn.Module):
+    def forward(self, x):
+        return (x + 0.03 * torch.randn(1, *x.shape[1:], device=x.device)).clamp(0, 1)  # one draw for the whole batch
+
+
+@register_defense("planted-shared-noise")
+class PlantedSharedNoise(Defense):
+    """Declared stochastic, but its noise is drawn once per batch: stacked EOT draws collapse into one draw."""
+
+    stochastic = True
+
+    def __init__(self, classifier):
+        super().__init__(classifier, transform=_SharedNoise())
+
+
+class _Shatter(torch.nn.Module):
+    """x + a sin(w x): a forward almost the identity (|a sin| <= 2.6/255), a gradient scaled per pixel by
+    1 + a w cos(w x), a factor of +-20 that changes sign every 1.6/255: gradients that exist and point nowhere."""
+
+    def forward(self, x):
+        return (x + 0.01 * torch.sin(2000.0 * x)).clamp(0, 1)
+
+
+@register_defense("planted-shattered")
+class PlantedShattered(Defense):
+    """Shattered gradients (Athalye et al. 2018), declared differentiable."""
+
+    def __init__(self, classifier):
+        super().__init__(classifier, transform=_Shatter())
+
+
+class _ReverseGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+class _Reversed(torch.nn.Module):
+    def forward(self, x):
+        return _ReverseGradient.apply(x)
+
+
+@register_defense("planted-reversed")
+class PlantedReversed(Defense):
+    """The identity whose backward pass negates the gradient: every gradient attack walks the wrong way, while a
+    score-based or transfer attack breaks it as it breaks the bare classifier."""
+
+    def __init__(self, classifier):
+        super().__init__(classifier, transform=_Reversed())

@@ -160,3 +160,126 @@ def test_stadv_threat_is_probed_with_stadv():
                              eot=1, draws=1)
     assert set(findings.measurements["eps_sweep"]) == {"0.025", "0.05", "0.1"}
     assert findings.measurements["unbounded_eps"] == 0.5
+
+
+# ------------------------------------------------------------------------------------------- the issue-17 checks
+
+
+def _plants():
+    from pathlib import Path
+
+    from bench.plugins import load_plugin
+
+    load_plugin(Path(__file__).with_name("plugin_examples.py"))
+    from defenses.base import DEFENSES
+
+    return DEFENSES
+
+
+def test_noise_shared_across_the_batch_is_flagged():
+    plants = _plants()
+    shared = plants.get("planted-shared-noise")(NearestColor())
+    x = torch.rand(8, 3, 8, 8)
+    reasons = check_randomness(shared, x, declared=True)
+    assert len(reasons) == 1 and reasons[0].startswith("randomness is shared across the batch: 4 copies of one image")
+    honest = Defense(NearestColor(), purifier=HiddenNoise())
+    honest.stochastic = True
+    assert check_randomness(honest, x, declared=True) == []
+
+
+def test_shattered_gradients_are_flagged_and_corrected_with_bpda(tmp_path):
+    record = _run_planted("planted-shattered", tmp_path)
+    reasons = " | ".join(record["unreliable_reasons"])
+    assert "input gradients (exact) at nearby points are uncorrelated" in reasons
+    assert record["checks"]["gradient_usefulness"]["nearby_cosine"] < 0.2
+    assert any("BPDA with the identity" in a for a in record["corrections"]["actions"])
+    bare = _run_planted("none", tmp_path)
+    assert bare["checks"]["gradient_usefulness"]["nearby_cosine"] > 0.9 and not bare["unreliable"]
+
+
+def test_gradients_that_walk_the_wrong_way_trip_the_usefulness_and_black_box_checks():
+    from attacks.suite import AttackSpec, Suite
+
+    plants = _plants()
+    model, subset = _toy()
+    reversed_ = plants.get("planted-reversed")(model)
+    threat = Threat("linf", 0.05)
+    specs = (AttackSpec("pgd", (("steps", 10),)), AttackSpec("square", (("queries", 200),)), AttackSpec("transfer"))
+    plans = Suite("probe", "1", "cpu", "", threat, 1, specs).build(threat, stochastic=False, differentiable=True)
+    result = evaluate(reversed_, subset, plans, threat, who="reversed")
+    findings = run_checks(reversed_, subset, result, threat, stochastic=False, differentiable=True, eot=1, draws=1,
+                          device="cpu")
+    joined = " | ".join(findings.reasons)
+    assert "input gradients (exact) do not help: a step of 0.25 eps along them raised the loss on only 0%" in joined
+    assert "a black-box or transfer attack broke" in joined
+    assert "robust accuracy does not fall as eps grows from eps/2 to 2 eps" in joined
+    assert "black_box" in findings.measurements["checks_ran"]
+    bare = evaluate(model, subset, Suite("probe", "1", "cpu", "", threat, 1, specs).build(threat, False, True), threat,
+                    who="bare")
+    quiet = run_checks(model, subset, bare, threat, stochastic=False, differentiable=True, eot=1, draws=1, device="cpu")
+    assert quiet.reasons == [], quiet.reasons
+
+
+class EpsDetector(nn.Module):
+    """A planted detector: it knows the clean images and answers right once an input is more than ``radius`` away
+    from every one of them (linf), so larger perturbations are *more* robust."""
+
+    def __init__(self, model, x_clean, y_clean, radius):
+        super().__init__()
+        self.model, self.x_clean, self.y_clean, self.radius = model, x_clean, y_clean, radius
+
+    def forward(self, x):
+        logits = self.model(x)
+        distance = (x[:, None] - self.x_clean[None]).flatten(2).abs().max(2).values  # (B, clean)
+        nearest = distance.min(1)
+        far = nearest.values > self.radius
+        right = torch.nn.functional.one_hot(self.y_clean[nearest.indices], logits.shape[1]).float() * 1e3
+        return torch.where(far[:, None], right, logits)
+
+
+def test_accuracy_that_rises_with_eps_is_flagged_against_the_wilson_interval():
+    from bench.integrity import probe_attacks
+
+    model, subset = _toy()
+    detector = EpsDetector(model, subset.x, subset.y, radius=0.05)
+    findings = probe_attacks(detector, subset.x, subset.y, Threat("linf", 0.04), stochastic=False, differentiable=True,
+                             eot=1, draws=1)
+    sweep = list(findings.measurements["eps_sweep"].values())
+    assert sweep[2] > sweep[1]  # 2 eps = 0.08 lies beyond the detector's radius
+    assert any(r.startswith("robust accuracy rises as eps grows (PGD-10 at eps/2, eps, 2 eps:") for r in findings.reasons)
+    honest = probe_attacks(model, subset.x, subset.y, Threat("linf", 0.04), stochastic=False, differentiable=True,
+                           eot=1, draws=1)
+    assert honest.codes.get("monotone") is None
+
+
+def test_every_check_stays_quiet_on_an_honest_stochastic_model():
+    model, subset = _toy(16)
+
+    class DeclaredNoise(Defense):
+        stochastic = True
+
+    defense = DeclaredNoise(model, purifier=HiddenNoise())
+    threat = Threat("linf", 0.03)
+    result = evaluate(defense, subset, [("pgd-10", ATTACKS.get("pgd")(threat, steps=10))], threat, who="noisy",
+                      success_draws=4)
+    findings = run_checks(defense, subset, result, threat, stochastic=True, differentiable=True, eot=2, draws=4,
+                          device="cpu")
+    assert findings.codes.get("randomness") is None and findings.codes.get("gradients") is None, findings.reasons
+    assert "gradients" in findings.measurements["checks_ran"] and result.clean_worst.sum() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("defense,classifier,n", [("none", "resnet20", 64), ("none", "resnet4b", 64), ("atop", "resnet20", 128)])
+def test_no_check_fires_on_the_shipped_models(defense, classifier, n, tmp_path):
+    """The linf suite's cpu budget (with its Square and transfer attacks) on real models: every check runs, none fires."""
+    from tests.conftest import has_cifar10_jpeg, has_weights
+
+    weights = {"resnet20": "akamaster_resnet_cifar10/resnet20-12fca82f.th", "resnet4b": "abcrown_cifar10/resnet4b.pth"}
+    if not (has_cifar10_jpeg() and has_weights(weights[classifier])):
+        pytest.skip("CIFAR-10 bundle or weights not found")
+    from bench.runner import RunConfig, run
+
+    record, _ = run(RunConfig(defense=defense, classifier=classifier, budget="cpu", n=n, out=tmp_path))
+    assert not record["unreliable"], record["unreliable_reasons"]
+    assert set(record["checks"]["checks_ran"]) == {"randomness", "probabilities", "gradients", "monotone", "unbounded", "black_box"}
+    assert record["checks"]["gradient_usefulness"]["raised_share"] >= 0.9
