@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -114,6 +114,8 @@ class Evaluation:
     broken_points: Dict[str, set]  # attack label -> positions it broke (for the integrity checks)
     clean_draws_right: Optional[np.ndarray] = None  # per point: right draws on the clean image
     complete: bool = False  # attacks run to completion on every point with a right clean draw (mean is meaningful)
+    # attack label -> positions it broke decisively: most draws wrong (every broken point of a deterministic defense)
+    decisive_points: Dict[str, set] = field(default_factory=dict)
 
     @property
     def clean_worst(self) -> np.ndarray:
@@ -298,6 +300,8 @@ def run_attacks(
                     broken += 1
                     if result.clean_worst[p]:  # points the clean verdict broke were never robust
                         result.broken_points.setdefault(label, set()).add(int(p))
+                        if 2 * r < draws:
+                            result.decisive_points.setdefault(label, set()).add(int(p))
                         if robust[p]:
                             result.broken_by[p] = label
                         robust[p] = False

@@ -184,12 +184,15 @@ def check_probabilities(logits: torch.Tensor) -> List[str]:
     return []
 
 
-def check_black_box(outcomes: Sequence[Dict[str, object]], broken_points: Dict[str, set]) -> List[str]:
+def check_black_box(outcomes: Sequence[Dict[str, object]], broken_points: Dict[str, set],
+                    decisive_points: Optional[Dict[str, set]] = None) -> List[str]:
     """Points a score-based or transfer attack broke that no gradient attack broke.
 
     In a sequential suite a black-box attack only sees the points the attacks before it missed, so the check
     needs a gradient attack to have run before the first black-box one; in an independent suite every attack
-    saw every point and the sets compare directly.
+    saw every point and the sets compare directly. For a stochastic defense only the black-box attack's decisive
+    breaks count (``decisive_points``: most of the draws wrong): a point one of ten draws misclassifies can fall to
+    any attack by luck, a point most draws misclassify cannot.
     """
     labels = [o["label"] for o in outcomes]
     black = {o["label"] for o in outcomes
@@ -197,7 +200,8 @@ def check_black_box(outcomes: Sequence[Dict[str, object]], broken_points: Dict[s
     if not black or not any(label not in black for label in labels[: min(labels.index(b) for b in black)]):
         return []
     union = lambda keys: set().union(*(broken_points.get(k, set()) for k in keys))  # noqa: E731
-    extra = union(black) - union(set(labels) - black)
+    found = union(black) if decisive_points is None else set().union(*(decisive_points.get(k, set()) for k in black))
+    extra = found - union(set(labels) - black)
     if extra:
         return [f"a black-box or transfer attack broke {len(extra)} points every gradient attack missed "
                 "(gradients are masked or the gradient attacks are too weak)"]
@@ -285,7 +289,7 @@ def run_checks(model: nn.Module, subset, evaluation, threat: Threat, *, stochast
         for code, reasons in probes.codes.items():
             findings.add(code, reasons)
         findings.measurements.update(probes.measurements)
-    findings.add("black_box", check_black_box(evaluation.attacks, evaluation.broken_points))
+    findings.add("black_box", check_black_box(evaluation.attacks, evaluation.broken_points, evaluation.decisive_points))
     findings.measurements["checks_ran"], findings.measurements["checks_not_run"] = checks_run(evaluation.attacks, len(correct))
     return findings
 

@@ -231,6 +231,7 @@ def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: Ru
     run_id = hashlib.sha256(json.dumps(key_source, sort_keys=True, default=str).encode()).hexdigest()[:24]
     state_dir = Path(config.out) / ".state" / resume_key(run_id)
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
+    env = environment()  # the code as it was when the run started (a commit made during a long run is not this run's)
     log.info("run %s: %s on %s (%s, n=%d), suite %s (%s budget)", run_id, config.defense, config.classifier,
              subset.dataset, subset.n, suite.name, suite.budget)
     result = evaluate(model, subset, plans, threat, who=config.defense, batch_size=batch_size,
@@ -283,7 +284,7 @@ def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: Ru
                      **({} if execution.default else {"execution": execution.to_dict()}),
                      "success_draws": draws, "success_rule": SUCCESS_RULE, "complete_attacks": result.complete,
                      "run_config": rerun_config(config, suite, threat, batch_size)},
-        "environment": environment(),
+        "environment": env,
         "timing": {"started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
                    "seconds": time.perf_counter() - t0},
     }

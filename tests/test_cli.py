@@ -105,7 +105,7 @@ def test_robustbench_weights_missing_says_where(capsys, tmp_path, monkeypatch):
 def test_list_shows_every_registry(capsys):
     code, out, _ = run_cli(["list"], capsys)
     assert code == 0
-    for fragment in ("defenses:", "none", "attacks:", "apgd-t", "suites:", "linf v5 smoke", "stadv v1 cpu", "--eps 1", "classifiers:", "resnet4b", "datasets:", "cifar10-jpeg"):
+    for fragment in ("defenses:", "none", "attacks:", "apgd-t", "suites:", "linf v5 smoke", "stadv v2 cpu", "--eps 1", "classifiers:", "resnet4b", "datasets:", "cifar10-jpeg"):
         assert fragment in out
 
 

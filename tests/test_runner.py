@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.errors import BenchError
 from bench.record import validate_record
 from bench.runner import RunConfig, run
 from tests.conftest import REPO, needs_resnet20
@@ -172,7 +173,7 @@ def test_independent_suites_attack_every_clean_correct_point():
     assert alone.robust.sum() <= min(fgsm["robust_alone"]["correct"], pgd["robust_alone"]["correct"])
 
 
-def test_robust_accuracy_is_reported_as_worst_case_mean_and_majority_vote():
+def test_the_clean_image_is_judged_by_the_verdict_rule_and_complete_attacks_give_a_mean():
     from attacks import ATTACKS, Threat
     from bench.evaluation import evaluate
     from bench.subset import Subset
@@ -180,13 +181,44 @@ def test_robust_accuracy_is_reported_as_worst_case_mean_and_majority_vote():
     x, y = torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)
     subset = Subset("toy", "test", 4, 0, np.arange(4), x, y, 10, "0" * 64, "0" * 64)
     threat = Threat("linf", 1e-3)
-    # clean: calls 1-4 (first draw right, 3 of 4 right); FGSM gradient: call 5; re-classification: calls 6-9 (8 wrong)
+    # clean: calls 1-4, the 4th wrong: the first draw is right (clean 100%), 3 of 4 draws (floor 0%)
     result = evaluate(WrongEveryKthCall(4), subset, [("fgsm", ATTACKS.get("fgsm")(threat))], threat, who="cycle",
                       success_draws=4)
-    assert result.clean_correct.all() and result.clean_mean == 0.75
-    assert not result.robust.any()  # worst case: one wrong draw breaks every point
-    assert result.robust_mean == 0.75 and result.robust_majority.all()
-    assert result.draws_right.tolist() == [3, 3, 3, 3]
+    assert result.clean_correct.all() and result.clean_mean == 0.75 and not result.clean_worst.any()
+    assert not result.robust.any() and result.attacks[0]["attacked"] == 0  # broken without an attack: nothing to do
+    assert not result.mean_valid  # a sequential suite on a stochastic model has no mean
+    fgsm = ATTACKS.get("fgsm")(threat)
+    fgsm.early_stop = False
+    complete = evaluate(WrongEveryKthCall(4), subset, [("fgsm", fgsm)], threat, who="cycle", success_draws=4,
+                        independent=True, complete=True)
+    outcome = complete.attacks[0]
+    assert outcome["attacked"] == 4 and outcome["completed"] and complete.mean_valid  # every point with a right draw
+    assert outcome["robust_alone"]["correct"] == 0  # the floor still bounds the worst case
+    # call 5 is FGSM's gradient; call 6 re-classifies all 4 draws of every point stacked in one batch (all right)
+    assert outcome["robust_alone_mean"] == 1.0 and outcome["robust_alone_majority"]["correct"] == 4
+    assert complete.draws_right.tolist() == [3, 3, 3, 3]  # the fewest right draws, clean image included
+
+
+def test_mean_and_majority_headlines_need_attacks_run_to_completion(tmp_path):
+    from bench.plugins import load_plugin
+
+    load_plugin(PLUGIN)
+    base = dict(defense="planted-noise", classifier="tiny", dataset="tiny-test", budget="smoke", n=8, out=tmp_path,
+                defense_options={}, checks=False)
+    from defenses.base import DEFENSES
+
+    noisy = DEFENSES.get("planted-noise")
+    noisy.stochastic = True  # declared, so its suites know it is random
+    try:
+        with pytest.raises(BenchError, match="--headline mean needs attacks run to completion"):
+            run(RunConfig(**base, headline="mean"))
+        record, _ = run(RunConfig(**base, suite="atop-table7", headline="mean"))
+        assert record["settings"]["complete_attacks"] and record["headline"]["accuracy"] == record["robust_mean"]
+        assert all(a["completed"] and "robust_alone_majority" in a for a in record["attacks"])
+        sequential, _ = run(RunConfig(**base))
+        assert "robust_mean" not in sequential and "stopped refining" in sequential["mean_omitted"]
+    finally:
+        noisy.stochastic = False
 
 
 def test_a_record_reproduces_its_run_config(tmp_path):
@@ -203,3 +235,49 @@ def test_a_record_reproduces_its_run_config(tmp_path):
     legacy = {k: v for k, v in record.items()}
     legacy["settings"] = {k: v for k, v in record["settings"].items() if k != "run_config"}
     assert config_from_record(legacy, out=tmp_path) == again
+
+
+def test_resume_state_is_keyed_by_the_code_that_made_it(tmp_path, monkeypatch):
+    from bench import runner
+    from bench.plugins import load_plugin
+
+    load_plugin(PLUGIN)
+    config = RunConfig(defense="plugin-blur", classifier="tiny", dataset="tiny-test", budget="smoke", n=8, out=tmp_path,
+                       checks=False)
+    reference, _ = run(config)
+    assert reference["environment"]["code"]["source_sha256"] and reference["clean"]["correct"] == 8
+
+    def plant(key):  # a saved clean batch in which every prediction is wrong
+        folder = tmp_path / ".state" / key
+        folder.mkdir(parents=True)
+        wrong = [(label + 1) % 10 for label in reference["samples"]["label"]]
+        (folder / "clean-0.json").write_text(json.dumps({"positions": list(range(8)), "pred": wrong, "correct": [0] * 8}))
+
+    plant(runner.resume_key(reference["run_id"]))
+    reused, _ = run(config)
+    assert reused["clean"]["correct"] == 0  # state under this code's key is resumed from
+    monkeypatch.setattr(runner, "code_version", lambda: {"package": "0.1.0", "source_sha256": "0" * 64})
+    plant(runner.resume_key(reference["run_id"]))  # made by "other code"
+    monkeypatch.undo()
+    fresh, _ = run(config)
+    assert fresh["clean"]["correct"] == 8  # state another version of the code made is never read
+
+
+def test_few_remaining_points_run_their_targets_side_by_side():
+    from attacks import ATTACKS, CountingModule, Oracle, Threat
+    from attacks.verdict import Judge
+    from tests.helpers import TinyNet
+
+    net = TinyNet().eval()
+    x = torch.rand(3, 3, 8, 8)
+    y = net(x).argmax(1)
+    attack = ATTACKS.get("apgd-t")(Threat("linf", 1e-4), steps=5, targets=9)  # too small to break anything
+    counting = CountingModule(net)
+    calm = Judge(CountingModule(net), 1)
+    attack.run(Oracle(counting, calm), x, y)
+    # 3 points x 9 targets = 27 rows: one run side by side (clean logits, start, 5 steps), not 9 runs of 3 rows
+    assert counting.counter.backward == 6 and counting.counter.backward_images == 6 * 27
+    many = torch.rand(40, 3, 8, 8)
+    counting = CountingModule(net)
+    attack.run(Oracle(counting, Judge(CountingModule(net), 1)), many, net(many).argmax(1))
+    assert counting.counter.backward == 9 * 6  # 40 points: the targets run one after another (early stop between them)

@@ -52,3 +52,26 @@ def test_cifar10_jpeg_subset_is_pinned():
     s = load_subset("cifar10-jpeg", 512, 0)
     assert s.indices[:5].tolist() == np.random.RandomState(0).choice(10000, 512, replace=False)[:5].tolist()
     assert s.subset_hash.startswith("513cc8fd8fe4")
+
+
+def test_a_pinned_subset_with_other_pixels_stops_the_run(monkeypatch):
+    from bench import subset as subset_module
+
+    real = load_subset("tiny-test", 16, 3)
+    monkeypatch.setattr(subset_module, "pinned_hashes", lambda: {("tiny-test", 16, 3): "f" * 64})
+    with pytest.raises(BenchError, match=r"subset tiny-test n=16 seed=3 hashes to .* not the pinned ffffffffffff"):
+        load_subset("tiny-test", 16, 3)
+    monkeypatch.setattr(subset_module, "pinned_hashes", lambda: {("tiny-test", 16, 3): real.subset_hash})
+    assert load_subset("tiny-test", 16, 3).subset_hash == real.subset_hash
+
+
+def test_every_board_subset_is_pinned():
+    import json
+
+    from bench.subset import pinned_hashes
+    from leaderboards.render import load_boards
+
+    pinned = set(pinned_hashes().values())
+    boards = json.loads((Path(__file__).resolve().parent.parent / "leaderboards" / "boards.json").read_text())["boards"]
+    assert {b["subset_hash"] for b in boards if b.get("subset_hash")} <= pinned
+    assert load_boards()
