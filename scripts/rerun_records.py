@@ -1,0 +1,73 @@
+"""Rerun committed records at their recorded settings on the current code, with the integrity checks on.
+
+For each record file: the ``bench run`` configuration stored in it (``settings.run_config``, or the fields of an older
+record) is run again into ``--out``; a table of old and new clean, no-attack floor and robust accuracy is printed at
+the end and written beside the new records (``moved.json``). The old files are left alone: replace them on the board
+yourself once the new ones are read. Run it from a clean checkout (the records name its commit), e.g. a worktree:
+
+    git worktree add ../rerun HEAD && cd ../rerun
+    python scripts/rerun_records.py --out /tmp/rerun leaderboards/results/cifar10-jpeg-linf/*.json
+
+Records already rerun into ``--out`` (same defense, classifier, suite, budget, threat, n and seed) are skipped, so
+the command resumes after an interruption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.runner import config_from_record, run  # noqa: E402
+
+
+def identity(record):
+    t, s = record["threat"], record["subset"]
+    return (record["defense"]["name"], record["classifier"]["name"], record["suite"]["name"], record["suite"]["budget"],
+            t["norm"], round(t["eps"], 8), s["n"], s["seed"], json.dumps(record["defense"].get("config", {}), sort_keys=True))
+
+
+def pct(summary):
+    return None if summary is None else round(100 * summary["accuracy"], 2)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("records", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    done = {}
+    for path in sorted(args.out.glob("*.json")):
+        data = json.loads(path.read_text())
+        if "run_id" in data:
+            done[identity(data)] = data
+    moved = []
+    for path in args.records:
+        old = json.loads(path.read_text())
+        new = done.get(identity(old))
+        if new is None:
+            start = time.perf_counter()
+            new, _ = run(config_from_record(old, out=args.out, checks=True, device="cpu"))
+            logging.info("%s: %.0f s", path.name, time.perf_counter() - start)
+            done[identity(new)] = new
+        moved.append({"record": str(path), "defense": old["defense"]["name"], "classifier": old["classifier"]["name"],
+                      "suite": f"{old['suite']['name']} {old['suite']['budget']}",
+                      "clean": [pct(old["clean"]), pct(new["clean"])], "no_attack": [pct(old.get("clean_worst")), pct(new.get("clean_worst"))],
+                      "robust": [pct(old["robust"]), pct(new["robust"])], "new_run_id": new["run_id"],
+                      "unreliable": new["unreliable"], "seconds": [old["timing"]["seconds"], new["timing"]["seconds"]]})
+        (args.out / "moved.json").write_text(json.dumps(moved, indent=1) + "\n")
+    for row in moved:
+        print(f"{row['defense']:32s} {row['classifier']:9s} {row['suite']:22s} clean {row['clean']} floor {row['no_attack']} "
+              f"robust {row['robust']} unreliable={row['unreliable']} s={row['seconds']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
