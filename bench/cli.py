@@ -325,7 +325,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
                        defense_options=parse_options(args.defense_option))
     findings, result = audit(config)
     print(f"audit of {args.defense} on {args.classifier} ({args.dataset}, n={args.n}, {args.threat})")
-    print(f"clean {100 * result.clean_correct.mean():.2f}%, after PGD-10 / Square / transfer {100 * result.robust.mean():.2f}%")
+    print(f"clean {100 * result.clean_correct.mean():.2f}% (every draw right: {100 * result.clean_worst.mean():.2f}%), "
+          f"after PGD-10 / Square / transfer {100 * result.robust.mean():.2f}%")
     for key, value in findings.measurements.items():
         print(f"  {key}: {value}")
     if findings.unreliable:

@@ -395,8 +395,8 @@ def metric_value(record: Dict[str, Any], metric: Optional[str]) -> Optional[floa
         return record["robust"]["accuracy"] if record["threat"]["norm"] == metric.split("@", 1)[1] else None
     if metric in ("clean", "robust"):
         return record[metric]["accuracy"]
-    if metric == "robust_mean":
-        return record.get("robust_mean", record["robust"]["accuracy"])
+    if metric == "robust_mean":  # absent where the attacks stopped at the verdict: no number rather than another one
+        return record.get("robust_mean", None if "mean_omitted" in record else record["robust"]["accuracy"])
     return per_attack(record, "robust_alone").get(metric)
 
 
