@@ -361,8 +361,8 @@ def render_paper(board: Board, records: Sequence[Dict[str, Any]], root: Path = R
         values = [metric_value(record, board.columns.get(column)) for column in table["columns"]]
         label = f"{record['defense']['name']} on {record['classifier']['name']}{trained_with(record)}{mark(record)}"
         suite = f"{record['suite']['name']} v{record['suite']['version']} ({record['suite']['budget']})"
-        measured.append([label, suite, *(pct(v) for v in values)])
-    measured_table = _table(measured, ["measured", "suite", *table["columns"]]) if measured else None
+        measured.append([label, suite, pct(no_attack_floor(record)), *(pct(v) for v in values)])
+    measured_table = _table(measured, ["measured", "suite", "no attack (every draw right)", *table["columns"]]) if measured else None
     labelled = [(f"{r['defense']['name']} on {r['classifier']['name']}", r) for r in records]
     return env.get_template(board.template).render(
         board=board, paper=table, groups=[{"name": name, "table": _table(rows, headers)} for name, rows in groups.items()],
