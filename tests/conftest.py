@@ -22,15 +22,37 @@ def has_weights(relative: str) -> bool:
     return (weights_dir() / relative).is_file()
 
 
-needs_data = pytest.mark.skipif(not has_cifar10_jpeg(), reason="offline CIFAR-10 bundle not found (set BENCH_DATA_DIR)")
-needs_resnet20 = pytest.mark.skipif(
-    not (has_cifar10_jpeg() and has_weights("akamaster_resnet_cifar10/resnet20-12fca82f.th")),
-    reason="CIFAR-10 bundle or ResNet-20 weights not found (set BENCH_DATA_DIR / BENCH_WEIGHTS_DIR)",
+UNDER_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def shared_missing(reason: str) -> None:
+    """A test whose shared data or weights are missing: skipped on a developer's machine, failed under CI
+    (``CI=true``), where ``../shared`` must be beside the checkout, so a partly present folder is never a silent skip."""
+    if UNDER_CI:
+        pytest.fail(f"{reason} (CI=true: the shared data and weights must be present)", pytrace=False)
+    pytest.skip(reason)
+
+
+def _needs(available: bool, reason: str):
+    """Mark a test that needs shared files; ``pytest_runtest_setup`` skips or fails it when they are missing."""
+    return pytest.mark.needs_shared(available=available, reason=reason)
+
+
+needs_data = _needs(has_cifar10_jpeg(), "offline CIFAR-10 bundle not found (set BENCH_DATA_DIR)")
+needs_resnet20 = _needs(
+    has_cifar10_jpeg() and has_weights("akamaster_resnet_cifar10/resnet20-12fca82f.th"),
+    "CIFAR-10 bundle or ResNet-20 weights not found (set BENCH_DATA_DIR / BENCH_WEIGHTS_DIR)",
 )
-needs_resnet4b = pytest.mark.skipif(
-    not (has_cifar10_jpeg() and has_weights("abcrown_cifar10/resnet4b.pth")),
-    reason="CIFAR-10 bundle or ResNet-4b weights not found",
+needs_resnet4b = _needs(
+    has_cifar10_jpeg() and has_weights("abcrown_cifar10/resnet4b.pth"),
+    "CIFAR-10 bundle or ResNet-4b weights not found",
 )
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("needs_shared"):
+        if not mark.kwargs["available"]:
+            shared_missing(mark.kwargs["reason"])
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import torch
 from bench.classifiers import CLASSIFIERS, load_classifier
 from bench.datasets import load_dataset
 from bench.paths import data_dir, weights_dir
+from tests.conftest import shared_missing
 
 # Accuracy on the 300 lossless test images, measured independently (PROVENANCE.txt of each weight folder).
 LOSSLESS300 = {
@@ -27,7 +28,7 @@ def test_every_registered_classifier_has_a_reference_accuracy():
 @pytest.mark.parametrize("name", BUILTIN)
 def test_classifier_matches_provenance(name):
     if not (data_dir() / "cifar10-test-lossless300").is_dir() or not weights_dir().is_dir():
-        pytest.skip("shared data/weights not found")
+        shared_missing("shared data/weights not found")
     model = load_classifier(name)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     model.train()  # must stay frozen in eval mode
@@ -40,7 +41,7 @@ def test_classifier_matches_provenance(name):
 
 def test_pgd_trained_models_record_their_training_eps():
     if not (weights_dir() / "abcrown_cifar10").is_dir() or not (weights_dir() / "akamaster_resnet_cifar10").is_dir():
-        pytest.skip("shared weights not found")
+        shared_missing("shared weights not found")
     info = load_classifier("resnet4b").info
     assert info.training == "pgd-linf" and info.train_eps == pytest.approx(2 / 255)
     assert load_classifier("resnet20").info.train_eps is None

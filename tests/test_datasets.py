@@ -21,6 +21,7 @@ from scipy.io import savemat
 from bench.datasets import CIFAR10_CLASSES, CIFAR100_CLASSES, ArrayDataset, clear_memory_cache, load_dataset
 from bench.errors import BenchError
 from bench.paths import data_dir
+from tests.conftest import shared_missing
 
 N = 6
 LABELS = np.array([3, 0, 9, 1, 9, 5], dtype=np.int64)
@@ -301,7 +302,7 @@ def test_failed_download_is_a_bench_error(root: Path, monkeypatch: pytest.Monkey
 @pytest.fixture(scope="module")
 def real_data(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], ArrayDataset]]:
     if not (data_dir() / "cifar10-jpeg" / "test.npz").is_file():
-        pytest.skip(f"no CIFAR-10 JPEG bundle under {data_dir()} (set BENCH_DATA_DIR)")
+        shared_missing(f"no CIFAR-10 JPEG bundle under {data_dir()} (set BENCH_DATA_DIR)")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("BENCH_CACHE_DIR", str(tmp_path_factory.mktemp("real-cache")))
         clear_memory_cache()

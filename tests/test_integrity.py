@@ -272,11 +272,11 @@ def test_every_check_stays_quiet_on_an_honest_stochastic_model():
 @pytest.mark.parametrize("defense,classifier,n", [("none", "resnet20", 64), ("none", "resnet4b", 64), ("atop", "resnet20", 128)])
 def test_no_check_fires_on_the_shipped_models(defense, classifier, n, tmp_path):
     """The linf suite's cpu budget (with its Square and transfer attacks) on real models: every check runs, none fires."""
-    from tests.conftest import has_cifar10_jpeg, has_weights
+    from tests.conftest import has_cifar10_jpeg, has_weights, shared_missing
 
     weights = {"resnet20": "akamaster_resnet_cifar10/resnet20-12fca82f.th", "resnet4b": "abcrown_cifar10/resnet4b.pth"}
     if not (has_cifar10_jpeg() and has_weights(weights[classifier])):
-        pytest.skip("CIFAR-10 bundle or weights not found")
+        shared_missing("CIFAR-10 bundle or weights not found")
     from bench.runner import RunConfig, run
 
     record, _ = run(RunConfig(defense=defense, classifier=classifier, budget="cpu", n=n, out=tmp_path))
