@@ -92,6 +92,15 @@ class PlantedNoise(Defense):
         super().__init__(classifier, transform=_HeavyNoise())
 
 
+@register_defense("planted-slow-noise")
+class PlantedSlowNoise(PlantedNoise):
+    """``planted-noise``, 20 ms slower per call: a run long enough to be killed in its correction stage."""
+
+    def forward(self, x):
+        time.sleep(0.02)
+        return super().forward(x)
+
+
 class _ArgmaxPalette(torch.nn.Module):
     """Each value snapped to the nearest of 16 grey levels through an argmax: no gradient path at all."""
 

@@ -53,33 +53,62 @@ def _bench(args):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_killed_run_resumes_to_the_same_record(tmp_path):
-    """SIGKILL a run in the middle of its second attack, rerun the same command, compare with a clean run."""
+def _kill_when(proc, state: Path, pattern: str) -> int:
+    """SIGKILL ``proc`` once a state file matching ``pattern`` exists; return how many state files were saved."""
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(state.glob(pattern)) and proc.poll() is None:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return len(list(state.glob("*/*.json")))
+
+
+def _finish(args, out: Path) -> dict:
+    proc = _bench([*args, "--out", str(out)])
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    return json.loads(next(out.glob("*.json")).read_text())
+
+
+def test_killed_run_resumes_from_its_saved_batches(tmp_path):
+    """SIGKILL a run in its second attack, alter one saved batch of the first, resume: the alteration shows in the
+    record (saved batches are reused), the second attack's batches whose positions no longer match are redone, and
+    an untouched rerun equals an uninterrupted one."""
     args = ["--defense", "plugin-slow", "--classifier", "tiny", "--dataset", "tiny-test", "--budget", "smoke",
             "--n", "40", "--batch-size", "4"]
-    killed = _bench([*args, "--out", str(tmp_path / "resumed")])
-    state = tmp_path / "resumed" / ".state"
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(state.glob("*/attack1-*.json")) and killed.poll() is None:
-        time.sleep(0.005)
-    assert killed.poll() is None, "the run finished before it could be killed"
-    os.kill(killed.pid, signal.SIGKILL)
-    killed.wait()
-    saved = len(list(state.glob("*/*.json")))
-    assert saved >= 1 and not list((tmp_path / "resumed").glob("*.json"))
-
-    for out in ("resumed", "full"):
-        proc = _bench([*args, "--out", str(tmp_path / out)])
-        assert proc.wait(timeout=300) == 0, proc.stderr.read()
-    a = json.loads(next((tmp_path / "resumed").glob("*.json")).read_text())
-    b = json.loads(next((tmp_path / "full").glob("*.json")).read_text())
-    assert a["run_id"] == b["run_id"]
+    for out in ("resumed", "altered"):
+        saved = _kill_when(_bench([*args, "--out", str(tmp_path / out)]), tmp_path / out / ".state", "*/attack1-*.json")
+        assert saved >= 1 and not list((tmp_path / out).glob("*.json"))
+    full = _finish(args, tmp_path / "full")
+    resumed = _finish(args, tmp_path / "resumed")
+    assert resumed["run_id"] == full["run_id"]
     for key in ("clean", "robust", "samples"):
-        assert a[key] == b[key]
-    assert [x["robust_after"] for x in a["attacks"]] == [x["robust_after"] for x in b["attacks"]]
-    assert [x["cost"]["forward"] for x in a["attacks"]] == [x["cost"]["forward"] for x in b["attacks"]]
-    assert 0 < a["robust"]["correct"] < a["clean"]["correct"]  # some points break, some resist
-    print(f"killed after {saved} saved batches; both runs: robust {a['robust']['correct']}/{a['subset']['n']}")
+        assert resumed[key] == full[key]
+    assert [x["cost"]["forward"] for x in resumed["attacks"]] == [x["cost"]["forward"] for x in full["attacks"]]
+    assert 0 < full["robust"]["correct"] < full["clean"]["correct"]  # some points break, some resist
+
+    batch = next(p for p in sorted((tmp_path / "altered" / ".state").glob("*/attack0-*.json"))
+                 if not all(json.loads(p.read_text())["fooled"]))
+    data = json.loads(batch.read_text())
+    survivors = [p for p, hit in zip(data["positions"], data["fooled"]) if not hit]
+    batch.write_text(json.dumps({**data, "fooled": [True] * len(data["fooled"]), "correct": [0] * len(data["fooled"])}))
+    altered = _finish(args, tmp_path / "altered")
+    assert all(altered["samples"]["broken_by"][p] == "fgsm" for p in survivors)  # the saved batch was read
+    assert [p for p, (a, b) in enumerate(zip(altered["samples"]["robust"], full["samples"]["robust"])) if a != b] == \
+        [p for p in survivors if full["samples"]["robust"][p]]  # and nothing else moved: redone batches agree
+    assert altered["attacks"][1]["attacked"] == full["attacks"][1]["attacked"] - len(survivors)
+
+
+def test_a_run_killed_in_its_correction_stage_resumes(tmp_path):
+    """Undeclared noise makes the runner attack again with EOT (the correction stage); a run killed there resumes to
+    the record of an uninterrupted run."""
+    args = ["--defense", "planted-slow-noise", "--classifier", "tiny", "--dataset", "tiny-test", "--budget", "smoke",
+            "--n", "24", "--batch-size", "4"]
+    _kill_when(_bench([*args, "--out", str(tmp_path / "resumed")]), tmp_path / "resumed" / ".state", "*/correction0-*.json")
+    full, resumed = _finish(args, tmp_path / "full"), _finish(args, tmp_path / "resumed")
+    assert any(a.get("stage") == "correction" for a in full["attacks"])
+    for key in ("clean", "robust", "samples", "corrections"):
+        assert resumed[key] == full[key]
 
 
 def _independent_accuracy(n: int) -> float:
