@@ -3,6 +3,7 @@ three defenses (one well-behaved, two broken) exactly as a user's ``--plugin`` f
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -47,6 +48,19 @@ class PluginSlow(PluginBlur):
 
     def forward(self, x):
         time.sleep(0.02)
+        return super().forward(x)
+
+
+@register_defense("plugin-traced")
+class PluginTraced(PluginBlur):
+    """The blur defense, appending the batch size of every forward pass to ``$BENCH_TRACE_DIR/rank<RANK>.txt``: shows
+    which process of a torchrun run did which work."""
+
+    def forward(self, x):
+        folder = os.environ.get("BENCH_TRACE_DIR")
+        if folder:
+            with open(os.path.join(folder, f"rank{os.environ.get('RANK', '0')}.txt"), "a") as trace:
+                trace.write(f"{x.shape[0]}\n")
         return super().forward(x)
 
 

@@ -47,3 +47,24 @@ def test_the_launcher_flag_runs_the_same_command_under_torchrun(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("record: ") == 1 and len(list(tmp_path.glob("*.json"))) == 1
     assert "rank 1 of 2" in done.stderr
+
+
+def test_each_rank_runs_only_its_share(tmp_path):
+    """Equal records could also come from every rank running every batch: count the images each process classified."""
+    args = [a if a != "plugin-blur" else "plugin-traced" for a in ARGS] + ["--no-checks"]
+    traces = {}
+    for mode in ("single", "sharded"):
+        folder = tmp_path / f"trace-{mode}"
+        folder.mkdir()
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "BENCH_TRACE_DIR": str(folder)}
+        launcher = [] if mode == "single" else [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+        command = [*launcher, "-m", "bench", "--", *args] if launcher else [sys.executable, "-m", "bench", *args]
+        done = subprocess.run([*command, "--out", str(tmp_path / mode)], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        traces[mode] = {p.stem: sum(int(line) for line in p.read_text().split()) for p in folder.glob("rank*.txt")}
+    total = traces["single"]["rank0"]
+    assert set(traces["sharded"]) == {"rank0", "rank1"}
+    # the clean pass alone is 5 batches of 4 images dealt 3 / 2: neither rank did the other's work
+    assert sum(traces["sharded"].values()) == total
+    assert 0.25 * total < traces["sharded"]["rank1"] < traces["sharded"]["rank0"] < 0.75 * total
