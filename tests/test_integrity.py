@@ -283,3 +283,35 @@ def test_no_check_fires_on_the_shipped_models(defense, classifier, n, tmp_path):
     assert not record["unreliable"], record["unreliable_reasons"]
     assert set(record["checks"]["checks_ran"]) == {"randomness", "probabilities", "gradients", "monotone", "unbounded", "black_box"}
     assert record["checks"]["gradient_usefulness"]["raised_share"] >= 0.9
+
+
+class _ScaledGradient(torch.autograd.Function):
+    """The identity whose backward multiplies the gradient by ``scale`` (NaN, or a vanishing factor)."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+class ScaledGradient(nn.Module):
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x):
+        return _ScaledGradient.apply(x, self.scale)
+
+
+@pytest.mark.parametrize("scale,reason", [(float("nan"), "NaN or infinite input gradients (exact)"),
+                                          (1e-30, "vanishing input gradients (exact): mean |grad| down to")])
+def test_nan_and_vanishing_gradients_are_flagged(scale, reason):
+    model, subset = _toy(8)
+    planted = Defense(model, purifier=ScaledGradient(scale))
+    reasons = check_gradients(planted, subset.x, subset.y, differentiable=True)
+    assert len(reasons) == 1 and reasons[0].startswith(reason), reasons
+    assert check_gradients(Defense(model, purifier=ScaledGradient(1.0)), subset.x, subset.y, differentiable=True) == []
