@@ -3,11 +3,12 @@
 1. Every board's records validate (schema, subset hash, dataset, threat): ``leaderboards.render.load_records``.
 2. The committed markdown is what the records and templates give now (not stale).
 3. The chosen entries (boards with a ``check`` block in ``boards.json``, or those named) are rerun at their
-   recorded settings, or read from fresh records (``--fresh DIR``, matched by run id), and their clean and
-   robust accuracy compared with the committed record. A number fails when it moves by more than the board's
-   stated tolerance (``"check": {"tolerance": 0.05}``, meant for tiny smoke runs, whose reruns are seeded and
-   should repeat exactly), or, without one, by more than the combined 95% interval,
-   1.96 * sqrt(se_committed^2 + se_fresh^2).
+   recorded settings, or read from fresh records (``--fresh DIR``, matched by run id), and compared with the
+   committed record: clean accuracy, the no-attack floor (``clean_worst``), robust accuracy and, where both carry
+   it, the mean over the draws; the ``unreliable`` flag must not change either way. A number fails when it moves by
+   more than the board's stated tolerance (``"check": {"tolerance": 0.02}``, meant for tiny smoke runs, whose
+   reruns are seeded and repeat exactly: below one image of 32), or, without one, by more than the combined 95%
+   interval, 1.96 * sqrt(se_committed^2 + se_fresh^2).
 
 Returns the failures as table rows; the CLI prints them and exits 1 when there are any.
 """
@@ -23,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from bench.errors import BenchError
 from leaderboards import render
 
-METRICS = ("clean", "robust")
+METRICS = ("clean", "clean_worst", "robust", "robust_mean")
 
 
 def allowed_difference(a: Dict[str, Any], b: Dict[str, Any], tolerance: Optional[float]) -> float:
@@ -38,8 +39,15 @@ def compare(board: str, committed: Dict[str, Any], fresh: Dict[str, Any], tolera
     rows = []
     if fresh["subset"]["hash"] != committed["subset"]["hash"]:
         rows.append([board, entry, "subset hash", committed["subset"]["hash"][:12], fresh["subset"]["hash"][:12], "equal", "FAIL"])
+    if bool(committed.get("unreliable")) != bool(fresh.get("unreliable")):
+        rows.append([board, entry, "unreliable", str(committed.get("unreliable")), str(fresh.get("unreliable")), "equal",
+                     "FAIL"])
     for metric in METRICS:
+        if metric not in committed or metric not in fresh:  # older records carry no floor; sequential ones no mean
+            continue
         old, new = committed[metric], fresh[metric]
+        if not isinstance(old, dict):  # a bare fraction (robust_mean): the robust accuracy's n
+            old, new = ({"accuracy": v, "n": committed["robust"]["n"]} for v in (old, new))
         allowed = allowed_difference(old, new, tolerance)
         moved = abs(old["accuracy"] - new["accuracy"])
         rows.append([board, entry, metric, f"{100 * old['accuracy']:.2f}", f"{100 * new['accuracy']:.2f}",

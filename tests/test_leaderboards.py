@@ -8,6 +8,7 @@ import pytest
 
 from bench.errors import BenchError
 from leaderboards.render import PAPERS, load_boards, paper_table, render_paper
+from tests.conftest import REPO
 
 TABLE7 = next(b for b in load_boards() if b.name == "atop-table7")
 
@@ -151,24 +152,67 @@ def test_a_record_from_another_subset_or_an_invalid_one_is_refused(tmp_path):
         load_records(board, root)
 
 
-def test_check_fails_on_a_moved_number_and_on_stale_markdown(tmp_path):
+def _moved(record, metric, by):
+    value = record[metric]
+    if isinstance(value, dict):
+        return {**record, metric: {**value, "accuracy": value["accuracy"] + by}}
+    return {**record, metric: value + by}
+
+
+def test_check_compares_every_number_and_the_flag_at_the_tolerance(tmp_path):
     from bench.check import run_check
 
     root = _copy_leaderboards(tmp_path)
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     committed = [json.loads(p.read_text()) for p in sorted((root / "results" / "ci-smoke").glob("*.json"))]
-    for record in committed:
-        (fresh / f"{record['run_id']}.json").write_text(json.dumps(record))
-    failures, compared = run_check(None, fresh, root)
-    assert failures == [] and len(compared) == 2 * len(committed)
-    moved = dict(committed[0], robust={**committed[0]["robust"], "accuracy": committed[0]["robust"]["accuracy"] + 0.1})
-    (fresh / f"{moved['run_id']}.json").write_text(json.dumps(moved))
+    bare = next(r for r in committed if r["defense"]["name"] == "none")
+
+    def check(*replaced):
+        for record in committed:
+            (fresh / f"{record['run_id']}.json").write_text(json.dumps(record))
+        for record in replaced:
+            (fresh / f"{record['run_id']}.json").write_text(json.dumps(record))
+        failures, compared = run_check(None, fresh, root)
+        return [(f[1], f[2]) for f in failures], compared
+
+    failures, compared = check()
+    assert failures == [] and {"clean", "clean_worst", "robust", "robust_mean"} <= {row[2] for row in compared}
+    one_image = 1 / bare["subset"]["n"]  # 1/32: more than the board's tolerance of 0.02
+    assert check(_moved(bare, "robust", 0.02))[0] == []  # at the boundary: allowed
+    assert check(_moved(bare, "robust", one_image))[0] == [("none on resnet20", "robust")]
+    assert check(_moved(bare, "clean", -one_image))[0] == [("none on resnet20", "clean")]
+    assert check(_moved(bare, "clean_worst", one_image))[0] == [("none on resnet20", "clean_worst")]
+    assert check(_moved(bare, "robust_mean", 0.05))[0] == [("none on resnet20", "robust_mean")]
+    assert check({**bare, "unreliable": True})[0] == [("none on resnet20", "unreliable")]
+    assert check({**bare, "subset": {**bare["subset"], "hash": "f" * 64}})[0] == [("none on resnet20", "subset hash")]
+    (fresh / f"{bare['run_id']}.json").unlink()
     failures, _ = run_check(None, fresh, root)
-    assert [f[2] for f in failures] == ["robust"] and failures[0][-1] == "FAIL"
+    assert [(f[1], f[2], f[4]) for f in failures] == [("none", "fresh record", "missing")]
     (root / "ci-smoke.md").write_text("edited by hand\n")
     failures, _ = run_check(None, fresh, root)
     assert any(f[0] == "ci-smoke.md" and "stale" in f[-1] for f in failures)
+
+
+def test_check_reruns_a_committed_record_at_its_settings(tmp_path):
+    from bench.check import run_check
+    from bench.plugins import load_plugin
+    from bench.runner import RunConfig, run
+
+    load_plugin(REPO / "tests" / "plugin_examples.py")
+    root = _copy_leaderboards(tmp_path)
+    record, _ = run(RunConfig(defense="plugin-blur", classifier="tiny", dataset="tiny-test", budget="smoke", n=16,
+                              out=root / "results" / "tiny"))
+    boards = json.loads((root / "boards.json").read_text())
+    boards["boards"].append({"name": "tiny", "kind": "board", "title": "tiny", "results": "results/tiny",
+                             "check": {"tolerance": 0.0}})
+    (root / "boards.json").write_text(json.dumps(boards))
+    from leaderboards.render import write_all
+
+    write_all(root)
+    failures, compared = run_check(["tiny"], None, root)  # no --fresh: rerun from the record's settings
+    assert failures == [] and {row[2] for row in compared} >= {"clean", "robust"}
+    assert all(row[3] == row[4] for row in compared)  # a seeded rerun repeats exactly
 
 
 def _board_record(name, clean, robust, n=10, stochastic=False, reasons=(), checks=True, floor=None):
