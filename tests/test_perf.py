@@ -61,9 +61,45 @@ def test_run_perf_reports_every_part(monkeypatch):
     for a in report["attacks"]:
         assert a["backward_images"] > 0 and a["efficiency"] > 0
     assert {r["reference"] for r in report["reference"]} == {"textbook PGD loop", "pyautoattack APGDAttack"}
+    for row in report["reference"]:  # ours is at least as strong as the reference, within one image
+        assert row["ours_robust"] <= row["reference_robust"] + 1 / 16 + 1e-9, row
     assert [r["batch"] for r in report["eot"]] == [1, 8]
     early = report["early_stop"]
     assert early["early_stop"]["robust_accuracy"] == early["no_early_stop"]["robust_accuracy"]
     assert "efficiency" in format_report(report) and "forward+backward s" in format_report(report)
     assert [r["option"] for r in report["execution"]] == ["plain", "channels_last", "autocast bf16"]
     assert report["execution"][1]["max_logit_diff"] < 1e-4 and report["execution"][2]["max_logit_diff"] < 0.1
+
+
+class _Spy(Oracle):
+    """Records every point PGD asks a gradient for."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.asked = []
+
+    def loss_grad(self, x, y, loss_fn):
+        self.asked.append(x.clone())
+        return super().loss_grad(x, y, loss_fn)
+
+
+def test_pgd_ascends_exactly_like_the_textbook_loop():
+    """Without early stop, every iterate of our PGD is the textbook loop's iterate from the same random start."""
+    import torch.nn.functional as F
+
+    net = TinyNet().eval()
+    x, y = _data(8)
+    eps, steps = 8 / 255, 6
+    attack = PGD(Threat("linf", eps), steps=steps)
+    attack.early_stop = False
+    spy = _Spy(net)
+    torch.manual_seed(0)
+    attack.run(spy, x, y)
+    torch.manual_seed(0)
+    x_ref = Threat("linf", eps).random_start(x)
+    for asked in spy.asked:
+        assert torch.equal(asked, x_ref)
+        xg = x_ref.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(net(xg), y), xg)
+        x_ref = torch.min(torch.max(x_ref + attack.step_size * grad.sign(), x - eps), x + eps).clamp(0, 1)
+    assert len(spy.asked) == steps
