@@ -29,6 +29,22 @@ NORMS = ("linf", "l2", "stadv")
 PIXEL_NORMS = ("linf", "l2")
 
 
+def canonical_norm(text: str) -> str:
+    """A threat norm as the harness names it, from its own or RobustBench's spelling (``Linf``, ``L2``)."""
+    norm = str(text).strip().lower().replace("_", "")
+    if norm not in NORMS:
+        raise BenchError(f"unknown threat norm {text!r}; use one of {', '.join(NORMS)} (RobustBench's Linf and L2 work too)")
+    return norm
+
+
+def format_eps(norm: str, eps: float) -> str:
+    """eps as people write it: ``8/255`` where it is a whole number of 255ths (linf), else the number."""
+    scaled = eps * 255
+    if norm == "linf" and abs(scaled - round(scaled)) < 1e-6 and round(scaled) > 0:
+        return f"{round(scaled)}/255"
+    return f"{eps:.6g}"
+
+
 @dataclass(frozen=True)
 class Threat:
     """An lp ball around the clean image intersected with the [0, 1] box, or (``stadv``) a bounded flow field."""
@@ -41,7 +57,8 @@ class Threat:
             raise BenchError(f"unknown threat norm {self.norm!r}; use one of {', '.join(NORMS)}")
         limit = {"linf": 1.0, "l2": math.sqrt(3 * 32 * 32) * 8, "stadv": 2.0}[self.norm]
         if not (0.0 < self.eps <= limit) or not math.isfinite(self.eps):
-            raise BenchError(f"eps {self.eps} is out of range for {self.norm} (0 < eps <= {limit:g})")
+            in_255ths = f" ({self.eps * 255:.4g}/255)" if self.norm == "linf" and math.isfinite(self.eps) else ""
+            raise BenchError(f"eps {self.eps:.6g}{in_255ths} is out of range for {self.norm} (0 < eps <= {limit:g})")
 
     @property
     def pixel(self) -> bool:

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from attacks.adaptive import BPDA, EOT, Surrogate
-from attacks.base import ATTACKS, Attack, Threat
+from attacks.base import ATTACKS, Attack, Threat, canonical_norm
 from bench.errors import BenchError
 from bench.registry import Registry
 
@@ -188,11 +188,15 @@ def default_budget(device: torch.device | str) -> str:
     return "paper" if torch.device(device).type == "cuda" else "cpu"
 
 
-def load_suite(name: Optional[str], norm: str, budget: str = "paper", fallback: bool = False) -> Suite:
+def load_suite(name: Optional[str], norm: Optional[str], budget: str = "paper", fallback: bool = False) -> Suite:
     """One budget of the named suite (default: the threat's own suite, ``linf``, ``l2`` or ``stadv``).
 
-    ``fallback`` (``--budget auto``): a suite without the asked budget gives its strongest one instead (the
-    reference AutoAttack suites have a single, fixed-strength budget)."""
+    ``norm`` None is the named suite's own threat (``linf`` without a suite). ``fallback`` (``--budget auto``): a
+    suite without the asked budget gives its strongest one instead (the reference AutoAttack suites have a single,
+    fixed-strength budget)."""
+    if norm is None:
+        norm = next(iter(SUITES.get(name).values())).threat.norm if name else "linf"
+    norm = canonical_norm(norm)
     budgets = SUITES.get(name or norm)
     any_budget = next(iter(budgets.values()))
     if any_budget.threat.norm != norm:

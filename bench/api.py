@@ -152,7 +152,7 @@ def as_defense(model: nn.Module, subset: Subset, name: Optional[str] = None, sto
 
 
 def evaluate(
-    model: nn.Module, suite: Optional[str] = None, *, threat: str = "linf", eps: Optional[float] = None,
+    model: nn.Module, suite: Optional[str] = None, *, threat: Optional[str] = None, eps: Optional[float] = None,
     budget: str = "auto", subset: Optional[Subset] = None, dataset: str = "cifar10-jpeg", n: int = 512, seed: int = 0,
     name: Optional[str] = None, stochastic: Optional[bool] = None, device: Device = "auto",
     batch_size: Union[int, str] = 128, out: Union[str, Path] = "runs", checks: bool = True, success_draws: int = 10,

@@ -15,18 +15,38 @@ from typing import Dict, Optional, Sequence
 
 from tabulate import tabulate
 
-from attacks.base import NORMS
+from attacks.base import NORMS, canonical_norm, format_eps
 from bench.errors import BenchError
 
 LIST_KINDS = ("defenses", "attacks", "suites", "classifiers", "datasets")
 
 
 def parse_eps(text: str) -> float:
-    """Accept ``8/255``, ``0.0314`` or ``0.5``."""
+    """Accept ``8/255``, ``0.0314`` or ``0.5`` (the threat checks the range and names it)."""
     try:
         return float(Fraction(text.strip()))
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"eps must be a number or a fraction like 8/255, got {text!r}") from None
+
+
+def parse_norm(text: str) -> str:
+    """A threat norm in the harness's or RobustBench's spelling (``Linf``, ``L2``)."""
+    try:
+        return canonical_norm(text)
+    except BenchError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def joined_negative_values(argv: Sequence[str]) -> list:
+    """``--eps -3/255`` as ``--eps=-3/255``: argparse would read a value starting with '-' as an option and report a
+    missing argument instead of the range error ``--eps=-3/255`` gets."""
+    out, items = [], list(argv)
+    for i, item in enumerate(items):
+        if out and out[-1] == "--eps" and item.startswith("-") and item[1:2].isdigit():
+            out[-1] = f"--eps={item}"
+        else:
+            out.append(item)
+    return out
 
 
 def _batch_size(text: str) -> int | str:
@@ -63,8 +83,9 @@ def _parser() -> argparse.ArgumentParser:
                          description="Evaluate a defense (transform -> purifier -> classifier) on the fixed, hashed subset "
                                      "against an adaptive attack suite; print the result and write a JSON record.")
     _model_arguments(run)
-    run.add_argument("--threat", choices=NORMS, default="linf",
-                     help="linf (8/255), l2 (0.5; 1.0 with --eps 1.0) or stadv (flow field bounded by 0.05)")
+    run.add_argument("--threat", type=parse_norm, choices=NORMS, default=None,
+                     help="linf (8/255), l2 (0.5; 1.0 with --eps 1.0) or stadv (flow field bounded by 0.05); RobustBench's "
+                          "Linf and L2 work too (default: the suite's threat, else linf)")
     run.add_argument("--suite", default=None, help="suite name (default: the threat's own suite, linf, l2 or stadv)")
     run.add_argument("--budget", choices=("auto", "smoke", "cpu", "paper"), default="auto",
                      help="attack budget of the suite: smoke (seconds, tests), cpu (reduced, fits a CPU session), "
@@ -129,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="AToP: skip pre-training and fine-tune this pre-trained purifier (e.g. RT2's for RT3)")
     aud = sub.add_parser("audit", help="run only the integrity checks on a defense and print a verdict")
     _model_arguments(aud)
-    aud.add_argument("--threat", choices=NORMS, default="linf", help="threat (default linf)")
+    aud.add_argument("--threat", type=parse_norm, choices=NORMS, default="linf", help="threat (default linf)")
     aud.add_argument("--eps", type=parse_eps, default=None, help="override the threat's eps, e.g. 2/255")
     aud.add_argument("--n", type=int, default=64, help="images of the fixed subset to audit on (default 64)")
     aud.add_argument("--seed", type=int, default=0, help="subset seed (default 0)")
@@ -215,8 +236,9 @@ def cmd_list(what: Optional[str]) -> None:
                 for budget, suite in budgets.items():
                     attacks = ", ".join(_describe_spec(spec) for spec in suite.attacks)
                     mode = ", independent" if suite.independent else ""
-                    also = "".join(f", --eps {e:g}" for e in suite.standard_eps if e != suite.threat.eps)
-                    print(f"  {name} v{suite.version} {budget} [{suite.threat.norm} eps={suite.threat.eps:.6g}{also}, "
+                    norm = suite.threat.norm
+                    also = "".join(f", --eps {format_eps(norm, e)}" for e in suite.standard_eps if e != suite.threat.eps)
+                    print(f"  {name} v{suite.version} {budget} [{norm} eps={format_eps(norm, suite.threat.eps)}{also}, "
                           f"EOT {suite.eot_draws}{mode}]: {attacks}")
         else:
             for name in registry.names():
@@ -418,7 +440,7 @@ def launch_torchrun(argv: Sequence[str], processes: int) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = joined_negative_values(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
     if args.command == "run" and args.launcher == "torchrun" and "WORLD_SIZE" not in os.environ:

@@ -56,7 +56,7 @@ class RunConfig:
     """Everything ``bench run`` needs; the CLI fills it from its flags."""
 
     defense: str = "none"
-    threat: str = "linf"
+    threat: Optional[str] = None  # linf, l2 or stadv (RobustBench's Linf and L2 too); None: the suite's own, else linf
     classifier: str = "resnet20"
     dataset: str = "cifar10-jpeg"
     suite: Optional[str] = None
@@ -147,9 +147,9 @@ def check_config(config: RunConfig) -> None:
     config.execution  # noqa: B018 - Execution validates its options
 
 
-def resolve_suite(suite: Optional[str], threat: str, budget: str, eps: Optional[float], device: torch.device):
-    """(suite at its budget, threat): ``suite`` None is the threat's own suite, ``budget`` auto is paper on CUDA and
-    cpu on a CPU, ``eps`` None is the suite's."""
+def resolve_suite(suite: Optional[str], threat: Optional[str], budget: str, eps: Optional[float], device: torch.device):
+    """(suite at its budget, threat): ``suite`` None is the threat's own suite, ``threat`` None the suite's own threat
+    (linf without a suite), ``budget`` auto is paper on CUDA and cpu on a CPU, ``eps`` None is the suite's."""
     if budget not in ("auto", *BUDGETS):
         raise BenchError(f"--budget must be auto or one of {', '.join(BUDGETS)}, got {budget!r}")
     resolved = load_suite(suite, threat, default_budget(device) if budget == "auto" else budget, fallback=budget == "auto")

@@ -7,6 +7,8 @@ from typing import Dict, List, Optional
 
 from tabulate import tabulate
 
+from attacks.base import format_eps
+
 
 def _pct(acc: Dict) -> str:
     lo, hi = acc["ci95"]
@@ -28,7 +30,7 @@ def format_result(record: Dict) -> str:
     table = tabulate(rows, headers=headers)
     s, t = record["subset"], record["threat"]
     head = (f"{record['defense']['name']} on {record['classifier']['name']} | {s['dataset']} n={s['n']} seed={s['seed']} "
-            f"subset {s['hash'][:12]} | {t['norm']} eps={t['eps']:.6g} | suite {record['suite']['name']} v{record['suite']['version']} "
+            f"subset {s['hash'][:12]} | {t['norm']} eps={format_eps(t['norm'], t['eps'])} | suite {record['suite']['name']} v{record['suite']['version']} "
             f"({record['suite']['budget']} budget)")
     draws = record["settings"].get("success_draws", 1)
     rule = f"; each example classified {draws} times, broken if any draw is wrong" if draws > 1 else ""
@@ -65,5 +67,5 @@ def end_of_run(record: Dict, path: Optional[Path]) -> str:
     s, t, suite = record["subset"], record["threat"], record["suite"]
     where = f"record: {path}" if path is not None else "record not written"
     return (f"evaluated {record['defense']['name']} on {record['classifier']['name']} | {s['dataset']} n={s['n']} | "
-            f"{t['norm']} eps={t['eps']:.6g} | suite {suite['name']} ({suite['budget']}) | "
+            f"{t['norm']} eps={format_eps(t['norm'], t['eps'])} | suite {suite['name']} ({suite['budget']}) | "
             f"{record['timing']['seconds']:.1f} s | {where}")

@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from tabulate import tabulate
 
+from attacks.base import format_eps
 from bench.errors import BenchError
 from bench.record import validate_record
 
@@ -141,7 +142,7 @@ def footnotes(labelled: Sequence[Tuple[str, Dict[str, Any]]]) -> List[str]:
 
 def subset_line(records: Sequence[Dict[str, Any]]) -> str:
     s = records[0]["subset"]
-    threats = ", ".join(sorted({f"{x['threat']['norm']} eps {x['threat']['eps']:.6g}" for x in records}))
+    threats = ", ".join(sorted({f"{x['threat']['norm']} eps {format_eps(x['threat']['norm'], x['threat']['eps'])}" for x in records}))
     suites = sorted({f"{x['suite']['name']} v{x['suite']['version']} ({x['suite']['budget']})" for x in records})
     return f"{s['dataset']}, n = {s['n']} (seed {s['seed']}, subset {s['hash'][:12]}), {threats}; suites: {', '.join(suites)}"
 

@@ -150,3 +150,24 @@ def test_option_values_arrive_parsed():
                              "layers=layer1", "flag=True"])
     assert options == {"untrained": False, "eps_defend": 8 / 255, "steps": 3, "lam": 0.5, "checkpoint": "runs/a.pt",
                        "layers": "layer1", "flag": True}
+
+
+@pytest.mark.parametrize("argv", [["--eps", "-3/255"], ["--eps=-3/255"]])
+def test_a_negative_eps_gets_the_range_error_however_it_is_written(argv, capsys, tmp_path):
+    assert_user_error(["run", "--defense", "plugin-blur", *TINY, *argv], capsys, tmp_path,
+                      "eps -0.0117647 (-3/255) is out of range for linf")
+
+
+def test_threat_spellings_and_the_suites_own_threat(capsys, tmp_path):
+    def header(*args):
+        code, out, err = run_cli(["run", "--defense", "plugin-blur", "--budget", "smoke", *TINY, *args, "--out", str(tmp_path)],
+                                 capsys)
+        assert code == 0, err
+        return out.splitlines()[0]
+
+    assert "| linf eps=8/255 | suite linf v5" in header("--threat", "Linf")  # RobustBench's spelling; eps in 255ths
+    assert "| l2 eps=0.5 | suite l2 v5" in header("--threat", "L2")
+    assert "| l2 eps=0.5 | suite l2 v5" in header("--suite", "l2")  # the threat follows the suite
+    assert "| stadv eps=0.05 | suite stadv v2" in header("--suite", "stadv")
+    assert_user_error(["run", "--defense", "plugin-blur", *TINY, "--threat", "l2", "--suite", "linf"], capsys, tmp_path,
+                      "suite linf is for threat linf, not l2")
