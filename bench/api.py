@@ -17,7 +17,6 @@ Register your own defenses and attacks with the decorators the project uses (``b
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from bench.classifiers import Classifier, ClassifierInfo
+from bench.classifiers.base import state_dict_sha256
 from bench.classifiers import load_classifier as _load_classifier
 from bench.runner import RunConfig, evaluate_defense, resolve_device, resolve_suite
 from bench.runner import run as _run
@@ -128,14 +128,6 @@ class ModelUnderTest(Defense):
         return {"module": type(self.classifier.net).__qualname__, "via": "bench.evaluate"}
 
 
-def _weights_digest(model: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def as_defense(model: nn.Module, subset: Subset, name: Optional[str] = None, stochastic: Optional[bool] = None) -> Defense:
     """``model`` as the harness evaluates it: a ``Defense`` as it is; a ``Classifier`` behind the ``none`` defense;
     any other module as one model (``stochastic`` defaults to its ``stochastic`` attribute, else False)."""
@@ -146,7 +138,8 @@ def as_defense(model: nn.Module, subset: Subset, name: Optional[str] = None, sto
     label = name or type(model).__name__
     info = ClassifierInfo(name=label, architecture=type(model).__qualname__, dataset=subset.dataset,
                           num_classes=subset.num_classes, mean=None, std=None, training="unknown", train_eps=None,
-                          weights=f"in memory, sha256 {_weights_digest(model)[:16]}", source="bench.evaluate")
+                          weights=f"in memory, sha256 {state_dict_sha256(model)[:16]}", source="bench.evaluate",
+                          weights_sha256=state_dict_sha256(model))
     declared = bool(getattr(model, "stochastic", False)) if stochastic is None else stochastic
     return ModelUnderTest(model, label, declared, info)
 

@@ -310,3 +310,29 @@ def test_few_remaining_points_run_their_targets_side_by_side():
     counting = CountingModule(net)
     attack.run(Oracle(counting, Judge(CountingModule(net), 1)), many, net(many).argmax(1))
     assert counting.counter.backward == 9 * 6  # 40 points: the targets run one after another (early stop between them)
+
+
+def test_weights_replaced_at_the_same_path_make_another_run(tmp_path, monkeypatch):
+    """The record names the classifier's weights by their sha256, and the run id changes with them: weights swapped
+    under the same file name never reuse old state or join an old board."""
+    from bench.classifiers import CLASSIFIERS, Classifier, ClassifierInfo
+    from bench.plugins import load_plugin
+    from tests.helpers import NearestColor
+
+    load_plugin(PLUGIN)
+    config = RunConfig(defense="plugin-blur", classifier="tiny", dataset="tiny-test", budget="smoke", n=8, out=tmp_path,
+                       checks=False)
+    first, _ = run(config)
+    assert len(first["classifier"]["weights_sha256"]) == 64
+
+    def swapped():  # the same name, the same "file", other weights
+        net = NearestColor()
+        net.centers.add_(0.01)
+        return Classifier(net, ClassifierInfo("tiny", "nearest-colour", "tiny-test", 10, None, None, "fixed", None, "none",
+                                              "tests"))
+
+    monkeypatch.setitem(CLASSIFIERS._entries, "tiny", swapped)
+    second, _ = run(config)
+    assert second["classifier"]["weights"] == first["classifier"]["weights"]
+    assert second["classifier"]["weights_sha256"] != first["classifier"]["weights_sha256"]
+    assert second["run_id"] != first["run_id"]

@@ -7,9 +7,11 @@ images in [0, 1], applies the checkpoint's normalization itself and stays frozen
 
 from __future__ import annotations
 
+import hashlib
+
 import pickle
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
@@ -52,9 +54,15 @@ class ClassifierInfo:
     train_eps: Optional[float]  # on the [0, 1] scale; None for standard training
     weights: str  # file the weights came from
     source: str
+    # sha256 of the network's state dict (names and tensors), so weights replaced at the same path make another run
+    # id and never join old boards or resume old state; filled by ``load_classifier``
+    weights_sha256: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if out["weights_sha256"] is None:
+            out.pop("weights_sha256")
+        return out
 
 
 class Classifier(nn.Module):
@@ -120,4 +128,16 @@ def load_classifier(name: str, device: str | torch.device = "cpu") -> Classifier
         model = load_user_file(name.removeprefix("file:"))
     else:
         model = CLASSIFIERS.get(name)()
+    if model.info.weights_sha256 is None:
+        model.info = replace(model.info, weights_sha256=state_dict_sha256(model.net))
     return model.to(device)
+
+
+def state_dict_sha256(net: nn.Module) -> str:
+    """sha256 over a network's state dict, names and tensor bytes in key order (the same file gives the same hash on
+    every machine; a changed tensor gives another)."""
+    digest = hashlib.sha256()
+    for key, value in sorted(net.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
