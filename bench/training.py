@@ -97,7 +97,7 @@ class Checkpointer:
         tmp.replace(self.path)
         self.history.append(epoch_log)
         manifest = {
-            "command": " ".join(shlex.quote(a) for a in sys.argv), "options": {**asdict(self.options), "out": str(self.options.out)},
+            "command": " ".join(["bench", *(shlex.quote(a) for a in sys.argv[1:])]), "options": {**asdict(self.options), "out": str(self.options.out)},
             "config": self.config, "history": self.history, "finished": finished,
             "checkpoint": self.path.name, "sha256": sha256_file(self.path),
             "saved": datetime.now(timezone.utc).isoformat(), "environment": environment(),

@@ -6,7 +6,7 @@ the end and written beside the new records (``moved.json``). The old files are l
 yourself once the new ones are read. Run it from a clean checkout (the records name its commit), e.g. a worktree:
 
     git worktree add ../rerun HEAD && cd ../rerun
-    python scripts/rerun_records.py --out /tmp/rerun leaderboards/results/cifar10-jpeg-linf/*.json
+    python scripts/rerun_records.py --out runs/rerun leaderboards/results/cifar10-jpeg-linf/*.json
 
 Records already rerun into ``--out`` (same defense, classifier, suite, budget, threat, n and seed) are skipped, so
 the command resumes after an interruption.
