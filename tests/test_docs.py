@@ -56,6 +56,8 @@ def bench_commands(page: Path) -> List[Tuple[int, List[str]]]:
         for offset, line in joined:
             line = line.removeprefix("$ ")
             words = shlex.split(line, comments=True) if line else []
+            while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):  # VAR=value before the command
+                words = words[1:]
             if not words:
                 continue
             if words[0].rsplit("/", 1)[-1] == "bench":
