@@ -32,9 +32,20 @@ def record_schema() -> Dict[str, Any]:
     return json.loads(SCHEMA_PATH.read_text())
 
 
+@lru_cache(maxsize=1)
+def _validator():
+    """One validator for the schema (checked once): ``jsonschema.validate`` checks the schema again on every call,
+    which made validating a board's records take seconds."""
+    cls = jsonschema.validators.validator_for(record_schema())
+    cls.check_schema(record_schema())
+    return cls(record_schema())
+
+
 def validate_record(record: Dict[str, Any]) -> None:
     """Raise ``jsonschema.ValidationError`` if the record does not follow the schema."""
-    jsonschema.validate(record, record_schema())
+    error = jsonschema.exceptions.best_match(_validator().iter_errors(record))
+    if error is not None:
+        raise error
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

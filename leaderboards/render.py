@@ -198,14 +198,35 @@ def board_rows(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return rows
 
 
+def what_it_is(record: Dict[str, Any]) -> str:
+    """The bare classifier rows say what kind of classifier they are: an adversarially trained one is no purifier."""
+    if record["defense"]["name"] != "none":
+        return ""
+    info = record["classifier"]
+    if info.get("training") in (None, "standard"):
+        return " (bare, standard training)"
+    eps = info.get("train_eps")
+    return f" (bare, adversarially trained: {info['training']}" + (f" {format_eps('linf', eps)})" if eps else ")")
+
+
+def versus_bare(row: Dict[str, Any], bare: Dict[str, Dict[str, Any]]) -> str:
+    """Clean and robust accuracy against the bare classifier's on the same board, in points."""
+    ref = bare.get(row["classifier"])
+    if ref is None or row["record"]["defense"]["name"] == "none":
+        return "—"
+    return f"{100 * (row['clean'] - ref['clean']):+.1f} / {100 * (row['robust'] - ref['robust']):+.1f}"
+
+
 def render_board(board: Board, records: Sequence[Dict[str, Any]]) -> str:
     rows = board_rows(records)
-    table = _table([[str(r["rank"]), r["defense"], r["classifier"], pct(r["clean"]),
+    bare = {r["classifier"]: r for r in rows if r["record"]["defense"]["name"] == "none"}
+    table = _table([[str(r["rank"]), r["defense"] + what_it_is(r["record"]), r["classifier"], pct(r["clean"]),
                      pct(r["floor"]) + (f" ({r['draws']} draws)" if r["draws"] > 1 else ""), pct(r["robust"]),
-                     f"[{100 * r['ci'][0]:.1f}, {100 * r['ci'][1]:.1f}]", r["suite"], str(r["n"]),
+                     f"[{100 * r['ci'][0]:.1f}, {100 * r['ci'][1]:.1f}]", versus_bare(r, bare), r["suite"], str(r["n"]),
                      f"{r['seconds_per_image']:.2f}", f"{r['passes_per_image']:.0f}"] for r in rows],
                    ["rank", "defense", "classifier", "clean % (one draw)", "no attack % (every draw right)",
-                    "robust % (worst case)", "95% CI", "suite", "n", "attack s / image", "image-passes / image"])
+                    "robust % (worst case)", "95% CI", "vs bare classifier (clean / robust, points)", "suite", "n",
+                    "attack s / image", "image-passes / image"])
     labelled = [(f"{r['record']['defense']['name']} on {r['record']['classifier']['name']}", r["record"]) for r in rows]
     return _env().get_template("board.md.j2").render(
         board=board, table=table, setting=subset_line(records) if records else None, notes=footnotes(labelled),
@@ -404,8 +425,9 @@ def metric_value(record: Dict[str, Any], metric: Optional[str]) -> Optional[floa
 # ------------------------------------------------------------------------------------------------- all files
 
 
-def render_all(root: Path = ROOT) -> Dict[str, bytes]:
-    """Every generated file under ``root`` (relative path -> content): boards, paper tables, PNGs, the index."""
+def render_all(root: Path = ROOT, pictures: bool = True) -> Dict[str, bytes]:
+    """Every generated file under ``root`` (relative path -> content): boards, paper tables, PNGs (unless
+    ``pictures`` is False), the index."""
     boards = load_boards(root)
     files: Dict[str, bytes] = {}
     entries = []
@@ -413,7 +435,7 @@ def render_all(root: Path = ROOT) -> Dict[str, bytes]:
         records = load_records(board, root)
         if board.kind == "board":
             files[f"{board.name}.md"] = render_board(board, records).encode()
-            png = plot_board(board, records)
+            png = plot_board(board, records) if pictures else None
             if png is not None:
                 files[f"{board.name}.png"] = png
         elif board.kind == "paper":
@@ -440,5 +462,5 @@ def write_all(root: Path = ROOT) -> List[str]:
 def stale_files(root: Path = ROOT) -> List[str]:
     """Generated markdown that differs from what the records and templates give now (PNGs are not compared:
     their bytes depend on the matplotlib build)."""
-    return [name for name, content in render_all(root).items()
+    return [name for name, content in render_all(root, pictures=False).items()
             if name.endswith(".md") and (not (root / name).is_file() or (root / name).read_bytes() != content)]

@@ -241,10 +241,12 @@ def test_a_board_ranks_by_robust_accuracy_and_marks_flagged_entries():
     assert cells[1][:6] == ["1", "broken †", "resnet20", "60.00", "60.00", "60.00"]  # deterministic: floor = clean
     assert cells[2][:6] == ["2", "atop", "resnet20", "50.00", "30.00 (10 draws)", "20.00"]
     assert cells[3][:6] == ["3", "old", "resnet20", "50.00", "— (10 draws)", "10.00"]  # a record from before the floor
-    assert cells[4][:6] == ["4", "none", "resnet20", "80.00", "80.00", "0.00"]
+    assert cells[4][:6] == ["4", "none (bare, standard training)", "resnet20", "80.00", "80.00", "0.00"]
+    assert [row[7] for row in cells[1:]] == ["-20.0 / +60.0", "-30.0 / +20.0", "-30.0 / +10.0", "—"]  # vs the bare row
+    assert "‡ made without the checks (unverified)" in text  # the marks are explained on every board
     lines = [line for line in text.splitlines() if line.startswith("| ")]
     assert "| 0.20               | 5 " in lines[1]  # 2 s / 10 images, 50 image-passes / 10 images
-    assert "cifar10-jpeg, n = 10 (seed 0, subset cccccccccccc), linf eps 0.0313725; suites: linf v4 (cpu)" in text
+    assert "cifar10-jpeg, n = 10 (seed 0, subset cccccccccccc), linf eps 8/255; suites: linf v4 (cpu)" in text
     assert "† broken on resnet20 unreliable: zero input gradients (exact) on 4 of 4 points." in text
 
 
