@@ -171,3 +171,15 @@ def test_threat_spellings_and_the_suites_own_threat(capsys, tmp_path):
     assert "| stadv eps=0.05 | suite stadv v2" in header("--suite", "stadv")
     assert_user_error(["run", "--defense", "plugin-blur", *TINY, "--threat", "l2", "--suite", "linf"], capsys, tmp_path,
                       "suite linf is for threat linf, not l2")
+
+
+@needs_resnet20
+def test_list_says_which_defenses_have_weights_and_explains_suites(capsys):
+    code, out, _ = run_cli(["list"], capsys)
+    assert code == 0
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and line.split()}
+    assert lines["atop"].endswith("weights for resnet20")
+    assert "no weights yet" in lines["atop-rt1-ae-ft"]  # the AE variants ship nothing: say so before a run fails
+    assert lines["jatp"].endswith("weights for resnet4b")
+    assert lines["none"].strip() == "none"
+    assert "+bpda[stage] back-propagates through that stage as the identity" in out
