@@ -2,8 +2,8 @@
 
 A suite file names its threat (norm, default eps) and gives the attacks in up to three **budgets**:
 ``smoke`` (seconds, for tests and CI), ``cpu`` (a real but reduced evaluation that fits a CPU session) and
-``paper`` (the protocol's full strength, a GPU job). Each budget lists its attacks and how many EOT draws
-every gradient attack gets when the defense is stochastic. ``load_suite(name, norm, budget)`` resolves one
+``full`` (the protocol's full strength, a GPU job; ``paper`` is its older name, still read). Each budget lists its
+attacks and how many EOT draws every gradient attack gets when the defense is stochastic. ``load_suite(name, norm, budget)`` resolves one
 budget into a ``Suite``; the record stores the suite name, version, budget and every resolved setting.
 
 ``Suite.build`` resolves a suite for a defense: exact-gradient attacks always; for a defense with
@@ -32,7 +32,9 @@ from bench.errors import BenchError
 from bench.registry import Registry
 
 SUITE_DIR = Path(__file__).with_name("suites")
-BUDGETS = ("smoke", "cpu", "paper")
+BUDGETS = ("smoke", "cpu", "full")
+#: Older names of budgets, kept so that older suite files and records still resolve ("paper" was "full").
+BUDGET_ALIASES = {"paper": "full"}
 STAGES = ("transform", "purifier", "pipeline")
 _SUITE_KEYS = {"name", "version", "description", "threat", "independent", "budgets"}
 _BUDGET_KEYS = {"description", "eot_draws", "attacks", "surrogate"}
@@ -154,6 +156,7 @@ def parse_suite(data: Dict[str, Any], origin: str = "<dict>") -> Dict[str, Suite
     unknown, missing = set(data) - _SUITE_KEYS, (_SUITE_KEYS - {"description", "independent"}) - set(data)
     if unknown or missing:
         raise BenchError(f"suite {origin}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
+    data = {**data, "budgets": {BUDGET_ALIASES.get(k, k): v for k, v in data.get("budgets", {}).items()}}
     if not data["budgets"] or set(data["budgets"]) - set(BUDGETS):
         raise BenchError(f"suite {origin}: budgets must be a non-empty subset of {list(BUDGETS)}")
     try:
@@ -184,11 +187,11 @@ def _load_builtin() -> None:
 
 
 def default_budget(device: torch.device | str) -> str:
-    """``paper`` on a GPU, ``cpu`` otherwise: the strongest budget that finishes on the device."""
-    return "paper" if torch.device(device).type == "cuda" else "cpu"
+    """``full`` on a GPU, ``cpu`` otherwise: the strongest budget that finishes on the device."""
+    return "full" if torch.device(device).type == "cuda" else "cpu"
 
 
-def load_suite(name: Optional[str], norm: Optional[str], budget: str = "paper", fallback: bool = False) -> Suite:
+def load_suite(name: Optional[str], norm: Optional[str], budget: str = "full", fallback: bool = False) -> Suite:
     """One budget of the named suite (default: the threat's own suite, ``linf``, ``l2`` or ``stadv``).
 
     ``norm`` None is the named suite's own threat (``linf`` without a suite). ``fallback`` (``--budget auto``): a
@@ -197,6 +200,7 @@ def load_suite(name: Optional[str], norm: Optional[str], budget: str = "paper", 
     if norm is None:
         norm = next(iter(SUITES.get(name).values())).threat.norm if name else "linf"
     norm = canonical_norm(norm)
+    budget = BUDGET_ALIASES.get(budget, budget)
     budgets = SUITES.get(name or norm)
     any_budget = next(iter(budgets.values()))
     if any_budget.threat.norm != norm:

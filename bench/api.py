@@ -153,7 +153,7 @@ def evaluate(
 ) -> Record:
     """Evaluate ``model`` (any ``nn.Module`` from images in [0, 1] to logits) as ``bench run`` evaluates a defense.
 
-    ``suite`` (default: the threat's own suite) at ``budget`` (smoke, cpu, paper, or auto: paper on CUDA, cpu on a
+    ``suite`` (default: the threat's own suite) at ``budget`` (smoke, cpu, full, or auto: full on CUDA, cpu on a
     CPU), on ``subset`` (default: ``load_subset(dataset, n, seed)``). The record is written under ``out`` and
     returned. ``name`` labels a plain module in the record (default: its class name).
     """

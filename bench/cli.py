@@ -87,9 +87,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="linf (8/255), l2 (0.5; 1.0 with --eps 1.0) or stadv (flow field bounded by 0.05); RobustBench's "
                           "Linf and L2 work too (default: the suite's threat, else linf)")
     run.add_argument("--suite", default=None, help="suite name (default: the threat's own suite, linf, l2 or stadv)")
-    run.add_argument("--budget", choices=("auto", "smoke", "cpu", "paper"), default="auto",
+    run.add_argument("--budget", choices=("auto", "smoke", "cpu", "full", "paper"), default="auto",
                      help="attack budget of the suite: smoke (seconds, tests), cpu (reduced, fits a CPU session), "
-                          "paper (full strength, a GPU job); auto = paper on CUDA, cpu on CPU (default)")
+                          "full (the protocol's strength, a GPU job; paper is its older name); auto = full on CUDA, cpu on "
+                          "a CPU (default)")
     run.add_argument("--eps", type=parse_eps, default=None, help="override the suite's eps, e.g. 2/255")
     run.add_argument("--headline", choices=("worst", "mean", "majority"), default="worst",
                      help="robust accuracy to lead with for stochastic defenses: worst (broken if any of 10 draws is "
@@ -184,8 +185,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="comma-separated radii, 0 = clean (default 0,1/255,2/255,4/255,8/255,16/255 for linf; "
                             "0,0.25,0.5,1 for l2)")
     curve.add_argument("--suite", default=None, help="suite of each point (default: the threat's own suite)")
-    curve.add_argument("--budget", choices=("auto", "smoke", "cpu", "paper"), default="auto",
-                       help="budget of that suite, as for bench run (default auto: paper on CUDA, cpu on a CPU; smoke "
+    curve.add_argument("--budget", choices=("auto", "smoke", "cpu", "full", "paper"), default="auto",
+                       help="budget of that suite, as for bench run (default auto: full on CUDA, cpu on a CPU; smoke "
                             "takes a minute and gives upper bounds)")
     curve.add_argument("--n", type=int, default=64, help="images of the fixed subset per point (default 64)")
     curve.add_argument("--seed", type=int, default=0, help="subset seed (default 0)")

@@ -14,7 +14,7 @@ Each check returns the reasons it found (empty when it passed). A record with an
 - ``probabilities``: the outputs look like probabilities or log-probabilities rather than logits (a softmax
   inside the model flattens the loss the attacks climb);
 - ``black_box``: a score-based or transfer attack broke points that every gradient attack before it missed
-  (every ``cpu`` and ``paper`` budget ends with Square and a transfer attack, so the check can fire);
+  (every ``cpu`` and ``full`` budget ends with Square and a transfer attack, so the check can fire);
 - ``monotone``: on a small probe set, PGD accuracy rises when eps, the steps or (stochastic defenses) the EOT
   draws grow, read against the 95% Wilson interval of the smaller setting's accuracy (not fixed points); or it does
   not fall at all from eps/2 to 2 eps (four times the radius broke not one more probe point);

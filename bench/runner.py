@@ -21,7 +21,7 @@ import torch
 
 from attacks.adaptive import default_chunk_images
 from attacks.base import Threat
-from attacks.suite import BUDGETS, default_budget, load_suite
+from attacks.suite import BUDGET_ALIASES, BUDGETS, default_budget, load_suite
 from bench.classifiers import load_classifier
 from bench.errors import BenchError
 from bench.evaluation import BatchState, evaluate, run_attacks
@@ -60,7 +60,7 @@ class RunConfig:
     classifier: str = "resnet20"
     dataset: str = "cifar10-jpeg"
     suite: Optional[str] = None
-    budget: str = "auto"  # smoke, cpu, paper, or auto (paper on CUDA, cpu on CPU)
+    budget: str = "auto"  # smoke, cpu, full (older name: paper), or auto (full on CUDA, cpu on a CPU)
     eps: Optional[float] = None
     n: int = 512
     seed: int = 0
@@ -149,7 +149,8 @@ def check_config(config: RunConfig) -> None:
 
 def resolve_suite(suite: Optional[str], threat: Optional[str], budget: str, eps: Optional[float], device: torch.device):
     """(suite at its budget, threat): ``suite`` None is the threat's own suite, ``threat`` None the suite's own threat
-    (linf without a suite), ``budget`` auto is paper on CUDA and cpu on a CPU, ``eps`` None is the suite's."""
+    (linf without a suite), ``budget`` auto is full on CUDA and cpu on a CPU, ``eps`` None is the suite's."""
+    budget = BUDGET_ALIASES.get(budget, budget)
     if budget not in ("auto", *BUDGETS):
         raise BenchError(f"--budget must be auto or one of {', '.join(BUDGETS)}, got {budget!r}")
     resolved = load_suite(suite, threat, default_budget(device) if budget == "auto" else budget, fallback=budget == "auto")
@@ -167,7 +168,7 @@ def _resolve(config: RunConfig):
 
 
 def _run_checks(defense: Defense, subset, result, threat: Threat, suite, draws: int, device, seed: int):
-    """The integrity checks with probe sizes by budget (8 points for smoke, 16 for cpu, 32 for paper)."""
+    """The integrity checks with probe sizes by budget (8 points for smoke, 16 for cpu, 32 for full)."""
     return run_checks(defense, subset, result, threat, stochastic=defense.stochastic,
                       differentiable=defense.differentiable, eot=suite.eot_draws, draws=draws, device=device, seed=seed,
                       probe_n={"smoke": 8, "cpu": 16}.get(suite.budget, 32))

@@ -27,13 +27,14 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from tabulate import tabulate
 
 from attacks.base import format_eps
+from attacks.suite import BUDGET_ALIASES
 from bench.errors import BenchError
 from bench.record import validate_record
 
 ROOT = Path(__file__).resolve().parent
 PAPERS = ROOT / "papers"
 TEMPLATES = ROOT / "templates"
-BUDGET_ORDER = ("smoke", "cpu", "paper")
+BUDGET_ORDER = ("smoke", "cpu", "full")
 PAPER_NAMES = {"atop": "AToP", "aid-purifier": "AID-Purifier", "jatp": "JATP"}
 
 
@@ -116,6 +117,11 @@ def accept_problems(board: Board, record: Dict[str, Any]) -> List[str]:
 # ---------------------------------------------------------------------------------------------- formatting
 
 
+def budget_name(budget: str) -> str:
+    """A budget by its current name (records made before the rename say "paper" for "full")."""
+    return BUDGET_ALIASES.get(budget, budget)
+
+
 def pct(value: Optional[float], digits: int = 2) -> str:
     return "—" if value is None else f"{100 * value:.{digits}f}"
 
@@ -143,7 +149,7 @@ def footnotes(labelled: Sequence[Tuple[str, Dict[str, Any]]]) -> List[str]:
 def subset_line(records: Sequence[Dict[str, Any]]) -> str:
     s = records[0]["subset"]
     threats = ", ".join(sorted({f"{x['threat']['norm']} eps {format_eps(x['threat']['norm'], x['threat']['eps'])}" for x in records}))
-    suites = sorted({f"{x['suite']['name']} v{x['suite']['version']} ({x['suite']['budget']})" for x in records})
+    suites = sorted({f"{x['suite']['name']} v{x['suite']['version']} ({budget_name(x['suite']['budget'])})" for x in records})
     return f"{s['dataset']}, n = {s['n']} (seed {s['seed']}, subset {s['hash'][:12]}), {threats}; suites: {', '.join(suites)}"
 
 
@@ -189,7 +195,7 @@ def board_rows(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
             "clean": r["clean"]["accuracy"], "robust": r["robust"]["accuracy"], "ci": r["robust"]["ci95"],
             "floor": no_attack_floor(r), "draws": r["settings"].get("success_draws", 1) if stochastic else 1,
             "headline": r.get("headline", {}).get("accuracy", r["robust"]["accuracy"]),
-            "suite": f"{r['suite']['name']} v{r['suite']['version']} {r['suite']['budget']}", "n": r["subset"]["n"],
+            "suite": f"{r['suite']['name']} v{r['suite']['version']} {budget_name(r['suite']['budget'])}", "n": r["subset"]["n"],
             "seconds_per_image": cost, "passes_per_image": passes,
         })
     rows.sort(key=lambda row: (-row["headline"], -row["clean"], row["defense"], row["classifier"]))
@@ -382,7 +388,7 @@ def render_paper(board: Board, records: Sequence[Dict[str, Any]], root: Path = R
     for record in sorted(records, key=lambda r: (r["defense"]["name"], r["classifier"]["name"], r["suite"]["name"])):
         values = [metric_value(record, board.columns.get(column)) for column in table["columns"]]
         label = f"{record['defense']['name']} on {record['classifier']['name']}{trained_with(record)}{mark(record)}"
-        suite = f"{record['suite']['name']} v{record['suite']['version']} ({record['suite']['budget']})"
+        suite = f"{record['suite']['name']} v{record['suite']['version']} ({budget_name(record['suite']['budget'])})"
         measured.append([label, suite, pct(no_attack_floor(record)), *(pct(v) for v in values)])
     measured_table = _table(measured, ["measured", "suite", "no attack (every draw right)", *table["columns"]]) if measured else None
     labelled = [(f"{r['defense']['name']} on {r['classifier']['name']}", r) for r in records]

@@ -22,7 +22,7 @@ def records(paths):
 
 def main(paths) -> int:
     rows = []
-    for r in sorted(records(paths), key=lambda r: (r["defense"]["name"], ["smoke", "cpu", "paper"].index(r["suite"]["budget"]))):
+    for r in sorted(records(paths), key=lambda r: (r["defense"]["name"], ["smoke", "cpu", "full", "paper"].index(r["suite"]["budget"]))):
         cost = {k: sum(a["cost"][k] for a in r["attacks"]) for k in ("seconds", "forward", "backward", "forward_images", "backward_images")}
         rows.append([
             r["defense"]["name"], r["classifier"]["name"], f"{r['suite']['name']} v{r['suite']['version']} {r['suite']['budget']}",

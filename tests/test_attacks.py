@@ -297,10 +297,11 @@ def test_reference_autoattack_runs_through_the_harness(version, tiny_net, batch)
 def test_suites_come_in_budgets_and_record_them():
     from attacks.suite import load_suite
 
-    smoke, cpu, paper = (load_suite("linf", "linf", b) for b in ("smoke", "cpu", "paper"))
-    assert (smoke.eot_draws, cpu.eot_draws, paper.eot_draws) == (2, 10, 20)
-    assert paper.to_dict()["budget"] == "paper" and paper.to_dict()["name"] == "linf"
-    assert not paper.independent and load_suite("atop-table7", "linf", "cpu").independent
+    smoke, cpu, full = (load_suite("linf", "linf", b) for b in ("smoke", "cpu", "full"))
+    assert (smoke.eot_draws, cpu.eot_draws, full.eot_draws) == (2, 10, 20)
+    assert full.to_dict()["budget"] == "full" and full.to_dict()["name"] == "linf"
+    assert load_suite("linf", "linf", "paper") == full  # the budget's older name still resolves (older records)
+    assert not full.independent and load_suite("atop-table7", "linf", "cpu").independent
     with pytest.raises(BenchError, match="is for threat linf"):
         load_suite("linf", "l2", "cpu")
 
@@ -535,7 +536,7 @@ def test_pipeline_bpda_replaces_exact_and_stage_bpda_variants_of_gradient_attack
 def test_auto_budget_falls_back_to_a_single_budget_suite():
     from attacks.suite import load_suite
 
-    assert load_suite("autoattack-rand", "linf", "cpu", fallback=True).budget == "paper"
+    assert load_suite("autoattack-rand", "linf", "cpu", fallback=True).budget == "full"
     with pytest.raises(BenchError, match="has no 'cpu' budget"):
         load_suite("autoattack-rand", "linf", "cpu")
 

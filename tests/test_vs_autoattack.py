@@ -27,7 +27,7 @@ def test_no_point_autoattack_breaks_survives_our_suite(norm, eps):
     threat = Threat(norm, eps)
     subset = load_subset("cifar10-jpeg", N_IMAGES, seed=0)
     ours = evaluate(model, subset, load_suite(norm, norm, "cpu").build(threat, False, True), threat, who="none")
-    reference = Suite("autoattack-standard", "1", "paper", "", threat, 1, (AttackSpec("autoattack", (("version", "standard"),)),))
+    reference = Suite("autoattack-standard", "1", "full", "", threat, 1, (AttackSpec("autoattack", (("version", "standard"),)),))
     theirs = evaluate(model, subset, reference.build(threat, False, True), threat, who="none")
     assert (ours.clean_worst == theirs.clean_worst).all()
     aa_only = [int(p) for p in (ours.robust & ~theirs.robust).nonzero()[0]]
