@@ -315,3 +315,32 @@ def test_nan_and_vanishing_gradients_are_flagged(scale, reason):
     reasons = check_gradients(planted, subset.x, subset.y, differentiable=True)
     assert len(reasons) == 1 and reasons[0].startswith(reason), reasons
     assert check_gradients(Defense(model, purifier=ScaledGradient(1.0)), subset.x, subset.y, differentiable=True) == []
+
+
+@pytest.mark.parametrize("more_steps,more_eot,flags", [
+    (0.25, 0.25, []),  # no rise
+    (0.45, 0.25, []),  # 9 of 20 against 5 of 20: inside the Wilson interval of 25% (11.2% - 46.9%)
+    (0.50, 0.25, ["rises with more steps"]),  # 10 of 20: above it
+    (0.25, 0.50, ["rises with more EOT draws"]),
+])
+def test_steps_and_eot_rises_are_read_against_the_wilson_interval(monkeypatch, more_steps, more_eot, flags):
+    """The probes' rules on scripted accuracies (20 probe points): what counts as a rise is the upper end of the 95%
+    Wilson interval of the smaller setting's accuracy, not a fixed number of points."""
+    from bench import integrity
+
+    def scripted(model, x, y, threat, steps, eot, stochastic, differentiable, draws):
+        if threat.eps >= 0.5:
+            return 0.0  # the unbounded probe
+        if steps == 40:
+            return more_steps
+        if eot == 16:
+            return more_eot
+        return {0.015: 0.5, 0.03: 0.25, 0.06: 0.05}[round(threat.eps, 3)]
+
+    monkeypatch.setattr(integrity, "_pgd_accuracy", scripted)
+    x, y = torch.rand(20, 3, 8, 8), torch.zeros(20, dtype=torch.long)
+    findings = integrity.probe_attacks(nn.Identity(), x, y, Threat("linf", 0.03), stochastic=True, differentiable=True,
+                                       eot=4, draws=10)
+    found = [flag for flag in ("rises with more steps", "rises with more EOT draws") if any(flag in r for r in findings.reasons)]
+    assert found == flags, findings.reasons
+    assert not any("as eps grows" in r or "does not fall" in r for r in findings.reasons)
