@@ -45,6 +45,9 @@ def format_result(record: Dict) -> str:
         lines.append(f"  no mean or majority: {record.get('mean_omitted', 'not measured')}")
     h = record["headline"]
     lines.append(f"headline ({h['metric']}): {100 * h['accuracy']:.2f}% in {record['timing']['seconds']:.1f} s")
+    reference = paper_reference(record["defense"]["name"])
+    if reference:
+        lines.append(f"where this stands: {reference}")
     fixed = record.get("corrections")
     if record.get("unreliable"):
         lines.append("UNRELIABLE: " + "; ".join(record["unreliable_reasons"]))
@@ -60,6 +63,21 @@ def format_result(record: Dict) -> str:
         lines.append(f"attack plan corrected ({'; '.join(fixed['actions'])}): robust accuracy "
                      f"{_pct(fixed['robust_before'])} as declared -> {_pct(fixed['robust_after'])}")
     return "\n".join(lines)
+
+
+def paper_reference(name: str) -> str:
+    """The registered defense's paper headline (``Defense.paper_reference``), or "" (stacks: their stages')."""
+    from defenses.base import DEFENSES
+
+    parts = []
+    for stage in name.split("+"):
+        try:
+            reference = getattr(DEFENSES.get(stage), "paper_reference", "")
+        except Exception:  # a plug-in that is not loaded, or a name the registry does not know
+            reference = ""
+        if reference:
+            parts.append(reference)
+    return "; ".join(parts)
 
 
 def end_of_run(record: Dict, path: Optional[Path]) -> str:

@@ -171,6 +171,8 @@ class AIDPurifier(Defense):
     """AID-Purifier in front of (and reading from) the classifier; BPDA identity for attacks (not differentiable)."""
 
     version = "1"
+    paper_reference = ("AID-Purifier, paper Table 3: 52.65% worst white-box robust on CIFAR-10 (Madry base, 51.64% alone); "
+                       "the discriminators shipped here were trained for one CPU epoch")
     unrolled = False
 
     def __init__(self, classifier: nn.Module, checkpoint: Optional[str] = None, steps: int = 10, eps: float = 8 / 255,

@@ -47,6 +47,8 @@ class AToP(Defense):
     """RT2 + GAN purifier, fine-tuned (the paper's recommended setting) unless told otherwise."""
 
     version = "1"
+    paper_reference = ("AToP (RT2 + GAN purifier), paper Table 2: 90.62% clean, 72.85% robust (AutoAttack linf 8/255, "
+                       "WRN-28-10, CIFAR-10); the checkpoints shipped here are small and trained for minutes on a CPU")
     stochastic = True
     default_transform, default_purifier, default_stage = "rt2", "gan", "finetune"
 

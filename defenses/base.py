@@ -28,6 +28,9 @@ class Defense(nn.Module):
     name: ClassVar[str] = ""
     version: ClassVar[str] = "1"
     stochastic: ClassVar[bool] = False
+    #: The paper's headline for this defense, printed beside a run's numbers so that a reader of a CPU-scale run knows
+    #: where it stands (empty for defenses without one). Not part of the record: it describes the paper, not the run.
+    paper_reference: ClassVar[str] = ""
 
     def __init__(
         self, classifier: nn.Module, transform: Optional[nn.Module] = None, purifier: Optional[nn.Module] = None

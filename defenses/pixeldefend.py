@@ -191,6 +191,8 @@ class PixelDefend(Defense):
     """PixelDefend in front of any classifier (its PixelCNN does not depend on the classifier)."""
 
     version = "1"
+    paper_reference = ("PixelDefend (Song et al. 2018); about 9% under BPDA on CIFAR-10 at 8/255 (Athalye et al. 2018); "
+                       "the PixelCNN shipped here is small (6.13 bits/dim, PixelCNN++ reports 2.92)")
 
     def __init__(self, classifier: nn.Module, checkpoint: Optional[str] = None, eps_defend: float = 16 / 255,
                  dataset: str = "cifar10-jpeg", untrained: bool = False, channels: int = 32, layers: int = 5) -> None:
