@@ -261,3 +261,15 @@ def test_a_hand_edited_accuracy_is_refused(tmp_path):
     path.write_text(json.dumps(record))
     with pytest.raises(BenchError, match="robust accuracy .* is not .* \\(edited by hand\\?\\)"):
         load_records(board, root)
+
+
+def test_without_a_stated_tolerance_a_number_may_move_by_the_combined_interval():
+    from bench.check import allowed_difference, compare
+
+    half = {"accuracy": 0.5, "n": 512, "correct": 256}
+    assert allowed_difference(half, half, None) == pytest.approx(1.96 * (2 * 0.25 / 512) ** 0.5)  # about 6.1 points
+    record = {"defense": {"name": "d"}, "classifier": {"name": "c"}, "subset": {"hash": "h"}, "clean": half, "robust": half}
+    moved = dict(record, robust={**half, "accuracy": 0.56})
+    assert [row[-1] for row in compare("b", record, moved, None)] == ["ok", "ok"]
+    moved = dict(record, robust={**half, "accuracy": 0.57})
+    assert [row[-1] for row in compare("b", record, moved, None)] == ["ok", "FAIL"]
