@@ -128,6 +128,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="seed of the image subset and the initialization")
     train.add_argument("--device", default="auto", help="auto, cpu or cuda")
     train.add_argument("--out", type=Path, default=None, help="checkpoint folder (default under $BENCH_CHECKPOINT_DIR)")
+    train.add_argument("--hours", type=float, default=None,
+                       help="time budget: stop after the epoch that uses it up (all runs of this folder together); "
+                            "rerun with more to continue")
+    train.add_argument("--eval-every", type=int, default=1,
+                       help="epochs between the learning curve's held-out clean and PGD-10 accuracy (0: never; default 1)")
+    train.add_argument("--eval-size", type=int, default=None,
+                       help="held-out training images for the learning curve (default: up to 512 not trained on)")
     train.add_argument("--transform", choices=("rt1", "rt2", "rt3"), default=None, help="AToP: the random transform")
     train.add_argument("--purifier", choices=("gan", "ae"), default=None, help="AToP: the purifier network")
     train.add_argument("--adv-target", choices=("classifier", "pipeline"), default=None,
@@ -361,7 +368,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         extra.pop("finetune_epochs", None)
     options = TrainOptions(defense=args.defense, classifier=args.classifier, dataset=args.dataset, epochs=args.epochs,
                            train_size=args.train_size, batch_size=args.batch_size, seed=args.seed, device=args.device,
-                           out=args.out, extra=extra)
+                           out=args.out, extra=extra, hours=args.hours, eval_every=args.eval_every,
+                           eval_size=args.eval_size)
     folder = trainer(options)
     print(f"checkpoints and manifests: {folder}")
 

@@ -1,9 +1,16 @@
-"""Shared plumbing for ``bench train``: options, epoch checkpoints with a manifest, resumption.
+"""Shared plumbing for ``bench train``: options, epoch checkpoints with a manifest, resumption, learning curves.
 
 A training run writes into one folder: ``<name>.pt`` (tensors only: model and optimizer state, epoch)
 after every epoch, and ``<name>.manifest.json`` (command, data, seed, resolved options, per-epoch losses
 and the sha256 of the checkpoint). Restarting the same command resumes after the last finished epoch.
 A finished stage also exports ``<name>.weights.pt``: the inference weights alone, the file to ship.
+
+Long runs: ``--hours`` stops after the epoch that uses up the budget (counted over every invocation of the run, from
+the manifest), exporting the weights so far; rerunning with a larger budget continues. After every epoch the learning
+curve is written beside the checkpoint (``<name>.curve.csv`` and ``<name>.curve.png``): the loss terms, and every
+``--eval-every`` epochs the pipeline's clean accuracy and PGD-10 robust accuracy (linf 8/255, one draw per pass) on a
+fixed held-out slice of the *training* split (the last ``--eval-size`` images of the seeded permutation, never the
+ones trained on, never the test subset). A resumed run continues the same curve.
 """
 
 from __future__ import annotations
@@ -41,6 +48,9 @@ class TrainOptions:
     device: str = "auto"
     out: Optional[Path] = None
     extra: Dict[str, Any] = field(default_factory=dict)
+    hours: Optional[float] = None  # stop after the epoch that uses up this many hours (all invocations together)
+    eval_every: int = 1  # epochs between held-out evaluations (0: never)
+    eval_size: Optional[int] = None  # held-out training images for the learning curve (None: up to 512 not trained on)
 
 
 def training_subset(n_total: int, size: int, seed: int) -> np.ndarray:
@@ -48,6 +58,76 @@ def training_subset(n_total: int, size: int, seed: int) -> np.ndarray:
     if not 1 <= size <= n_total:
         raise BenchError(f"--train-size must be between 1 and {n_total}, got {size}")
     return np.random.RandomState(seed).permutation(n_total)[:size]
+
+
+def heldout_subset(n_total: int, train_size: int, size: int, seed: int) -> np.ndarray:
+    """The held-out training images of the learning curve: the last ``size`` of the same seeded permutation whose first
+    ``train_size`` are trained on, so the two never overlap."""
+    if size < 1 or train_size + size > n_total:
+        raise BenchError(f"--eval-size {size} with --train-size {train_size} needs at most {n_total} training images")
+    return np.random.RandomState(seed).permutation(n_total)[-size:]
+
+
+def heldout_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device, batch: int = 128,
+                     eps: float = 8 / 255, steps: int = 10) -> Dict[str, float]:
+    """Clean accuracy and PGD-``steps`` robust accuracy (linf ``eps``, step 2.5 eps / steps, random start, every step on
+    every point, one draw per pass) of ``model`` on held-out images: the learning curve's two numbers, cheap enough to
+    take every few epochs. Not an evaluation (``bench run`` is)."""
+    from attacks.base import Oracle, Threat
+    from attacks.gradient import PGD
+    from attacks.verdict import Judge
+
+    attack = PGD(Threat("linf", eps), steps=steps)
+    attack.early_stop = False
+    clean = robust = 0
+    generator = torch.get_rng_state()
+    torch.manual_seed(0)  # the same start and draws at every evaluation
+    for i in range(0, len(y), batch):
+        xb, yb = x[i : i + batch].to(device), y[i : i + batch].to(device)
+        with torch.no_grad():
+            clean += int((model(xb).argmax(1) == yb).sum())
+        x_adv = attack.run(Oracle(model, Judge(model, 1, stochastic=False)), xb, yb)
+        with torch.no_grad():
+            robust += int((model(x_adv).argmax(1) == yb).sum())
+    torch.set_rng_state(generator)
+    return {"heldout_clean": clean / len(y), f"heldout_pgd{steps}": robust / len(y)}
+
+
+def write_curve(folder: Path, name: str, history: List[Dict[str, Any]]) -> None:
+    """``<name>.curve.csv`` and ``<name>.curve.png`` from the per-epoch history: loss terms, held-out accuracies."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in dict.fromkeys(k for row in history for k in row) if k != "epoch"]
+    with open(folder / f"{name}.curve.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["epoch", *keys, "hours"])
+        spent = 0.0
+        for row in history:
+            spent += row.get("seconds", 0.0) / 3600
+            writer.writerow([row["epoch"], *(row.get(k, "") for k in keys), f"{spent:.4f}"])
+    losses = [k for k in keys if k not in ("seconds", "lr") and not k.startswith("heldout")]
+    accuracies = [k for k in keys if k.startswith("heldout")]
+    fig, axes = plt.subplots(1, 2 if accuracies else 1, figsize=(10 if accuracies else 5, 3.5), squeeze=False)
+    for k in losses:
+        axes[0][0].plot([r["epoch"] for r in history if k in r], [r[k] for r in history if k in r], label=k)
+    axes[0][0].set_xlabel("epoch")
+    axes[0][0].set_title(f"{name}: training losses", fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    if accuracies:
+        for k in accuracies:
+            axes[0][1].plot([r["epoch"] for r in history if k in r], [100 * r[k] for r in history if k in r], marker="o", label=k)
+        axes[0][1].set_xlabel("epoch")
+        axes[0][1].set_ylabel("% of the held-out training images")
+        axes[0][1].set_title(f"{name}: held-out accuracy", fontsize=9)
+        axes[0][1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / f"{name}.curve.png", dpi=80, metadata={"Software": None})
+    plt.close(fig)
 
 
 def sha256_file(path: Path) -> str:
@@ -105,6 +185,12 @@ class Checkpointer:
         write_json_atomic(self.manifest_path, json.loads(json.dumps(manifest, default=str)))
 
 
+def stage_finished(folder: Path, name: str) -> bool:
+    """Whether the stage ``name`` in ``folder`` ran all its epochs (a time budget may stop it before)."""
+    path = folder / f"{name}.manifest.json"
+    return path.is_file() and bool(json.loads(path.read_text()).get("finished"))
+
+
 def train_epochs(options: TrainOptions, trainer: Any, folder: Path, name: str, config: Dict[str, Any], epochs: int,
                  train_set: Any, indices: np.ndarray, augment: Optional[Callable] = None) -> Path:
     """The epoch loop one-stage trainers share: seeded order per epoch, ``trainer.step(x, y)`` per batch (after
@@ -128,7 +214,18 @@ def train_epochs(options: TrainOptions, trainer: Any, folder: Path, name: str, c
         trainer.load(saved)
         start = int(saved["epoch"])
     per_epoch = -(-len(indices) // options.batch_size)
+    heldout = None
+    size = options.eval_size if options.eval_size is not None else min(512, len(train_set.images) - len(indices))
+    if options.eval_every and hasattr(trainer, "eval_model") and size > 0:
+        held = heldout_subset(len(train_set.images), len(indices), size, options.seed)
+        heldout = (torch.from_numpy(train_set.images[held]).permute(0, 3, 1, 2).float().div(255),
+                   torch.from_numpy(train_set.labels[held]).long())
+    spent = sum(row.get("seconds", 0.0) for row in checkpointer.history)
     for epoch in range(start, epochs):
+        if options.hours is not None and spent >= 3600 * options.hours:
+            log.info("time budget of %.2f h used (%.2f h): stopping after epoch %d of %d", options.hours, spent / 3600,
+                     epoch, epochs)
+            break
         seed = options.seed * 1000 + epoch
         order = indices[np.random.RandomState(seed).permutation(len(indices))]
         torch.manual_seed(seed)
@@ -148,8 +245,15 @@ def train_epochs(options: TrainOptions, trainer: Any, folder: Path, name: str, c
                 totals[key] = totals.get(key, 0.0) + value
             bar.set_postfix(loss=f"{totals['loss'] / (step + 1):.4f}")
         epoch_log = {"epoch": epoch + 1, **{k: v / per_epoch for k, v in totals.items()},
-                     **({"lr": lr} if lr is not None else {}), "seconds": time.perf_counter() - started}
+                     **({"lr": lr} if lr is not None else {})}
+        if heldout is not None and ((epoch + 1) % options.eval_every == 0 or epoch + 1 == epochs):
+            epoch_log.update(heldout_accuracy(trainer.eval_model(), *heldout, trainer.device))
+        epoch_log["seconds"] = time.perf_counter() - started
+        spent += epoch_log["seconds"]
         checkpointer.save(trainer.state(epoch + 1), epoch_log, finished=epoch + 1 == epochs)
+        write_curve(folder, name, checkpointer.history)
+    if not checkpointer.manifest_path.is_file():  # the budget allowed no epoch at all
+        return folder
         log.info("epoch %d/%d: %s", epoch + 1, epochs, ", ".join(f"{k} {v:.4g}" for k, v in epoch_log.items() if k != "epoch"))
     checkpointer.export(trainer.weights())
     return folder

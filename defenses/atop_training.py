@@ -157,6 +157,24 @@ class _Stage:
     def weights(self) -> Dict[str, object]:
         return {"generator": self.trainer.generator.state_dict()}
 
+    def eval_model(self) -> nn.Module:
+        """The pipeline (transform, purifier, classifier) in eval mode, for the learning curve."""
+        self.trainer.generator.eval()
+        return _Pipeline(self.trainer)
+
+
+class _Pipeline(nn.Module):
+    """``AToPTrainer.pipeline`` as a module (declared stochastic: the transform draws)."""
+
+    stochastic = True
+
+    def __init__(self, trainer: "AToPTrainer") -> None:
+        super().__init__()
+        self.trainer = trainer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trainer.pipeline(x)
+
 
 def _adopt_pretrained(source: Path, folder: Path, config: Dict[str, object]) -> None:
     """Use another run's pre-trained purifier as this run's pre-training (e.g. RT3's copies are RT2 inputs
@@ -182,7 +200,7 @@ def train_atop(options) -> "Path":
     from bench.classifiers import load_classifier
     from bench.datasets import load_dataset
     from bench.runner import resolve_device
-    from bench.training import train_epochs, training_subset
+    from bench.training import stage_finished, train_epochs, training_subset
     from defenses.atop import atop_checkpoint
 
     try:
@@ -208,6 +226,8 @@ def train_atop(options) -> "Path":
         stages = stages[1:]
     for stage, epochs in stages:
         if stage == "finetune":  # start from the pre-trained purifier; a saved fine-tuning epoch overrides it
+            if not stage_finished(folder, "pretrain"):
+                break  # the time budget ran out in pre-training: rerun with more to go on
             trainer.load(torch.load(folder / "pretrain.pt", map_location="cpu", weights_only=True), optimizers=False)
         train_epochs(options, _Stage(trainer, stage), folder, stage, {**config, "stage": stage}, epochs, train, indices)
     return folder

@@ -55,6 +55,11 @@ def test_bench_train_writes_manifest_resumes_and_loads(tmp_path, capsys):
     before = (out / "finetune.pt").stat().st_mtime_ns
     assert main(args) == 0  # finished: resuming trains nothing more
     assert (out / "finetune.pt").stat().st_mtime_ns == before
+    # the learning curve beside each stage: losses and the held-out clean / PGD-10 accuracy (24 images not trained on)
+    rows = (out / "finetune.curve.csv").read_text().splitlines()
+    assert rows[0].split(",")[:1] == ["epoch"] and {"ce", "heldout_clean", "heldout_pgd10", "hours"} <= set(rows[0].split(","))
+    assert len(rows) == 2 and (out / "finetune.curve.png").read_bytes().startswith(b"\x89PNG")
+    assert 0 <= manifest["history"][0]["heldout_pgd10"] <= manifest["history"][0]["heldout_clean"] <= 1
     code = main(["--plugin", PLUGIN, "run", "--defense", "atop-rt2-ae-ft", "--classifier", "tiny", "--dataset", "tiny-test",
                  "--budget", "smoke", "--n", "8", "--defense-option", f"checkpoint={out / 'finetune.pt'}",
                  "--out", str(tmp_path / "runs")])
@@ -195,3 +200,20 @@ def test_the_same_seed_trains_the_same_purifier(tmp_path):
         assert main([*common, "--out", str(tmp_path / name)]) == 0
     a, b = (torch.load(tmp_path / name / "finetune.weights.pt", weights_only=True)["generator"] for name in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_time_budget_stops_training_and_a_larger_one_continues_the_same_curve(tmp_path):
+    out = tmp_path / "ckpt"
+    base = ["--plugin", PLUGIN, "train", "--defense", "atop", "--classifier", "tiny", "--dataset", "tiny-test",
+            "--transform", "rt2", "--purifier", "ae", "--pretrain-epochs", "3", "--epochs", "1", "--train-size", "16",
+            "--batch-size", "8", "--eval-every", "2", "--out", str(out)]
+    assert main([*base, "--hours", "0"]) == 0  # no time: nothing trained
+    assert not (out / "pretrain.manifest.json").exists()
+    assert main([*base, "--hours", "0.0000001"]) == 0  # one epoch uses the budget up
+    history = json.loads((out / "pretrain.manifest.json").read_text())["history"]
+    assert [row["epoch"] for row in history] == [1] and "heldout_clean" not in history[0]
+    assert main(base) == 0  # no budget: the run continues where it stopped, on the same curve
+    manifest = json.loads((out / "pretrain.manifest.json").read_text())
+    assert manifest["finished"] and [row["epoch"] for row in manifest["history"]] == [1, 2, 3]
+    assert ["heldout_clean" in row for row in manifest["history"]] == [False, True, True]  # every 2nd epoch and the last
+    assert len((out / "pretrain.curve.csv").read_text().splitlines()) == 4
