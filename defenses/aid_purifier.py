@@ -96,13 +96,21 @@ class AIDDiscriminator(nn.Module):
 
 
 class AIDPurification(nn.Module):
-    """Algorithm 2 as a purifier stage; ``unrolled`` keeps the loop differentiable (second-order autograd)."""
+    """Algorithm 2 as a purifier stage; ``unrolled`` keeps the loop differentiable (second-order autograd).
+
+    ``surrogate`` says what the unrolled loop differentiates in place of sign(g), whose derivative is zero: ``"sign"``
+    (exact, so the loop's gradient is the projection's alone and equals BPDA's) or ``"tanh"`` (a straight-through
+    smooth sign: the forward still steps by sign(g), the backward by d tanh(g / tau) with tau = ``tau`` times the
+    example's mean |g|, so the attack sees how the purification's steps move with the input)."""
 
     def __init__(self, tap: TwoLayerTap, discriminator: AIDDiscriminator, steps: int = 10, eps: float = 8 / 255,
-                 step_size: float = 2 / 255, unrolled: bool = False) -> None:
+                 step_size: float = 2 / 255, unrolled: bool = False, surrogate: str = "sign", tau: float = 1.0) -> None:
         super().__init__()
+        if surrogate not in ("sign", "tanh") or tau <= 0:
+            raise BenchError(f"aid-purifier: surrogate must be sign or tanh and tau > 0, got {surrogate}, {tau}")
         self.tap, self.discriminator = tap, discriminator
         self.steps, self.eps, self.step_size, self.unrolled = steps, eps, step_size, unrolled
+        self.sign_surrogate, self.tau = surrogate, tau  # not ``surrogate``: that names a stage's BPDA stand-in
         self.differentiable = unrolled
 
     def p_adv_logit(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,13 +132,23 @@ class AIDPurification(nn.Module):
                 x_pur = x_pur.detach().requires_grad_(True)
             p_adv = torch.sigmoid(self.p_adv_logit(x_pur))
             (grad,) = torch.autograd.grad(p_adv.sum(), x_pur, create_graph=keep_graph)
-            x_pur = x_pur - self.step_size * grad.sign()
+            x_pur = x_pur - self.step_size * self._sign(grad, keep_graph)
             x_pur = torch.min(torch.max(x_pur, x0 - self.eps), x0 + self.eps).clamp(0, 1)
         return x_pur
 
+    def _sign(self, grad: torch.Tensor, keep_graph: bool) -> torch.Tensor:
+        """sign(g) in the forward; in an unrolled graph with the tanh surrogate, d tanh(g / tau) in the backward."""
+        if not keep_graph or self.sign_surrogate == "sign":
+            return grad.sign()
+        tau = self.tau * grad.detach().abs().flatten(1).mean(1).clamp_min(1e-12).view(-1, *([1] * (grad.dim() - 1)))
+        smooth = torch.tanh(grad / tau)
+        return grad.sign().detach() + smooth - smooth.detach()
+
     def config(self) -> Dict[str, Any]:
         return {"steps": self.steps, "eps": self.eps, "step_size": self.step_size, "unrolled": self.unrolled,
-                "layers": list(self.tap.layers)}
+                "layers": list(self.tap.layers),
+                **({"surrogate": f"tanh (tau {self.tau:g} x mean |g|)" if self.sign_surrogate == "tanh" else "sign"}
+                   if self.unrolled else {})}
 
 
 def avmixup(x: torch.Tensor, delta: torch.Tensor, gamma: float, u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -174,9 +192,11 @@ class AIDPurifier(Defense):
     paper_reference = ("AID-Purifier, paper Table 3: 52.65% worst white-box robust on CIFAR-10 (Madry base, 51.64% alone); "
                        "the discriminators shipped here were trained for one CPU epoch")
     unrolled = False
+    sign_surrogate = "sign"
 
     def __init__(self, classifier: nn.Module, checkpoint: Optional[str] = None, steps: int = 10, eps: float = 8 / 255,
-                 step_size: float = 2 / 255, layers: Optional[Tuple[str, str]] = None, untrained: bool = False) -> None:
+                 step_size: float = 2 / 255, layers: Optional[Tuple[str, str]] = None, untrained: bool = False,
+                 tau: float = 1.0) -> None:
         tap = TwoLayerTap(classifier, layers)
         low, high = tap.channels()
         discriminator = AIDDiscriminator(low, high)
@@ -186,7 +206,8 @@ class AIDPurifier(Defense):
             self.checkpoint_path, self.checkpoint_source = self._checkpoint(classifier, checkpoint)
             discriminator.load_state_dict(load_state_dict(self.checkpoint_path, key="discriminator"), strict=True)
             self.checkpoint_sha256 = sha256_file(self.checkpoint_path)
-        purification = AIDPurification(tap, discriminator.eval(), int(steps), float(eps), float(step_size), self.unrolled)
+        purification = AIDPurification(tap, discriminator.eval(), int(steps), float(eps), float(step_size), self.unrolled,
+                                       self.sign_surrogate, float(tau))
         super().__init__(classifier, purifier=purification)
         self.purifier.requires_grad_(False)
 
@@ -214,6 +235,9 @@ class AIDPurifier(Defense):
 
 @register_defense("aid-purifier-unrolled")
 class AIDPurifierUnrolled(AIDPurifier):
-    """The same purifier, with its 10-step loop kept in the autograd graph: attacks get its exact gradient."""
+    """The same purifier and forward, with its 10-step loop kept in the autograd graph and sign(g) differentiated as
+    tanh(g / tau) (straight-through): the exact derivative of sign is zero, which would make the unrolled gradient
+    BPDA's; the smooth surrogate lets the attack see how the purification's steps move with its input."""
 
     unrolled = True
+    sign_surrogate = "tanh"

@@ -112,3 +112,25 @@ def test_purification_runs_under_inference_mode_as_the_runner_calls_it():
     with torch.inference_mode():
         got = purify(x)
     assert torch.equal(got, expected)
+
+
+def test_the_smooth_unrolled_gradient_differs_from_bpda_and_keeps_the_forward():
+    """aid-purifier-unrolled differentiates sign(g) as tanh(g / tau): its forward is the purifier's, its input gradient
+    is not BPDA's (with the exact sign, the unrolled gradient would be BPDA's up to the projection)."""
+    torch.manual_seed(0)
+    net = Staged().eval()
+    smooth, plain = AIDPurifierUnrolled(net, untrained=True), AIDPurifier(net, untrained=True)
+    plain.purifier.discriminator.load_state_dict(smooth.purifier.discriminator.state_dict())
+    x = torch.rand(4, 3, 8, 8)
+    y = net(x).argmax(1)
+    assert torch.equal(smooth(x), plain(x))  # the same purification
+    assert smooth.config()["surrogate"] == "tanh (tau 1 x mean |g|)" and "surrogate" not in plain.config()
+
+    def gradient(forward):
+        xg = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(forward(xg), y), xg)
+        return grad.flatten(1)
+
+    through, bpda = gradient(smooth), gradient(plain.bpda_forward)
+    cosine = torch.nn.functional.cosine_similarity(through, bpda, dim=1)
+    assert (cosine < 0.999).all() and not torch.allclose(through, bpda), cosine
