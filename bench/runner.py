@@ -239,6 +239,9 @@ def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: Ru
                       device=device, seed=config.seed, state_dir=state_dir, success_draws=draws,
                       independent=suite.independent, complete=complete)
     findings, checks, corrections = None, {"ran": False}, None
+    known = defense.known_problems()
+    for problem in known:
+        log.warning("unreliable: %s", problem)
     if config.checks:
         t_checks = time.perf_counter()
         findings = _run_checks(defense, subset, result, threat, suite, draws, device, config.seed)
@@ -277,8 +280,8 @@ def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: Ru
             "clean_correct": result.clean_correct.tolist(), "robust": result.robust.tolist(), "broken_by": result.broken_by,
             "draws_right": result.draws_right.tolist(), "clean_draws_right": result.clean_draws_right.tolist(),
         },
-        "unreliable": bool(findings and findings.unreliable),
-        "unreliable_reasons": list(findings.reasons) if findings else [], "checks": checks,
+        "unreliable": bool(known or (findings and findings.unreliable)),
+        "unreliable_reasons": [*known, *(findings.reasons if findings else [])], "checks": checks,
         **({"corrections": corrections} if corrections else {}),
         "settings": {"device": str(device), "batch_size": batch_size, "seed": config.seed,
                      **({"batch_size_requested": "auto"} if config.batch_size == "auto" else {}),

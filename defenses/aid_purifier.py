@@ -176,6 +176,22 @@ from defenses.base import (  # noqa: E402
     SHIPPED_DIR, Defense, checkpoint_display, manifest_training, register_defense, resolve_checkpoint)
 
 WEIGHTS_FILE = "discriminator.weights.pt"
+#: Below this clean-vs-PGD separation on its training data (the manifest's last epoch) a discriminator is near chance:
+#: records made with it are marked unreliable (``AIDPurifier.known_problems``).
+MIN_SEPARATION = 0.6
+
+
+def read_manifest(weights: Optional[Path]) -> Dict[str, Any]:
+    """The training manifest beside ``<name>.weights.pt`` (or a ``.pt`` checkpoint), or {} when there is none."""
+    if weights is None:
+        return {}
+    import json
+
+    for name in (weights.name.replace(".weights.pt", ".manifest.json"), weights.with_suffix(".manifest.json").name):
+        path = weights.with_name(name)
+        if path.is_file():
+            return json.loads(path.read_text())
+    return {}
 
 
 def aid_checkpoint_folder(classifier: str, root: Optional[Path] = None) -> Path:
@@ -202,14 +218,29 @@ class AIDPurifier(Defense):
         discriminator = AIDDiscriminator(low, high)
         self.checkpoint_path: Optional[Path] = None
         self.checkpoint_source, self.checkpoint_sha256 = "untrained", None
+        self._manifest: Dict[str, Any] = {}
         if not untrained:
             self.checkpoint_path, self.checkpoint_source = self._checkpoint(classifier, checkpoint)
+            self._manifest = read_manifest(self.checkpoint_path)
+            trained_on = self._manifest.get("config", {}).get("layers")
+            if trained_on and list(trained_on) != list(tap.layers):
+                raise BenchError(f"aid-purifier: the discriminator at {self.checkpoint_path} was trained on layers "
+                                 f"{trained_on}, not {list(tap.layers)}; drop the layers option or train one for those")
             discriminator.load_state_dict(load_state_dict(self.checkpoint_path, key="discriminator"), strict=True)
             self.checkpoint_sha256 = sha256_file(self.checkpoint_path)
         purification = AIDPurification(tap, discriminator.eval(), int(steps), float(eps), float(step_size), self.unrolled,
                                        self.sign_surrogate, float(tau))
         super().__init__(classifier, purifier=purification)
         self.purifier.requires_grad_(False)
+
+    def known_problems(self) -> List[str]:
+        """A discriminator that barely separates clean from PGD inputs on its own training data purifies by noise."""
+        last = (self._manifest.get("history") or [{}])[-1]
+        separation = last.get("separation")
+        if separation is not None and separation < MIN_SEPARATION:
+            return [f"its discriminator separates clean from PGD inputs on {100 * separation:.1f}% of its training pairs "
+                    f"(manifest; below {100 * MIN_SEPARATION:.0f}%, near chance): its purification steps follow noise"]
+        return []
 
     @staticmethod
     def _checkpoint(classifier: nn.Module, explicit: Optional[str]) -> Tuple[Path, str]:

@@ -13,7 +13,7 @@ ones come from ``--plugin file.py`` or the ``bench.defenses`` entry-point group.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -77,6 +77,11 @@ class Defense(nn.Module):
     def config(self) -> Dict[str, Any]:
         """The resolved configuration stored in records (override to add options)."""
         return {}
+
+    def known_problems(self) -> List[str]:
+        """Problems the defense knows of itself that make its numbers no robustness claim (e.g. weights whose training
+        manifest shows they do not work); every one goes into the record's ``unreliable_reasons``. None by default."""
+        return []
 
     def attack_surrogate(self) -> Optional[nn.Module]:
         """A cheaper model the attacker may differentiate instead of this one (e.g. fewer purification steps),

@@ -81,6 +81,10 @@ class StackedDefense(Defense):
         super().__init__(classifier, purifier=StageChain(stages))
         self.stochastic = any(part.stochastic for part in parts)
         self._described = [{key: value for key, value in part.describe().items() if key != "classifier"} for part in parts]
+        self._problems = [f"{part.name}: {problem}" for part in parts for problem in part.known_problems()]
+
+    def known_problems(self) -> List[str]:
+        return list(self._problems)
 
     @classmethod
     def for_testing(cls, classifier: nn.Module) -> "StackedDefense":

@@ -17,6 +17,8 @@ from defenses.aid_purifier import (
     avmixup,
 )
 from defenses.aid_training import AIDSettings, AIDTrainer
+from bench.errors import BenchError
+from tests.conftest import needs_resnet4b
 from tests.test_jatp import Staged
 
 
@@ -134,3 +136,18 @@ def test_the_smooth_unrolled_gradient_differs_from_bpda_and_keeps_the_forward():
     through, bpda = gradient(smooth), gradient(plain.bpda_forward)
     cosine = torch.nn.functional.cosine_similarity(through, bpda, dim=1)
     assert (cosine < 0.999).all() and not torch.allclose(through, bpda), cosine
+
+
+@needs_resnet4b
+def test_a_discriminator_near_chance_marks_its_records_unreliable_and_the_layers_must_match():
+    from bench.classifiers import load_classifier
+    from defenses.base import build_defense
+
+    resnet20, resnet4b = load_classifier("resnet20"), load_classifier("resnet4b")
+    assert build_defense("aid-purifier", resnet20).known_problems() == []  # separation 94.7%
+    problems = build_defense("aid-purifier", resnet4b).known_problems()  # separation 52.5%: chance
+    assert len(problems) == 1 and "separates clean from PGD inputs on 52.5%" in problems[0]
+    stacked = build_defense("nrp+aid-purifier", resnet4b).known_problems()
+    assert stacked == [f"aid-purifier: {problems[0]}"]  # a stack reports its members' problems
+    with pytest.raises(BenchError, match=r"trained on layers \['conv1', 'layer3'\], not \['conv1', 'layer2'\]"):
+        build_defense("aid-purifier", resnet20, layers=("conv1", "layer2"))
