@@ -149,6 +149,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--oblivious", action="store_true", default=None,
                        help="JATP: craft training examples against the bare classifier (the paper's -obl setting)")
     train.add_argument("--lr", type=float, default=None, help="NRP/JATP: initial learning rate")
+    train.add_argument("--alpha", type=float, default=None, help="JATP: weight of the feature-similarity term (5)")
+    train.add_argument("--beta", type=float, default=None, help="JATP: weight of the pixel term (3)")
+    train.add_argument("--pixel-loss", choices=("l2", "mse"), default=None,
+                       help="JATP: the pixel term as Eq. 6 prints it, the L2 norm over the image (l2, default), or the "
+                            "per-pixel mean square (mse)")
+    train.add_argument("--grad-clip", type=float, default=None, help="JATP: clip the gradient norm (default 1; 0: no clip)")
     train.add_argument("--init", default=None, metavar="PATH",
                        help="JATP: start from this purifier's weights (e.g. a trained NRP) instead of the identity")
     train.add_argument("--feature-layer", default=None,
@@ -362,7 +368,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     names = {"transform": "transform", "purifier": "purifier", "adv_target": "adv_target", "rec_target": "rec_target",
              "lam": "lam", "pretrain_epochs": "pretrain_epochs", "epochs": "finetune_epochs", "pretrained": "pretrained",
              "eps": "eps", "step_size": "step_size", "attack_steps": "attack_steps", "oblivious": "oblivious", "lr": "lr",
-             "feature_layer": "feature_layer", "init": "init"}
+             "feature_layer": "feature_layer", "init": "init", "alpha": "alpha", "beta": "beta",
+             "pixel_loss": "pixel_loss", "grad_clip": "grad_clip"}
     extra = {key: getattr(args, flag) for flag, key in names.items() if getattr(args, flag) is not None}
     if args.defense != "atop":  # --epochs is the training length of one-stage trainers
         extra.pop("finetune_epochs", None)

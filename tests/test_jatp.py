@@ -267,3 +267,18 @@ def test_shipped_purifiers_are_small_match_their_manifest_and_load(path):
     assert manifest["config"]["classifier"] == path.parent.name
     generator, training = load_generator(path)  # the generator the manifest describes, loaded strictly
     assert training["epochs_done"] == len(manifest["history"])
+
+
+def test_the_pixel_term_reads_as_printed_or_per_pixel_and_bad_names_are_refused():
+    from defenses.jatp_training import JATPSettings, pixel_mse
+
+    clean = torch.zeros(2, 3, 4, 4)
+    purified = clean.clone()
+    purified[0, 0, 0, 0] = 0.3  # one pixel off by 0.3 in the first image
+    assert torch.allclose(pixel_mse(purified, clean), torch.tensor([0.09 / 48, 0.0]))
+    args = (torch.zeros(2, 10), torch.zeros(2, dtype=torch.long), torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(2, 10),
+            purified, clean, 5.0, 3.0)
+    assert jatp_loss(*args)["pix"].item() == pytest.approx(0.3 / 2)  # the L2 norm, averaged over the batch
+    assert jatp_loss(*args, pixel_loss="mse")["pix"].item() == pytest.approx(0.09 / 48 / 2)
+    with pytest.raises(BenchError, match="pixel_loss must be one of l2, mse"):
+        JATPSettings(pixel_loss="l1")
