@@ -31,7 +31,7 @@ from bench.errors import BenchError
 from bench.record import environment, write_json_atomic
 from bench.registry import Registry
 
-TRAINERS: Registry[Callable[["TrainOptions"], Path]] = Registry("trainer", packages=["defenses"])
+TRAINERS: Registry[Callable[["TrainOptions"], Path]] = Registry("trainer", packages=["defenses", "bench.classifiers"])
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,56 @@
+"""bench train --defense adversarial-training: PGD adversarial training of a CIFAR ResNet from scratch, its learning
+curve, and the resnet20-at8 classifier that loads what it wrote."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.classifiers.adversarial_training import ATSettings, ATTrainer
+from bench.cli import main
+from bench.errors import BenchError
+
+PLUGIN = str(Path(__file__).with_name("plugin_examples.py"))
+
+
+def test_a_few_adversarial_steps_lower_the_adversarial_loss():
+    torch.manual_seed(0)
+    trainer = ATTrainer(ATSettings(eps=2 / 255, attack_steps=2, lr=0.05, warmup=0.0), "resnet20", torch.device("cpu"))
+    x, y = torch.rand(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    trainer.set_progress(0.0)
+    first = sum(trainer.step(x, y)["loss"] for _ in range(2)) / 2
+    last = [trainer.step(x, y)["loss"] for _ in range(25)]
+    assert sum(last[-3:]) / 3 < first
+    x_adv = trainer.attack(x, y)
+    assert (x_adv - x).abs().max() <= 2 / 255 + 1e-6 and not torch.equal(x_adv, x)
+
+
+def test_the_schedule_warms_up_decays_and_ramps_eps():
+    trainer = ATTrainer(ATSettings(lr=0.1, warmup=0.1, eps_ramp=0.5), "resnet20", torch.device("cpu"))
+    assert trainer.set_progress(0.05) == pytest.approx(0.05) and trainer.eps == pytest.approx(0.1 * 8 / 255)
+    assert trainer.set_progress(0.1) == pytest.approx(0.1) and trainer.set_progress(1.0) == pytest.approx(0.0)
+    assert trainer.eps == pytest.approx(8 / 255)
+    with pytest.raises(BenchError, match="trains resnet20"):
+        ATTrainer(ATSettings(), "resnet4b", torch.device("cpu"))
+
+
+def test_bench_train_writes_the_classifier_that_resnet20_at8_loads(tmp_path, monkeypatch):
+    from bench.classifiers import load_classifier
+
+    monkeypatch.setenv("BENCH_CHECKPOINT_DIR", str(tmp_path))
+    args = ["--plugin", PLUGIN, "train", "--defense", "adversarial-training", "--classifier", "resnet20", "--dataset",
+            "tiny-test", "--epochs", "2", "--train-size", "16", "--batch-size", "8", "--attack-steps", "1"]
+    assert main(args) == 0
+    folder = tmp_path / "classifiers" / "resnet20-at8"
+    manifest = json.loads((folder / "classifier.manifest.json").read_text())
+    assert manifest["finished"] and manifest["config"]["classifier"] == "resnet20-at8"
+    assert {"loss", "adv_acc", "heldout_clean", "heldout_pgd10"} <= set(manifest["history"][-1])
+    assert (folder / "classifier.curve.png").is_file()
+    model = load_classifier("resnet20-at8")
+    assert model.info.training == "pgd-linf" and model.info.train_eps == pytest.approx(8 / 255)
+    assert not any(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
