@@ -117,7 +117,11 @@ def test_bench_commands_parse_and_name_things_that_exist(page, line, argv):
             return  # a user's own plug-in file in the example: its names cannot be checked
     registries = _registries()
     defense = getattr(args, "defense", None)
-    if defense:
+    if defense and args.command == "train":  # bench train --defense names a trainer
+        from bench.training import TRAINERS
+
+        assert defense in TRAINERS, f"{_id(page, line)}: no trainer {defense}"
+    elif defense:
         for member in defense.split("+"):
             assert member in registries["defenses"], f"{_id(page, line)}: unknown defense {member}"
     classifier = getattr(args, "classifier", None)
