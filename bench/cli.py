@@ -142,6 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--rec-target", choices=("adv", "clean"), default=None,
                        help="AToP: what the reconstruction loss compares the purified image with")
     train.add_argument("--lam", type=float, default=None, help="AToP: weight of the adversarial cross-entropy loss (lambda)")
+    train.add_argument("--width", type=int, default=None, help="AToP: channels of the purifier's first scale (default 32)")
     train.add_argument("--eps", type=parse_eps, default=None,
                        help="NRP/JATP: radius of the training perturbations (NRP 16/255, JATP 8/255)")
     train.add_argument("--step-size", type=parse_eps, default=None, help="NRP/JATP: PGD step of the training perturbations")
@@ -369,7 +370,7 @@ def cmd_train(args: argparse.Namespace) -> None:
              "lam": "lam", "pretrain_epochs": "pretrain_epochs", "epochs": "finetune_epochs", "pretrained": "pretrained",
              "eps": "eps", "step_size": "step_size", "attack_steps": "attack_steps", "oblivious": "oblivious", "lr": "lr",
              "feature_layer": "feature_layer", "init": "init", "alpha": "alpha", "beta": "beta",
-             "pixel_loss": "pixel_loss", "grad_clip": "grad_clip"}
+             "pixel_loss": "pixel_loss", "grad_clip": "grad_clip", "width": "width"}
     extra = {key: getattr(args, flag) for flag, key in names.items() if getattr(args, flag) is not None}
     if args.defense != "atop":  # --epochs is the training length of one-stage trainers
         extra.pop("finetune_epochs", None)

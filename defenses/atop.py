@@ -24,7 +24,7 @@ from bench.errors import BenchError
 from bench.paths import checkpoint_dir
 from bench.training import sha256_file
 from defenses.base import SHIPPED_DIR, Defense, checkpoint_display, register_defense, resolve_checkpoint
-from defenses.purifiers import PURIFIERS
+from defenses.purifiers import PURIFIERS, purifier_from_state
 from defenses.transforms import RT1, RT2, RT3, MaskedEnsemble, MaskedInpainting
 
 TRANSFORMS = {"rt1": RT1, "rt2": RT2, "rt3": RT3}
@@ -66,7 +66,9 @@ class AToP(Defense):
         self.checkpoint_source, self.checkpoint_sha256 = "untrained", None
         if not untrained:
             self.checkpoint_path, self.checkpoint_source = self._checkpoint(classifier, checkpoint)
-            generator.load_state_dict(load_state_dict(self.checkpoint_path, key="generator"), strict=True)
+            state = load_state_dict(self.checkpoint_path, key="generator")
+            generator = purifier_from_state(self.purifier_name, state)  # any trained width
+            generator.load_state_dict(state, strict=True)
             self.checkpoint_sha256 = sha256_file(self.checkpoint_path)
         transform_module = TRANSFORMS[self.transform_name]()
         super().__init__(classifier, transform_module, build_purifier(transform_module, generator.eval()))

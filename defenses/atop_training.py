@@ -43,6 +43,7 @@ class AToPSettings:
     adv_target: str = "classifier"
     rec_target: str = "adv"
     pretrained: Optional[str] = None  # start fine-tuning from this pre-trained purifier instead of pre-training
+    width: int = 32  # channels of the purifier's first scale (x2, x4 deeper); the shipped ones are 32 wide
 
     def to_dict(self) -> Dict[str, object]:
         return asdict(self)
@@ -55,7 +56,7 @@ class AToPTrainer:
         from defenses.atop import TRANSFORMS, build_purifier
 
         self.s, self.device, self.classifier = settings, device, classifier.eval()
-        self.generator = PURIFIERS[settings.purifier]().to(device)
+        self.generator = PURIFIERS[settings.purifier](width=settings.width).to(device)
         self.transform = TRANSFORMS[settings.transform]()
         # RT3 copies are single masks with missing rate 1/N: pre-train on exactly that distribution.
         n = getattr(self.transform, "n_masks", 4)

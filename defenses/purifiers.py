@@ -106,3 +106,11 @@ class MaskedAutoencoder(nn.Module):
 
 
 PURIFIERS = {"gan": GatedGenerator, "ae": MaskedAutoencoder}
+
+
+def purifier_from_state(kind: str, state) -> nn.Module:
+    """The purifier network of ``kind`` sized for ``state``: the width is read from the first convolution's weights,
+    so checkpoints trained at any ``--width`` load without a separate setting."""
+    first = state["enc1.0.conv.weight"] if kind == "gan" else state["encoder.0.weight"]
+    width = first.shape[0] // 2 if kind == "gan" else first.shape[0]
+    return PURIFIERS[kind](width=width)

@@ -217,3 +217,18 @@ def test_a_time_budget_stops_training_and_a_larger_one_continues_the_same_curve(
     assert manifest["finished"] and [row["epoch"] for row in manifest["history"]] == [1, 2, 3]
     assert ["heldout_clean" in row for row in manifest["history"]] == [False, True, True]  # every 2nd epoch and the last
     assert len((out / "pretrain.curve.csv").read_text().splitlines()) == 4
+
+
+@pytest.mark.parametrize("purifier", ["gan", "ae"])
+def test_a_purifier_of_any_width_trains_and_loads(purifier, tmp_path):
+    from defenses.purifiers import PURIFIERS, purifier_from_state
+
+    narrow = PURIFIERS[purifier](width=8)
+    rebuilt = purifier_from_state(purifier, narrow.state_dict())
+    rebuilt.load_state_dict(narrow.state_dict(), strict=True)  # the width comes from the weights
+    trainer = AToPTrainer(AToPSettings(purifier=purifier, width=8), NearestColor(), torch.device("cpu"))
+    assert sum(p.numel() for p in trainer.generator.parameters()) == sum(p.numel() for p in narrow.parameters())
+    path = tmp_path / "narrow.pt"
+    torch.save({"generator": trainer.generator.state_dict()}, path)
+    defense = AToP(NearestColor(), purifier=purifier, checkpoint=str(path))
+    assert defense(torch.rand(2, 3, 32, 32)).shape == (2, 10)
