@@ -69,16 +69,16 @@ def heldout_subset(n_total: int, train_size: int, size: int, seed: int) -> np.nd
 
 
 def heldout_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device, batch: int = 128,
-                     eps: float = 8 / 255, steps: int = 10) -> Dict[str, float]:
+                     eps: float = 8 / 255, steps: int = 10, attack: bool = True) -> Dict[str, float]:
     """Clean accuracy and PGD-``steps`` robust accuracy (linf ``eps``, step 2.5 eps / steps, random start, every step on
     every point, one draw per pass) of ``model`` on held-out images: the learning curve's two numbers, cheap enough to
-    take every few epochs. Not an evaluation (``bench run`` is)."""
+    take every few epochs (``attack=False``: clean accuracy only). Not an evaluation (``bench run`` is)."""
     from attacks.base import Oracle, Threat
     from attacks.gradient import PGD
     from attacks.verdict import Judge
 
-    attack = PGD(Threat("linf", eps), steps=steps)
-    attack.early_stop = False
+    pgd = PGD(Threat("linf", eps), steps=steps)
+    pgd.early_stop = False
     clean = robust = 0
     generator = torch.get_rng_state()
     torch.manual_seed(0)  # the same start and draws at every evaluation
@@ -86,11 +86,13 @@ def heldout_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, d
         xb, yb = x[i : i + batch].to(device), y[i : i + batch].to(device)
         with torch.no_grad():
             clean += int((model(xb).argmax(1) == yb).sum())
-        x_adv = attack.run(Oracle(model, Judge(model, 1, stochastic=False)), xb, yb)
+        if not attack:
+            continue
+        x_adv = pgd.run(Oracle(model, Judge(model, 1, stochastic=False)), xb, yb)
         with torch.no_grad():
             robust += int((model(x_adv).argmax(1) == yb).sum())
     torch.set_rng_state(generator)
-    return {"heldout_clean": clean / len(y), f"heldout_pgd{steps}": robust / len(y)}
+    return {"heldout_clean": clean / len(y), **({f"heldout_pgd{steps}": robust / len(y)} if attack else {})}
 
 
 def write_curve(folder: Path, name: str, history: List[Dict[str, Any]]) -> None:
@@ -247,7 +249,10 @@ def train_epochs(options: TrainOptions, trainer: Any, folder: Path, name: str, c
         epoch_log = {"epoch": epoch + 1, **{k: v / per_epoch for k, v in totals.items()},
                      **({"lr": lr} if lr is not None else {})}
         if heldout is not None and ((epoch + 1) % options.eval_every == 0 or epoch + 1 == epochs):
-            epoch_log.update(heldout_accuracy(trainer.eval_model(), *heldout, trainer.device))
+            epoch_log.update(heldout_accuracy(trainer.eval_model(), *heldout, trainer.device,
+                                              attack=getattr(trainer, "eval_attack", True)))
+            if hasattr(trainer, "eval_extra"):
+                epoch_log.update(trainer.eval_extra(*heldout))
         epoch_log["seconds"] = time.perf_counter() - started
         spent += epoch_log["seconds"]
         checkpointer.save(trainer.state(epoch + 1), epoch_log, finished=epoch + 1 == epochs)

@@ -1,0 +1,97 @@
+"""DiffPure: the VP-SDE's marginals, the three gradient routes (exact and adjoint agree on a fine grid, BPDA differs),
+outputs in [0, 1], declared and per-image randomness, and the score model's training."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from defenses.diffpure import DiffPure, DiffPurification, alpha, brownian_for, diffuse, sigma
+from defenses.score_network import ScoreUNet
+from tests.helpers import NearestColor
+
+
+def _score(scale: float = 0.3) -> ScoreUNet:
+    """A tiny score model with large random weights, so the reverse process is far from a linear map."""
+    torch.manual_seed(0)
+    net = ScoreUNet(8, 1).double()
+    for p in net.parameters():
+        p.data.normal_(0, scale)
+    return net.eval()
+
+
+def test_the_vp_sde_marginals():
+    assert alpha(0.0) == 1.0 and sigma(0.0) == 0.0
+    a = alpha(0.1)
+    assert a == pytest.approx(math.exp(-0.5 * (0.1 * 0.1 + 0.5 * 19.9 * 0.01)))  # DiffPure's t* = 0.1: a = 0.947
+    assert a**2 + sigma(0.1) ** 2 == pytest.approx(1.0)
+    y = torch.zeros(20000, 1, 1, 1)
+    assert diffuse(y, 0.1).std().item() == pytest.approx(sigma(0.1), rel=0.03)
+
+
+def test_exact_and_adjoint_gradients_agree_on_a_fine_grid_and_bpda_differs():
+    purify = DiffPurification(_score(), t_star=0.1, steps=50).double()
+    torch.manual_seed(1)
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    y0 = diffuse(2 * x - 1, 0.1).detach()
+    path = brownian_for(y0, 0.1)  # one Brownian path for both routes
+    w = torch.randn_like(x)
+
+    def gradient(route):
+        y = y0.clone().requires_grad_(True)
+        out = purify.reverse(y, brownian=path, exact_grad=True) if route == "exact" else purify.reverse_adjoint(y, path)
+        (grad,) = torch.autograd.grad((out * w).sum(), y)
+        return grad.flatten()
+
+    exact, adjoint = gradient("exact"), gradient("adjoint")
+    cosine = torch.nn.functional.cosine_similarity
+    assert cosine(exact, adjoint, dim=0) >= 0.99
+    assert cosine(exact, w.flatten(), dim=0) < 0.99  # BPDA's identity gives w itself: not the purifier's gradient
+
+
+@pytest.mark.parametrize("route", ["exact", "adjoint", "bpda"])
+def test_every_route_passes_a_finite_gradient_and_bpda_is_the_identity(route):
+    defense = DiffPure(NearestColor(), untrained=True, steps=3, gradient=route)
+    x = torch.rand(2, 3, 32, 32).requires_grad_(True)
+    purified = defense.purifier(x)
+    assert purified.min() >= 0 and purified.max() <= 1
+    (grad,) = torch.autograd.grad(purified.sum(), x)
+    assert torch.isfinite(grad).all()
+    if route == "bpda":
+        assert torch.equal(grad, torch.ones_like(x))
+    assert defense.config()["gradient"] == route and defense.stochastic
+
+
+def test_purification_is_random_per_image_and_stays_in_the_box():
+    from bench.integrity import check_randomness
+
+    defense = DiffPure(NearestColor(), untrained=True, steps=2)
+    x = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        first, second = defense.purifier(x), defense.purifier(x)
+    assert not torch.equal(first, second) and first.min() >= 0 and first.max() <= 1
+    assert check_randomness(defense, x, declared=True) == []  # declared, observed, independent per image
+
+
+def test_bench_train_writes_a_score_model_that_diffpure_loads(tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    from bench.cli import main
+
+    plugin = str(Path(__file__).with_name("plugin_examples.py"))
+    monkeypatch.setenv("BENCH_CHECKPOINT_DIR", str(tmp_path))
+    args = ["--plugin", plugin, "train", "--defense", "diffpure", "--classifier", "tiny", "--dataset", "tiny-test",
+            "--epochs", "2", "--train-size", "16", "--batch-size", "8", "--width", "8"]
+    assert main(args) == 0
+    folder = tmp_path / "diffpure" / "tiny-test"
+    manifest = json.loads((folder / "score.manifest.json").read_text())
+    assert manifest["finished"] and manifest["config"]["settings"]["t_max"] == 0.2
+    last = manifest["history"][-1]
+    assert {"loss", "heldout_clean", "heldout_loss_at_tstar"} <= set(last) and "heldout_pgd10" not in last
+    defense = DiffPure(NearestColor(), dataset="tiny-test", steps=2)
+    assert defense.config()["checkpoint_source"] == "trained" and defense.config()["score"]["width"] == 8
+    with torch.no_grad():
+        assert defense(torch.rand(2, 3, 32, 32)).shape == (2, 10)
