@@ -6,6 +6,7 @@ threat, resolved suite, seed, batch size), so per-batch state is only ever reuse
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -231,6 +232,56 @@ def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: Ru
     }
     run_id = hashlib.sha256(json.dumps(key_source, sort_keys=True, default=str).encode()).hexdigest()[:24]
     state_dir = Path(config.out) / ".state" / resume_key(run_id)
+    target = Path(config.out) / record_filename({"run_id": run_id, "defense": described, "threat": threat.to_dict(),
+                                                 "classifier": defense.classifier.info.to_dict(),
+                                                 "subset": subset.to_dict(), "suite": suite.to_dict()})
+    with run_lock(state_dir, enabled=world()[1] == 1) as waited_since:
+        written = _written_meanwhile(target, run_id, waited_since)
+        if written is not None:
+            log.info("run %s: another process wrote its record while this one waited: %s", run_id, target)
+            return written, target
+        return _evaluate_locked(defense, subset, suite, threat, config, device, plans, described, draws, execution,
+                                model, batch_size, run_id, state_dir, complete)
+
+
+@contextlib.contextmanager
+def run_lock(state_dir: Path, enabled: bool = True):
+    """One process per run id at a time: an exclusive lock on ``<state_dir>.lock`` (waiting, with one log line, while
+    another process holds it), so two processes never interleave the batches of one run. Yields when it started to
+    wait. The lock file stays: removing it could let a third process lock a new file while a waiter holds the old."""
+    since = time.time()
+    if not enabled:
+        yield since
+        return
+    import fcntl
+
+    state_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(state_dir.with_name(state_dir.name + ".lock"), "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is running this configuration (%s); waiting for it", state_dir.name)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield since
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _written_meanwhile(target: Path, run_id: str, since: float) -> Optional[Dict[str, Any]]:
+    """The record of this run id if another process wrote it after ``since`` (while this one waited for the lock)."""
+    try:
+        if target.stat().st_mtime < since:
+            return None
+        record = json.loads(target.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if record.get("run_id") == run_id else None
+
+
+def _evaluate_locked(defense: Defense, subset, suite, threat: Threat, config: RunConfig, device, plans, described,
+                     draws: int, execution, model, batch_size: int, run_id: str, state_dir: Path, complete: bool):
+    """The evaluation proper, under the run's lock: attacks, checks, record."""
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     env = environment()  # the code as it was when the run started (a commit made during a long run is not this run's)
     log.info("run %s: %s on %s (%s, n=%d), suite %s (%s budget)", run_id, config.defense, config.classifier,

@@ -336,3 +336,26 @@ def test_weights_replaced_at_the_same_path_make_another_run(tmp_path, monkeypatc
     assert second["classifier"]["weights"] == first["classifier"]["weights"]
     assert second["classifier"]["weights_sha256"] != first["classifier"]["weights_sha256"]
     assert second["run_id"] != first["run_id"]
+
+
+def test_concurrent_runs_into_one_folder_lose_and_corrupt_nothing(tmp_path):
+    """8 bench run processes, 4 configurations twice each, into one results folder: exactly 4 valid records, and each
+    duplicate either waited for its twin's lock or found the record its twin wrote meanwhile."""
+    procs = []
+    for seed in range(4):
+        for _ in range(2):
+            args = ["--defense", "plugin-slow", "--classifier", "tiny", "--dataset", "tiny-test", "--budget", "smoke",
+                    "--n", "12", "--batch-size", "4", "--seed", str(seed), "--out", str(tmp_path)]
+            procs.append(subprocess.Popen([sys.executable, "-m", "bench", "--plugin", PLUGIN, "run", *args], cwd=REPO,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    outputs = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    assert all(code == 0 for code, _ in outputs), [err[-500:] for code, err in outputs if code]
+    records = sorted(tmp_path.glob("*.json"))
+    assert len(records) == 4
+    for path in records:
+        validate_record(json.loads(path.read_text()))
+    assert len({json.loads(p.read_text())["run_id"] for p in records}) == 4
+    waited = sum("waiting for it" in err or "while this one waited" in err for _, err in outputs)
+    assert waited >= 1  # the twins met at the lock
+    assert not [p for p in tmp_path.glob("*.tmp")] and not [p for p in tmp_path.glob(".*.json.*")]  # no torn writes left
