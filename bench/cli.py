@@ -216,6 +216,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="compare with fresh records in DIR (matched by run id) instead of rerunning")
     lst = sub.add_parser("list", help="list what can be named: defenses, attacks, suites, classifiers, datasets")
     lst.add_argument("what", nargs="?", choices=LIST_KINDS, default=None, help="only this kind (default: all)")
+    lst.add_argument("--long", action="store_true", help="defenses with their card: paper, venue and year")
+    card = sub.add_parser("show-card", help="a defense's card: its paper, the authors' code, where the shipped weights "
+                                            "come from, and what differs from the paper here")
+    card.add_argument("name", help="defense name (bench list defenses)")
     return parser
 
 
@@ -241,7 +245,7 @@ def _registries() -> Dict[str, object]:
     return {"defenses": DEFENSES, "attacks": ATTACKS, "suites": SUITES, "classifiers": CLASSIFIERS, "datasets": DATASETS}
 
 
-def cmd_list(what: Optional[str]) -> None:
+def cmd_list(what: Optional[str], long: bool = False) -> None:
     registries = _registries()
     for kind in [what] if what else LIST_KINDS:
         registry = registries[kind]
@@ -256,10 +260,15 @@ def cmd_list(what: Optional[str]) -> None:
                     print(f"  {name} v{suite.version} {budget} [{norm} eps={format_eps(norm, suite.threat.eps)}{also}, "
                           f"EOT {suite.eot_draws}{mode}]: {attacks}")
         elif kind == "defenses":
+            from defenses.base import card_of
+
             status = weights_status(registry.names())
             width = max(len(name) for name in registry.names())
             for name in registry.names():
                 print(f"  {name:{width}}  {status.get(name, '')}".rstrip())
+                if long:
+                    card = card_of(registry.get(name))
+                    print(f"  {'':{width}}  {card.summary() if card else 'no card'}")
         else:
             for name in registry.names():
                 print(f"  {name}")
@@ -311,6 +320,21 @@ def _names_a_checkpoint(config) -> bool:
     if isinstance(config, (list, tuple)):
         return any(_names_a_checkpoint(v) for v in config)
     return False
+
+
+def cmd_show_card(name: str) -> None:
+    from defenses.base import DEFENSES, card_of
+
+    card = card_of(DEFENSES.get(name))
+    if card is None:
+        print(f"{name}: no card (a plug-in may omit it; its records say so)")
+        return
+    rows = [("defense", name), ("paper", card.title), ("authors", card.authors or "-"),
+            ("venue", f"{card.venue} {card.year}".strip() if card.year else card.venue or "-"), ("link", card.paper or "-"),
+            ("code", card.code or "none released that we know of"), ("weights here", card.weights),
+            ("differs from the paper", card.differences)]
+    for key, value in rows:
+        print(f"{key + ':':24} {value}")
 
 
 def _describe_spec(spec) -> str:
@@ -521,7 +545,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for plugin in args.plugin + getattr(args, "run_plugins", []):
             load_plugin(plugin)
         if args.command == "list":
-            cmd_list(args.what)
+            cmd_list(args.what, args.long)
+        elif args.command == "show-card":
+            cmd_show_card(args.name)
         elif args.command == "train":
             cmd_train(args)
         elif args.command == "audit":

@@ -32,7 +32,7 @@ from bench.distributed import barrier, init_from_env, is_main, world
 from bench.record import SCHEMA_VERSION, code_version, environment, to_json_data, write_record
 from bench.stats import accuracy_summary
 from bench.subset import load_subset
-from defenses.base import Defense, build_defense
+from defenses.base import Defense, build_defense, card_of
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,12 @@ def config_from_record(record: Dict[str, Any], **overrides: Any) -> RunConfig:
                   "headline": record.get("headline", {}).get("metric", "worst"),
                   "checks": record.get("checks", {}).get("ran", True), "batch_size": record["settings"]["batch_size"]}
     return RunConfig(**{**stored, **overrides})
+
+
+def _card(defense: Defense) -> Dict[str, Any]:
+    """The defense's card for the record (outside the run id: a card's text changes no result), or why there is none."""
+    card = card_of(defense)
+    return card.to_dict() if card is not None else {"missing": "the defense gives no card (a plug-in may omit it)"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -317,7 +323,7 @@ def _evaluate_locked(defense: Defense, subset, suite, threat: Threat, config: Ru
                "robust_majority": accuracy_summary(int(result.robust_majority.sum()), subset.n)}
               if result.mean_valid else {"mean_omitted": MEAN_OMITTED})
     record = {
-        "schema_version": SCHEMA_VERSION, "run_id": run_id, "defense": described,
+        "schema_version": SCHEMA_VERSION, "run_id": run_id, "defense": {**described, "card": _card(defense)},
         "classifier": defense.classifier.info.to_dict(), "subset": subset.to_dict(), "threat": threat.to_dict(),
         "suite": suite.to_dict(), "attacks": result.attacks,
         "clean": accuracy_summary(int(result.clean_correct.sum()), subset.n),

@@ -173,7 +173,7 @@ from pathlib import Path  # noqa: E402
 from bench.classifiers.base import load_state_dict  # noqa: E402
 from bench.training import sha256_file  # noqa: E402
 from defenses.base import (  # noqa: E402
-    SHIPPED_DIR, Defense, checkpoint_display, manifest_training, register_defense, resolve_checkpoint)
+    SHIPPED_DIR, Card, Defense, checkpoint_display, manifest_training, register_defense, resolve_checkpoint)
 
 WEIGHTS_FILE = "discriminator.weights.pt"
 #: Below this clean-vs-PGD separation on its training data (the manifest's last epoch) a discriminator is near chance:
@@ -205,6 +205,16 @@ class AIDPurifier(Defense):
     """AID-Purifier in front of (and reading from) the classifier; BPDA identity for attacks (not differentiable)."""
 
     version = "1"
+    card = Card(
+        title="AID-Purifier: A Light Auxiliary Network for Boosting Adversarial Defense",
+        authors="Duhun Hwang, Eunjung Lee, Wonjong Rhee", venue="ICML Workshop on Adversarial Machine Learning", year=2021,
+        paper="https://arxiv.org/abs/2107.06456", code=None,
+        weights=("discriminators (7.9M parameters) trained here for one CPU epoch with AVmixup on the cifar10-jpeg "
+                 "training images, one per classifier; manifests beside the weights; this project's own work"),
+        differences=("the bases are the shared standard ResNet-20 and a ResNet-4b PGD-trained at 2/255 (the paper's bases "
+                     "are adversarially trained at 8/255); the ResNet-4b discriminator is near chance (records say so); "
+                     "the implementation follows the ICLR 2022 submission's text"),
+    )
     paper_reference = ("AID-Purifier, paper Table 3: 52.65% worst white-box robust on CIFAR-10 (Madry base, 51.64% alone); "
                        "the discriminators shipped here were trained for one CPU epoch")
     unrolled = False

@@ -12,6 +12,7 @@ ones come from ``--plugin file.py`` or the ``bench.defenses`` entry-point group.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
@@ -20,6 +21,38 @@ from torch import nn
 
 from bench.errors import BenchError
 from bench.registry import Registry
+
+
+@dataclass(frozen=True)
+class Card:
+    """What a reader needs to know about a defense before trusting a number, as RobustBench's entries give it: the
+    paper (title, authors, venue, year, link), the authors' code, where the weights shipped here come from and under
+    which license, and what differs from the paper at this scale. Records carry it (outside the run id: editing a card
+    changes no result); ``bench show-card NAME`` prints it; boards link to it."""
+
+    title: str
+    authors: str
+    venue: str
+    year: Optional[int]
+    paper: str  # a link, or "" for none
+    code: Optional[str]  # the authors' code, or None when they released none we know of
+    weights: str  # provenance and license of the weights shipped with the package
+    differences: str  # what differs from the paper at this scale
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        when = f"{self.venue} {self.year}" if self.year and str(self.year) not in self.venue else self.venue
+        return f"{self.title} ({self.authors}; {when})" if self.authors else self.title
+
+
+def card_of(defense) -> Optional[Card]:
+    """A defense's card (for a class or an instance); a stack's joins its members' (computed when asked, once every
+    member is registered)."""
+    cls = defense if isinstance(defense, type) else type(defense)
+    joined = getattr(cls, "stack_card", None)
+    return joined() if joined is not None else cls.card
 
 
 class Defense(nn.Module):
@@ -31,6 +64,8 @@ class Defense(nn.Module):
     #: The paper's headline for this defense, printed beside a run's numbers so that a reader of a CPU-scale run knows
     #: where it stands (empty for defenses without one). Not part of the record: it describes the paper, not the run.
     paper_reference: ClassVar[str] = ""
+    #: The defense's card (``Card``); a plug-in may have none, and its records say so.
+    card: ClassVar[Optional[Card]] = None
 
     def __init__(
         self, classifier: nn.Module, transform: Optional[nn.Module] = None, purifier: Optional[nn.Module] = None

@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from bench.classifiers.base import load_state_dict
 from bench.errors import BenchError
 from bench.training import sha256_file
-from defenses.base import SHIPPED_DIR, Defense, checkpoint_display, manifest_training, register_defense, resolve_checkpoint
+from defenses.base import SHIPPED_DIR, Card, Defense, checkpoint_display, manifest_training, register_defense, resolve_checkpoint
 from defenses.score_network import ScoreUNet
 
 BETA_MIN, BETA_MAX = 0.1, 20.0
@@ -176,6 +176,15 @@ class DiffPure(Defense):
 
     version = "1"
     stochastic = True
+    card = Card(
+        title="Diffusion Models for Adversarial Purification",
+        authors="Weili Nie, Brandon Guo, Yujia Huang, Chaowei Xiao, Arash Vahdat, Anima Anandkumar", venue="ICML",
+        year=2022, paper="https://arxiv.org/abs/2205.07460", code="https://github.com/NVlabs/DiffPure",
+        weights="a score U-Net trained here (bench train --defense diffpure); none shipped yet",
+        differences=("a small score model trained on small diffusion times only (the paper: the pretrained Score SDE, "
+                     "~60M parameters); the classifier is the shared ResNet-20 on JPEG CIFAR-10 (the paper: WRN-28-10 "
+                     "and ResNet-50)"),
+    )
     paper_reference = ("DiffPure (Nie et al. 2022), AToP's Table 6 row: 88.2% clean, 70.0% AutoAttack linf 8/255, 70.9% l2, "
                        "55.0% StAdv (ResNet-50, CIFAR-10); full-gradient attacks with EOT report far lower (Lee & Kim "
                        "2023, DiffHammer); the score model here is small and trained for hours on a CPU")

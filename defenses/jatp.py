@@ -26,7 +26,7 @@ from torch import nn
 from bench.classifiers.base import load_state_dict
 from bench.errors import BenchError
 from bench.training import sha256_file
-from defenses.base import SHIPPED_DIR, Defense, checkpoint_display, register_defense, resolve_checkpoint
+from defenses.base import SHIPPED_DIR, Card, Defense, checkpoint_display, register_defense, resolve_checkpoint
 from defenses.jatp_training import preprocessing_checkpoint_folder
 from defenses.nrp_network import NRPGenerator
 
@@ -122,10 +122,31 @@ class PreprocessingDefense(Defense):
         }
 
 
+NRP_CARD = Card(
+    title="A Self-supervised Approach for Adversarial Robustness",
+    authors="Muzammal Naseer, Salman Khan, Munawar Hayat, Fahad Shahbaz Khan, Fatih Porikli", venue="CVPR", year=2020,
+    paper="https://arxiv.org/abs/2006.04924", code="https://github.com/Muzammal-Naseer/NRP",
+    weights=("the NRP generator (3 RRDBs, 0.14M parameters) trained here against the PGD-trained ResNet-4b's features; "
+             "manifest beside the weights; this project's own work"),
+    differences=("a small generator trained for a few CPU epochs on the classifier's own features (NRP: a larger one, "
+                 "VGG-16 features, long training); eps 2/255 at the classifier's training eps"),
+)
+JATP_CARD = Card(
+    title="Improving White-box Robustness of Pre-processing Defenses via Joint Adversarial Training",
+    authors="Dawei Zhou, Nannan Wang, Xinbo Gao, Bo Han, Jun Yu, Xiaoyu Wang, Tongliang Liu", venue="arXiv", year=2021,
+    paper="https://arxiv.org/abs/2106.05453", code=None,
+    weights=("NRP-style generators trained here with JATP's loss in front of the PGD-trained ResNet-4b (3 CPU epochs); "
+             "manifests beside the weights; this project's own work"),
+    differences=("trained at 2/255 in front of a ResNet-4b (the paper: 8/255, TRADES ResNet-18); the shipped purifiers "
+                 "barely move the image (mean change 0.2-0.3/255), so JATP's rows equal the bare classifier's"),
+)
+
+
 @register_defense("nrp")
 class NRP(PreprocessingDefense):
     """NRP's purifier (self-supervised feature-distortion training), deterministic inference."""
 
+    card = NRP_CARD
     weights_name = "nrp"
 
 
@@ -135,6 +156,7 @@ class NRPDynamic(PreprocessingDefense):
     [0, 1], before the purifier (stochastic). Version 2 adds the projection and clip of the authors' code."""
 
     version = "2"
+    card = NRP_CARD
     weights_name = "nrp"
     noise_sigma = 0.05
     noise_radius = 16 / 255
@@ -147,7 +169,7 @@ class JATP(PreprocessingDefense):
 
     paper_reference = ("JATP, paper Table 1: 43.25% under AutoAttack (TRADES ResNet-18, CIFAR-10, linf 8/255; None 44.10%, "
                        "NRP 18.51%); the purifiers shipped here barely move the image (docs/jatp-nrp.md)")
-
+    card = JATP_CARD
     weights_name = "jatp"
 
 
@@ -155,4 +177,5 @@ class JATP(PreprocessingDefense):
 class JATPOblivious(PreprocessingDefense):
     """JATP's loss, trained on examples crafted against the bare classifier (JATP Fig. 2a's -obl)."""
 
+    card = JATP_CARD
     weights_name = "jatp-obl"

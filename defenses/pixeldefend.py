@@ -174,7 +174,7 @@ from pathlib import Path  # noqa: E402
 from bench.classifiers.base import load_state_dict  # noqa: E402
 from bench.training import sha256_file  # noqa: E402
 from defenses.base import (  # noqa: E402
-    SHIPPED_DIR, Defense, checkpoint_display, manifest_training, register_defense, resolve_checkpoint)
+    SHIPPED_DIR, Card, Defense, checkpoint_display, manifest_training, register_defense, resolve_checkpoint)
 
 WEIGHTS_FILE = "pixelcnn.weights.pt"
 
@@ -191,6 +191,15 @@ class PixelDefend(Defense):
     """PixelDefend in front of any classifier (its PixelCNN does not depend on the classifier)."""
 
     version = "1"
+    card = Card(
+        title="PixelDefend: Leveraging Generative Models to Understand and Defend against Adversarial Examples",
+        authors="Yang Song, Taesup Kim, Sebastian Nowozin, Stefano Ermon, Nate Kushman", venue="ICLR", year=2018,
+        paper="https://arxiv.org/abs/1710.10766", code="https://github.com/microsoft/PixelDefend",
+        weights=("a gated PixelCNN (32 channels, 5 layers) trained here for one CPU epoch on 40k cifar10-jpeg training "
+                 "images; manifest beside the weights; this project's own work"),
+        differences=("a small PixelCNN (6.13 bits/dim on the test images; the paper: PixelCNN++, 2.92); the greedy "
+                     "purification is the paper's (eps_defend 16/255)"),
+    )
     paper_reference = ("PixelDefend (Song et al. 2018); about 9% under BPDA on CIFAR-10 at 8/255 (Athalye et al. 2018); "
                        "the PixelCNN shipped here is small (6.13 bits/dim, PixelCNN++ reports 2.92)")
 

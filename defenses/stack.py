@@ -20,13 +20,13 @@ registered by name so the registry-wide defense tests cover them.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from bench.errors import BenchError
-from defenses.base import DEFENSES, Defense, _bpda_stage, register_defense
+from defenses.base import DEFENSES, Card, Defense, _bpda_stage, register_defense
 
 SEPARATOR = "+"
 
@@ -85,6 +85,18 @@ class StackedDefense(Defense):
 
     def known_problems(self) -> List[str]:
         return list(self._problems)
+
+    @classmethod
+    def stack_card(cls) -> Optional[Card]:
+        """The members' cards joined: the stack is the paper's combination of published defenses."""
+        cards = [DEFENSES.get(member).card for member in cls.members]
+        if any(card is None for card in cards):
+            return None
+        join = lambda field: " + ".join(str(getattr(card, field)) for card in cards)  # noqa: E731
+        venues = " + ".join(f"{c.venue} {c.year}" if c.year and str(c.year) not in c.venue else c.venue for c in cards)
+        return Card(title=join("title"), authors=" / ".join(c.authors for c in cards), venue=venues, year=None,
+                    paper=join("paper"), code=" + ".join(c.code or "(none)" for c in cards), weights=join("weights"),
+                    differences=join("differences"))
 
     @classmethod
     def for_testing(cls, classifier: nn.Module) -> "StackedDefense":

@@ -6,6 +6,8 @@
   robust (worst case over the re-classification draws; the mean too for stochastic defenses), its 95% Wilson
   interval, suite and budget, n, cost per image, and a mark with a footnote for records the integrity checks
   flagged (†) or that were made without them (‡). Records come from ``results/<board>/``.
+- ``cards.md``: every registered defense's card (paper, code, weights' provenance, differences), linked from the
+  board rows; it reads the cards from ``defenses/``, the one input that is not a file under ``leaderboards/``.
 - ``kind: "paper"``: one table of a seed paper (numbers in ``papers/<paper>.json``) in the paper's shape, with
   our measurements beside the paper's where records exist (``measured (paper)``).
 
@@ -191,7 +193,7 @@ def board_rows(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
         cost = sum(a["cost"]["seconds"] for a in r["attacks"]) / r["subset"]["n"]
         passes = sum(a["cost"]["forward_images"] + a["cost"]["backward_images"] for a in r["attacks"]) / r["subset"]["n"]
         rows.append({
-            "record": r, "defense": r["defense"]["name"] + mark(r), "classifier": r["classifier"]["name"],
+            "record": r, "defense": card_link(r["defense"]["name"]) + mark(r), "classifier": r["classifier"]["name"],
             "clean": r["clean"]["accuracy"], "robust": r["robust"]["accuracy"], "ci": r["robust"]["ci95"],
             "floor": no_attack_floor(r), "draws": r["settings"].get("success_draws", 1) if stochastic else 1,
             "headline": r.get("headline", {}).get("accuracy", r["robust"]["accuracy"]),
@@ -202,6 +204,28 @@ def board_rows(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     for rank, row in enumerate(rows, 1):
         row["rank"] = rank
     return rows
+
+
+def carded_defenses() -> Dict[str, Any]:
+    """Every registered defense (built-in and entry-point plug-ins) with its card, or None where it has none."""
+    from defenses.base import DEFENSES, card_of
+
+    return {name: card_of(DEFENSES.get(name)) for name in DEFENSES.names()}
+
+
+def card_link(name: str) -> str:
+    """A defense's name on a board, linked to its card where it has one."""
+    return f"[{name}](cards.md#{name})" if carded_defenses().get(name) is not None else name
+
+
+def render_cards() -> str:
+    cards = []
+    for name, card in sorted(carded_defenses().items()):
+        venue = "—"
+        if card is not None and card.venue:
+            venue = card.venue if not card.year or str(card.year) in card.venue else f"{card.venue} {card.year}"
+        cards.append({"name": name, "card": card, "venue": venue})
+    return _env().get_template("cards.md.j2").render(cards=cards)
 
 
 def what_it_is(record: Dict[str, Any]) -> str:
@@ -450,6 +474,7 @@ def render_all(root: Path = ROOT, pictures: bool = True) -> Dict[str, bytes]:
             raise BenchError(f"board {board.name}: unknown kind {board.kind!r}")
         entries.append({"board": board, "records": len(records), "file": f"{board.name}.md",
                         "title": board.title or paper_table(board.paper, board.table, root)["caption"]})
+    files["cards.md"] = render_cards().encode()
     files["README.md"] = _env().get_template("index.md.j2").render(entries=entries).encode()
     return files
 

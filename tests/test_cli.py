@@ -183,3 +183,16 @@ def test_list_says_which_defenses_have_weights_and_explains_suites(capsys):
     assert lines["jatp"].endswith("weights for resnet4b")
     assert lines["none"].strip() == "none"
     assert "+bpda[stage] back-propagates through that stage as the identity" in out
+
+
+def test_show_card_and_list_long_give_each_defense_its_paper(capsys):
+    code, out, _ = run_cli(["show-card", "atop"], capsys)
+    assert code == 0
+    fields = dict(line.split(":", 1) for line in out.splitlines())
+    assert fields["paper"].strip().startswith("Adversarial Training on Purification (AToP)")
+    assert fields["venue"].strip() == "ICLR 2024" and fields["link"].strip().startswith("https://arxiv.org/abs/")
+    assert fields["weights here"].strip() and fields["differs from the paper"].strip()
+    code, out, _ = run_cli(["show-card", "nrp+aid-purifier"], capsys)  # a stack names both papers
+    assert code == 0 and "A Self-supervised Approach" in out and "AID-Purifier" in out
+    code, out, _ = run_cli(["list", "defenses", "--long"], capsys)
+    assert code == 0 and "PixelDefend: Leveraging Generative Models" in out

@@ -239,9 +239,9 @@ def test_a_board_ranks_by_robust_accuracy_and_marks_flagged_entries():
     cells = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines() if line.startswith("| ")]
     assert cells[0][3:6] == ["clean % (one draw)", "no attack % (every draw right)", "robust % (worst case)"]
     assert cells[1][:6] == ["1", "broken †", "resnet20", "60.00", "60.00", "60.00"]  # deterministic: floor = clean
-    assert cells[2][:6] == ["2", "atop", "resnet20", "50.00", "30.00 (10 draws)", "20.00"]
+    assert cells[2][:6] == ["2", "[atop](cards.md#atop)", "resnet20", "50.00", "30.00 (10 draws)", "20.00"]
     assert cells[3][:6] == ["3", "old", "resnet20", "50.00", "— (10 draws)", "10.00"]  # a record from before the floor
-    assert cells[4][:6] == ["4", "none (bare, standard training)", "resnet20", "80.00", "80.00", "0.00"]
+    assert cells[4][:6] == ["4", "[none](cards.md#none) (bare, standard training)", "resnet20", "80.00", "80.00", "0.00"]
     assert [row[7] for row in cells[1:]] == ["-20.0 / +60.0", "-30.0 / +20.0", "-30.0 / +10.0", "—"]  # vs the bare row
     assert "‡ made without the checks (unverified)" in text  # the marks are explained on every board
     lines = [line for line in text.splitlines() if line.startswith("| ")]
@@ -273,3 +273,15 @@ def test_without_a_stated_tolerance_a_number_may_move_by_the_combined_interval()
     assert [row[-1] for row in compare("b", record, moved, None)] == ["ok", "ok"]
     moved = dict(record, robust={**half, "accuracy": 0.57})
     assert [row[-1] for row in compare("b", record, moved, None)] == ["ok", "FAIL"]
+
+
+def test_boards_link_each_defense_to_its_card():
+    from leaderboards.render import render_all
+
+    files = render_all(pictures=False)
+    cards = files["cards.md"].decode()
+    for name in ("atop", "jatp", "nrp", "pixeldefend", "aid-purifier", "none"):
+        assert f'<a id="{name}"></a>' in cards
+    assert "| venue | ICLR 2024 |" in cards
+    assert "[atop](cards.md#atop)" in files["cifar10-jpeg-linf.md"].decode()
+    assert "(cards.md)" in files["README.md"].decode()

@@ -60,3 +60,19 @@ def test_every_defense_keeps_its_declarations(name):
     assert xg.grad is not None and xg.grad.abs().sum() > 0
     described = defense.describe()
     assert described["name"] == name and described["version"]
+
+
+@pytest.mark.parametrize("name", DEFENSES.names())
+def test_every_builtin_defense_has_a_complete_card(name):
+    """A reader of a board finds the paper, the authors' code (or that there is none), where the weights come from and
+    what differs from the paper; a stack's card names every member."""
+    from defenses.base import card_of
+
+    card = card_of(DEFENSES.get(name))
+    assert card is not None, f"{name} has no card"
+    assert card.title and card.weights and card.differences
+    if name != "none":
+        assert card.paper.startswith("https://") and card.authors and card.venue
+    members = getattr(DEFENSES.get(name), "members", ())
+    for member in members:
+        assert card_of(DEFENSES.get(member)).title in card.title

@@ -43,6 +43,7 @@ def test_record_of_a_plugin_run_is_complete(tmp_path):
     assert record["clean_worst"] == record["clean"]  # one draw: the no-attack floor is the clean accuracy
     assert record["robust_mean"] == record["robust"]["accuracy"] == record["robust_majority"]["accuracy"]
     assert record["headline"] == {"metric": "worst", "accuracy": record["robust"]["accuracy"]}
+    assert set(record["defense"]["card"]) == {"missing"}  # this plug-in gives no card, and its record says so
     mean_run, _ = run(RunConfig(defense="plugin-blur", classifier="tiny", dataset="tiny-test", budget="smoke", n=20,
                                 batch_size=8, out=tmp_path, headline="mean"))
     assert mean_run["headline"] == {"metric": "mean", "accuracy": mean_run["robust_mean"]}
