@@ -217,6 +217,11 @@ def _parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="list what can be named: defenses, attacks, suites, classifiers, datasets")
     lst.add_argument("what", nargs="?", choices=LIST_KINDS, default=None, help="only this kind (default: all)")
     lst.add_argument("--long", action="store_true", help="defenses with their card: paper, venue and year")
+    export = sub.add_parser("export", help="records in another benchmark's format: robustbench writes its model_info JSON")
+    export.add_argument("format", choices=["robustbench"], help="target format")
+    export.add_argument("records", nargs="+", type=Path, help="run records, or folders of them")
+    export.add_argument("--out", type=Path, required=True,
+                        help="folder; files go to OUT/<dataset>/<Linf|L2>/<Name>.json as in RobustBench's model_info/")
     card = sub.add_parser("show-card", help="a defense's card: its paper, the authors' code, where the shipped weights "
                                             "come from, and what differs from the paper here")
     card.add_argument("name", help="defense name (bench list defenses)")
@@ -498,6 +503,15 @@ def cmd_leaderboard() -> None:
     print(f"{len(changed)} file(s) changed under {ROOT}" + "".join(f"\n  {name}" for name in changed))
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from bench.export import export_robustbench
+
+    for path, unfilled in export_robustbench(args.records, args.out):
+        print(path)
+        for item in unfilled:
+            print(f"  not filled: {item}")
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from bench.check import run_check
 
@@ -546,6 +560,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             load_plugin(plugin)
         if args.command == "list":
             cmd_list(args.what, args.long)
+        elif args.command == "export":
+            cmd_export(args)
         elif args.command == "show-card":
             cmd_show_card(args.name)
         elif args.command == "train":
