@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -213,9 +214,24 @@ def resolve_batch_size(config: RunConfig, model, subset, device) -> int:
     return size
 
 
-def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: RunConfig, device) -> Tuple[Dict[str, Any], Path]:
-    """Evaluate a built defense on ``subset`` against ``suite`` and write the record (``bench.evaluate`` and
-    ``bench run`` both end here)."""
+@dataclass(frozen=True)
+class Planned:
+    """What a run will be, known before any attack: its id, where its record goes, the attacks and settings."""
+
+    run_id: str
+    state_dir: Path
+    target: Path
+    plans: Any
+    described: Dict[str, Any]
+    draws: int
+    execution: Execution
+    model: Any
+    batch_size: int
+    complete: bool
+
+
+def plan_evaluation(defense: Defense, subset, suite, threat: Threat, config: RunConfig, device) -> Planned:
+    """The run id (a hash of everything that changes the result), the record's path and the attack plans."""
     check_config(config)
     complete = suite.complete_attacks(defense.stochastic)
     if config.headline != "worst" and defense.stochastic and not complete:
@@ -237,41 +253,82 @@ def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: Ru
         **({} if execution.default else {"execution": execution.to_dict()}),
     }
     run_id = hashlib.sha256(json.dumps(key_source, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    state_dir = Path(config.out) / ".state" / resume_key(run_id)
     target = Path(config.out) / record_filename({"run_id": run_id, "defense": described, "threat": threat.to_dict(),
                                                  "classifier": defense.classifier.info.to_dict(),
                                                  "subset": subset.to_dict(), "suite": suite.to_dict()})
-    with run_lock(state_dir, enabled=world()[1] == 1) as waited_since:
-        written = _written_meanwhile(target, run_id, waited_since)
+    return Planned(run_id, Path(config.out) / ".state" / resume_key(run_id), target, plans, described, draws,
+                   execution, model, batch_size, complete)
+
+
+def plan(config: RunConfig) -> Planned:
+    """``plan_evaluation`` from names: what ``run(config)`` would do, without doing it (loads the defense and subset)."""
+    check_config(config)
+    device, suite, threat, subset, defense = _resolve(config)
+    return plan_evaluation(defense, subset, suite, threat, config, device)
+
+
+def existing_record(planned: Planned) -> Optional[Dict[str, Any]]:
+    """The record of this run if it is already written (same path and run id), else None."""
+    return _written_meanwhile(planned.target, planned.run_id, since=0.0)
+
+
+def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: RunConfig, device) -> Tuple[Dict[str, Any], Path]:
+    """Evaluate a built defense on ``subset`` against ``suite`` and write the record (``bench.evaluate`` and
+    ``bench run`` both end here)."""
+    p = plan_evaluation(defense, subset, suite, threat, config, device)
+    with run_lock(p.state_dir, enabled=world()[1] == 1) as waited_since:
+        written = _written_meanwhile(p.target, p.run_id, waited_since)
         if written is not None:
-            log.info("run %s: another process wrote its record while this one waited: %s", run_id, target)
-            return written, target
-        return _evaluate_locked(defense, subset, suite, threat, config, device, plans, described, draws, execution,
-                                model, batch_size, run_id, state_dir, complete)
+            log.info("run %s: another process wrote its record while this one waited: %s", p.run_id, p.target)
+            return written, p.target
+        return _evaluate_locked(defense, subset, suite, threat, config, device, p.plans, p.described, p.draws,
+                                p.execution, p.model, p.batch_size, p.run_id, p.state_dir, p.complete)
 
 
 @contextlib.contextmanager
 def run_lock(state_dir: Path, enabled: bool = True):
     """One process per run id at a time: an exclusive lock on ``<state_dir>.lock`` (waiting, with one log line, while
     another process holds it), so two processes never interleave the batches of one run. Yields when it started to
-    wait. The lock file stays: removing it could let a third process lock a new file while a waiter holds the old."""
+    wait. The holder removes the lock file (and the state folder's parent if that leaves it empty) before it lets go;
+    a waiter that then holds a lock on a removed file takes a fresh one, so no two processes ever hold the same path."""
     since = time.time()
     if not enabled:
         yield since
         return
     import fcntl
 
-    state_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(state_dir.with_name(state_dir.name + ".lock"), "a+") as handle:
+    path = state_dir.with_name(state_dir.name + ".lock")
+    announced = False
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            handle = open(path, "a+")
+        except FileNotFoundError:  # the parent was removed between mkdir and open: try again
+            continue
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info("another process is running this configuration (%s); waiting for it", state_dir.name)
+            if not announced:
+                log.info("another process is running this configuration (%s); waiting for it", state_dir.name)
+                announced = True
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield since
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(handle.fileno()).st_ino:
+            break
+        handle.close()  # the previous holder removed the file we waited on: lock the path anew
+    try:
+        yield since
+    finally:
+        try:
+            path.unlink()
+            path.parent.rmdir()  # only when empty; state of other runs keeps it
+        except OSError:
+            pass
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def _written_meanwhile(target: Path, run_id: str, since: float) -> Optional[Dict[str, Any]]:
