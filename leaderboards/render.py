@@ -207,10 +207,14 @@ def board_rows(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def carded_defenses() -> Dict[str, Any]:
-    """Every registered defense (built-in and entry-point plug-ins) with its card, or None where it has none."""
+    """Every defense this repository ships (registered from the ``defenses`` package) with its card, or None where it
+    has none. Plug-ins (``--plugin`` files, entry points) are left out: the generated markdown must not depend on what
+    else the rendering process happened to import. A plug-in's card travels in its records."""
     from defenses.base import DEFENSES, card_of
 
-    return {name: card_of(DEFENSES.get(name)) for name in DEFENSES.names()}
+    shipped = {name: DEFENSES.get(name) for name in DEFENSES.names()}
+    return {name: card_of(obj) for name, obj in shipped.items()
+            if (getattr(obj, "__module__", "") or "").startswith("defenses.")}
 
 
 def card_link(name: str) -> str:

@@ -285,3 +285,19 @@ def test_boards_link_each_defense_to_its_card():
     assert "| venue | ICLR 2024 |" in cards
     assert "[atop](cards.md#atop)" in files["cifar10-jpeg-linf.md"].decode()
     assert "(cards.md)" in files["README.md"].decode()
+
+
+def test_generated_markdown_does_not_depend_on_plugins_loaded_in_the_process():
+    # The CI suite loads tests/plugin_examples.py in-process (test_cli) before it checks the boards: a plug-in
+    # in the registry must not show up in cards.md and make the committed markdown look stale.
+    from pathlib import Path
+
+    from bench.plugins import load_plugin
+    from defenses.base import DEFENSES
+    from leaderboards.render import render_all, stale_files
+
+    before = render_all(pictures=False)["cards.md"]
+    load_plugin(Path(__file__).with_name("plugin_examples.py"))
+    assert "plugin-nan" in DEFENSES.names()
+    assert render_all(pictures=False)["cards.md"] == before
+    assert stale_files() == []
