@@ -48,6 +48,21 @@ def validate_record(record: Dict[str, Any]) -> None:
         raise error
 
 
+def configuration_key(record: Dict[str, Any]) -> str:
+    """What a record measures, as asked for: defense and its options, classifier, subset, threat, suite and budget,
+    seed and draws; not the code or weights version the run id also hashes. Two records with one key are the same
+    board row made twice (say, before and after a code change): a board keeps one of them."""
+    run_config = record.get("settings", {}).get("run_config", {})
+    budget = record["suite"].get("budget")
+    return json.dumps({
+        "defense": record["defense"]["name"], "options": run_config.get("defense_options", {}),
+        "classifier": record["classifier"]["name"], "subset": record["subset"]["hash"],
+        "threat": [record["threat"]["norm"], round(float(record["threat"]["eps"]), 9)],
+        "suite": record["suite"]["name"], "budget": "full" if budget == "paper" else budget,
+        "seed": record.get("settings", {}).get("seed"), "draws": record.get("settings", {}).get("success_draws"),
+    }, sort_keys=True, default=str)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)

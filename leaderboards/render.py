@@ -31,7 +31,7 @@ from tabulate import tabulate
 from attacks.base import format_eps
 from attacks.suite import BUDGET_ALIASES
 from bench.errors import BenchError
-from bench.record import validate_record
+from bench.record import configuration_key, validate_record
 
 ROOT = Path(__file__).resolve().parent
 PAPERS = ROOT / "papers"
@@ -94,6 +94,14 @@ def load_records(board: Board, root: Path = ROOT) -> List[Dict[str, Any]]:
         if problems:
             raise BenchError(f"{where}: does not belong on board {board.name}: {'; '.join(problems)}")
         records.append(record)
+    made_twice: Dict[str, List[str]] = {}
+    for record in records:
+        made_twice.setdefault(configuration_key(record), []).append(record["run_id"])
+    for run_ids in made_twice.values():
+        if len(run_ids) > 1:
+            raise BenchError(f"board {board.name}: {len(run_ids)} records of one configuration (run ids "
+                             f"{', '.join(r[:8] for r in run_ids)}), say one made before a code change and one after: "
+                             "keep one (git rm the other)")
     hashes = {r["subset"]["hash"] for r in records}
     if len(hashes) > 1:
         raise BenchError(f"board {board.name}: records come from {len(hashes)} different subsets; a table needs one")

@@ -152,6 +152,24 @@ def test_a_record_from_another_subset_or_an_invalid_one_is_refused(tmp_path):
         load_records(board, root)
 
 
+def test_one_configuration_made_twice_is_refused_on_a_board(tmp_path):
+    # A rerun after a code change has another run id (so another file name): left beside the old record it would
+    # show as a second row of the same defense.
+    from leaderboards.render import load_boards, load_records
+
+    root = _copy_leaderboards(tmp_path)
+    board = next(b for b in load_boards(root) if b.name == "ci-smoke")
+    path = next((root / board.results).glob("*.json"))
+    record = json.loads(path.read_text())
+    (root / board.results / "again.json").write_text(json.dumps({**record, "run_id": "0" * 24}))
+    with pytest.raises(BenchError, match=r"2 records of one configuration \(run ids [0-9a-f, ]*00000000.*git rm"):
+        load_records(board, root)
+    options = {**record["settings"]["run_config"], "defense_options": {"steps": 3}}
+    (root / board.results / "again.json").write_text(json.dumps(
+        {**record, "run_id": "0" * 24, "settings": {**record["settings"], "run_config": options}}))
+    assert len(load_records(board, root)) == 3  # other options: another configuration
+
+
 def _moved(record, metric, by):
     value = record[metric]
     if isinstance(value, dict):
