@@ -21,7 +21,7 @@ export OMP_NUM_THREADS ?= 2
 $(BIN)/bench: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,sweep]'
 	touch $@
 
 setup: $(BIN)/bench

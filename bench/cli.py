@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from fractions import Fraction
 from pathlib import Path
 from typing import Dict, Optional, Sequence
@@ -217,6 +218,18 @@ def _parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="list what can be named: defenses, attacks, suites, classifiers, datasets")
     lst.add_argument("what", nargs="?", choices=LIST_KINDS, default=None, help="only this kind (default: all)")
     lst.add_argument("--long", action="store_true", help="defenses with their card: paper, venue and year")
+    sweep = sub.add_parser("sweep", help="run a grid of bench run cells as Ray tasks (local Ray, or --address a cluster)")
+    sweep.add_argument("grid", type=Path, help="grid file (TOML; see grids/ and docs/sweeps.md)")
+    sweep.add_argument("--out", type=Path, default=None, help="records' folder (default: the grid's out)")
+    sweep.add_argument("--address", default=None,
+                       help="join this Ray cluster (e.g. auto, or ray://head:10001) instead of starting a local one")
+    sweep.add_argument("--cpus-per-cell", type=float, default=1,
+                       help="CPUs each cell asks for; also its torch threads (default 1)")
+    sweep.add_argument("--gpus-per-cell", type=float, default=0, help="GPUs each cell asks for (default 0)")
+    sweep.add_argument("--retries", type=int, default=2,
+                       help="times a failed or killed cell is retried (user errors are not; default 2)")
+    sweep.add_argument("--dry-run", action="store_true", help="print the cells, one bench run command each, and stop")
+    sweep.add_argument("--leaderboard", action="store_true", help="run bench leaderboard after the sweep")
     export = sub.add_parser("export", help="records in another benchmark's format: robustbench writes its model_info JSON")
     export.add_argument("format", choices=["robustbench"], help="target format")
     export.add_argument("records", nargs="+", type=Path, help="run records, or folders of them")
@@ -374,18 +387,37 @@ def parse_options(pairs: Sequence[str], flag: str = "--defense-option") -> Dict[
     return options
 
 
-def cmd_run(args: argparse.Namespace) -> None:
-    from bench.api import run
+def run_config(args: argparse.Namespace):
+    """The RunConfig that ``bench run``'s parsed flags name (``bench sweep`` builds its cells' the same way)."""
     from bench.runner import RunConfig
 
-    config = RunConfig(
+    return RunConfig(
         defense=args.defense, threat=args.threat, classifier=args.classifier, dataset=args.dataset, suite=args.suite,
         budget=args.budget, headline=args.headline, checks=args.checks,
         eps=args.eps, n=args.n, seed=args.seed, device=args.device, batch_size=args.batch_size, out=args.out,
         download=args.download, defense_options=parse_options(args.defense_option),
         channels_last=args.channels_last, autocast=args.autocast, compile=args.compile,
     )
-    record = run(config)
+
+
+def parse_run_args(run_args: Sequence[str]) -> argparse.Namespace:
+    """``bench run``'s flags parsed by its own parser; a bad flag is a BenchError (not an exit) naming the problem."""
+    import contextlib
+    import io
+
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            return _parser().parse_args(["run", *joined_negative_values(run_args)])
+    except SystemExit:
+        lines = [line for line in stderr.getvalue().splitlines() if line.strip()]
+        raise BenchError(lines[-1].replace("bench run: ", "") if lines else f"bad bench run flags: {run_args}") from None
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from bench.api import run
+
+    record = run(run_config(args))
     if record.path is None:  # a torchrun rank other than 0
         return
     print(record.summary())
@@ -503,6 +535,29 @@ def cmd_leaderboard() -> None:
     print(f"{len(changed)} file(s) changed under {ROOT}" + "".join(f"\n  {name}" for name in changed))
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from bench.sweep import cell_command, load_grid, run_sweep, summary_table
+
+    grid = load_grid(args.grid, args.out)
+    if args.dry_run:
+        print(f"sweep {grid.name}: {len(grid.cells)} cells, records in {grid.out}")
+        for cell in grid.cells:
+            print(cell_command(grid, cell))
+        return 0
+    if args.retries < 0 or args.cpus_per_cell <= 0 or args.gpus_per_cell < 0:
+        raise BenchError("--retries must be >= 0, --cpus-per-cell > 0 and --gpus-per-cell >= 0")
+    start = time.perf_counter()
+    states = run_sweep(grid, args.address, args.cpus_per_cell, args.gpus_per_cell, args.retries)
+    print(summary_table(states))
+    failed = sum(s.status == "failed" for s in states)
+    print(f"{len(states)} cells: {sum(s.status == 'done' for s in states)} run, "
+          f"{sum(s.status == 'skipped' for s in states)} already done, {failed} failed; "
+          f"{time.perf_counter() - start:.1f} s; manifest {grid.out / '.sweep' / (grid.name + '.json')}")
+    if args.leaderboard:
+        cmd_leaderboard()
+    return 1 if failed else 0
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from bench.export import export_robustbench
 
@@ -560,6 +615,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             load_plugin(plugin)
         if args.command == "list":
             cmd_list(args.what, args.long)
+        elif args.command == "sweep":
+            return cmd_sweep(args)
         elif args.command == "export":
             cmd_export(args)
         elif args.command == "show-card":
