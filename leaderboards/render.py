@@ -150,10 +150,31 @@ def footnotes(labelled: Sequence[Tuple[str, Dict[str, Any]]]) -> List[str]:
     unchecked = [label for label, r in labelled if mark(r) == " ‡"]
     if unchecked:
         notes.append(f"‡ integrity checks not run for {', '.join(unchecked)} (record made with --no-checks).")
+    identical = [label for label, r in labelled if same_as_bare(r, [x for _, x in labelled])]
+    if identical:
+        notes.append(f"= {', '.join(identical)}: every image's clean prediction and robust verdict equal the bare "
+                     "classifier's on this board; the defense changed no outcome here (its purifier acts as the "
+                     "identity), so the row measures the classifier, not the defense.")
     corrected = [f"{label} ({'; '.join(r['corrections']['actions'])})" for label, r in labelled if r.get("corrections")]
     if corrected:
         notes.append("Attack plan corrected after a failed check for " + ", ".join(corrected) + ".")
     return notes
+
+
+def same_as_bare(record: Dict[str, Any], records: Sequence[Dict[str, Any]]) -> bool:
+    """True for a defense whose per-image outcomes (clean prediction, robust verdict) equal those of the bare
+    classifier's record on the same board (same classifier, subset, threat and suite): a purifier that does nothing."""
+    if record["defense"]["name"] == "none":
+        return False
+    for bare in records:
+        if (bare["defense"]["name"] == "none" and bare["classifier"]["name"] == record["classifier"]["name"]
+                and bare["subset"]["hash"] == record["subset"]["hash"] and bare["threat"] == record["threat"]
+                and bare["suite"]["name"] == record["suite"]["name"]):
+            mine, theirs = record.get("samples", {}), bare.get("samples", {})
+            keys = ("index", "clean_pred", "robust")
+            if all(k in mine and k in theirs for k in keys) and all(mine[k] == theirs[k] for k in keys):
+                return True
+    return False
 
 
 def subset_line(records: Sequence[Dict[str, Any]]) -> str:
@@ -427,7 +448,7 @@ def render_paper(board: Board, records: Sequence[Dict[str, Any]], root: Path = R
         suite = f"{record['suite']['name']} v{record['suite']['version']} ({budget_name(record['suite']['budget'])})"
         measured.append([label, suite, pct(no_attack_floor(record)), *(pct(v) for v in values)])
     measured_table = _table(measured, ["measured", "suite", "no attack (every draw right)", *table["columns"]]) if measured else None
-    labelled = [(f"{r['defense']['name']} on {r['classifier']['name']}", r) for r in records]
+    labelled = [(f"{r['defense']['name']} on {r['classifier']['name']}{trained_with(r)}", r) for r in records]
     return env.get_template(board.template).render(
         board=board, paper=table, groups=[{"name": name, "table": _table(rows, headers)} for name, rows in groups.items()],
         measured=measured_table, setting=subset_line(records) if records else None, notes=footnotes(labelled))

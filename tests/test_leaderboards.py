@@ -319,3 +319,20 @@ def test_generated_markdown_does_not_depend_on_plugins_loaded_in_the_process():
     assert "plugin-nan" in DEFENSES.names()
     assert render_all(pictures=False)["cards.md"] == before
     assert stale_files() == []
+
+
+def test_a_defense_that_changes_no_outcome_is_called_so_on_its_board():
+    # JATP's shipped purifier is the identity: its rows equal the bare classifier's, image by image, and the board
+    # must say so rather than show four identical rows without a word.
+    from leaderboards.render import render_all, same_as_bare
+
+    files = render_all(pictures=False)
+    note = next(line for line in files["jatp-table1.md"].decode().splitlines() if line.startswith("= "))
+    assert "jatp on resnet4b" in note and "jatp-obl on resnet4b" in note and "nrp on resnet4b" not in note
+    committed = [json.loads(p.read_text()) for p in sorted((REPO / "leaderboards" / "results" / "ci-smoke").glob("*.json"))]
+    bare = next(r for r in committed if r["defense"]["name"] == "none")
+    copy = {**bare, "defense": {**bare["defense"], "name": "identity"}}
+    assert same_as_bare(copy, committed)
+    flipped = list(bare["samples"]["robust"])
+    flipped[0] = not flipped[0]
+    assert not same_as_bare({**copy, "samples": {**bare["samples"], "robust": flipped}}, committed)
