@@ -220,6 +220,11 @@ def _pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Th
     return float(1 - fooled.mean())
 
 
+# "Does not fall" needs a few points left robust at eps/2 to mean anything: with one or two, a stochastic defense's
+# fresh draws alone move the count (measured: atop at 1/255, 5 probe points, PGD-10 EOT-2 read 1, 3 and 3 robust).
+MIN_STILL_ROBUST = 3
+
+
 def _rises(smaller: float, larger: float, n: int) -> bool:
     """``larger`` lies above the 95% Wilson interval of ``smaller`` (both accuracies on the same ``n`` probe points)."""
     return larger > wilson_interval(round(smaller * n), n)[1] + 1e-12
@@ -251,7 +256,7 @@ def probe_attacks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Th
     if _rises(accs[0], accs[1], n) or _rises(accs[1], accs[2], n):
         findings.add("monotone", [f"robust accuracy rises as eps grows ({name}-{steps} at eps/2, eps, 2 eps: {curve}; "
                                   f"{n} probe points)"])
-    elif accs[0] > 0 and accs[2] >= accs[0]:  # 4x the eps broke not one more point
+    elif round(accs[0] * n) >= MIN_STILL_ROBUST and accs[2] >= accs[0]:  # 4x the eps broke not one more point
         findings.add("monotone", [f"robust accuracy does not fall as eps grows from eps/2 to 2 eps ({name}-{steps}: "
                                   f"{curve}; {n} probe points)"])
     if _rises(accs[1], more_steps, n):

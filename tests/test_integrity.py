@@ -344,3 +344,26 @@ def test_steps_and_eot_rises_are_read_against_the_wilson_interval(monkeypatch, m
     found = [flag for flag in ("rises with more steps", "rises with more EOT draws") if any(flag in r for r in findings.reasons)]
     assert found == flags, findings.reasons
     assert not any("as eps grows" in r or "does not fall" in r for r in findings.reasons)
+
+
+@pytest.mark.parametrize("robust_counts,flagged", [
+    ((1, 3, 3), False),  # atop at 1/255 on 5 probe points: one point left at eps/2, the draws alone move the count
+    ((2, 2, 2), False),
+    ((3, 3, 3), True),  # three points left robust and 4x the radius broke none of them
+    ((3, 2, 1), False),
+])
+def test_accuracy_that_does_not_fall_with_eps_needs_three_robust_probe_points(monkeypatch, robust_counts, flagged):
+    from bench import integrity
+
+    def scripted(model, x, y, threat, steps, eot, stochastic, differentiable, draws):
+        if threat.eps >= 0.5:
+            return 0.0  # the unbounded probe
+        if steps == 40 or eot == 8:
+            return robust_counts[1] / 5
+        return {0.004: robust_counts[0], 0.008: robust_counts[1], 0.016: robust_counts[2]}[round(threat.eps, 3)] / 5
+
+    monkeypatch.setattr(integrity, "_pgd_accuracy", scripted)
+    x, y = torch.rand(5, 3, 8, 8), torch.zeros(5, dtype=torch.long)
+    findings = integrity.probe_attacks(nn.Identity(), x, y, Threat("linf", 0.008), stochastic=True, differentiable=True,
+                                       eot=2, draws=10)
+    assert any("does not fall" in r for r in findings.reasons) == flagged, findings.reasons
