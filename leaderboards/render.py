@@ -55,6 +55,9 @@ class Board:
     template: Optional[str] = None
     columns: Dict[str, str] = field(default_factory=dict)  # paper column -> attack key in our records
     group_by: Optional[str] = None
+    # measured-only columns after the paper's (header -> attack key), e.g. the paper's own protocol where the paper
+    # prints no separate column for it (PROTOCOL rule 9); shown when some record measures them
+    also: Dict[str, str] = field(default_factory=dict)
 
     def results_dir(self, root: Path = ROOT) -> Optional[Path]:
         return root / self.results if self.results else None
@@ -394,6 +397,7 @@ def transform_rows(board: Board, table: Dict[str, Any], records: Sequence[Dict[s
             raise BenchError(f"{name}: not an AToP record, cannot go in {board.name}")
     columns = [c for c in table["columns"] if c != "clean"]
     skipped = [c for c in columns if any(f"{board.columns.get(c)}+skip" in per_attack(r, field_name) for r in records)]
+    also = [c for c, key in board.also.items() if any(key in per_attack(r, field_name) for r in records)]
     rows: List[List[str]] = []
     if bare is not None:  # the bare classifier on the same images (PROTOCOL rule 8); the paper has no such row
         measured = {k: 100 * v for k, v in per_attack(bare, field_name).items()}
@@ -401,7 +405,8 @@ def transform_rows(board: Board, table: Dict[str, Any], records: Sequence[Dict[s
         rows.append(["none (bare classifier)" + mark(bare), "", _cell(100 * bare["clean"]["accuracy"], None),
                      *([_cell(None if bare_floor is None else 100 * bare_floor, None)] if floor else []),
                      *(_cell(measured.get(board.columns.get(c, "")), None) for c in columns),
-                     *(_cell(measured.get(f"{board.columns[c]}+skip"), None) for c in skipped)])
+                     *(_cell(measured.get(f"{board.columns[c]}+skip"), None) for c in skipped),
+                     *(_cell(measured.get(board.also[c]), None) for c in also)])
     for transform in ("rt1", "rt2", "rt3"):
         for atop in (False, True):
             record, theirs = ours.get((transform, atop)), paper_rows[(transform, atop)]
@@ -412,9 +417,10 @@ def transform_rows(board: Board, table: Dict[str, Any], records: Sequence[Dict[s
                          _cell(None if clean is None else 100 * clean, theirs["clean"]),
                          *([_cell(None if no_attack is None else 100 * no_attack, None)] if floor else []),
                          *(_cell(measured.get(board.columns.get(c, "")), theirs[c]) for c in columns),
-                         *(_cell(measured.get(f"{board.columns[c]}+skip"), None) for c in skipped)])
+                         *(_cell(measured.get(f"{board.columns[c]}+skip"), None) for c in skipped),
+                         *(_cell(measured.get(board.also[c]), None) for c in also)])
     headers = ["transform", "AToP", "clean", *(["no attack"] if floor else []), *columns,
-               *(f"{c}, purifier skipped" for c in skipped)]
+               *(f"{c}, purifier skipped" for c in skipped), *also]
     labelled = ([("none", bare)] if bare is not None else []) + [
         (f"{t.upper()} {'✓' if a else '✗'}", ours[(t, a)]) for t in ("rt1", "rt2", "rt3") for a in (False, True) if (t, a) in ours]
     return rows, headers, labelled

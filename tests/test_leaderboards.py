@@ -336,3 +336,19 @@ def test_a_defense_that_changes_no_outcome_is_called_so_on_its_board():
     flipped = list(bare["samples"]["robust"])
     flipped[0] = not flipped[0]
     assert not same_as_bare({**copy, "samples": {**bare["samples"], "robust": flipped}}, committed)
+
+
+def test_table7_shows_the_papers_own_protocol_beside_the_adaptive_columns():
+    # PROTOCOL rule 9: PGD-20 crafted on the bare classifier (the suite's transfer attack) has no paper column of
+    # its own; the board adds it after the paper's columns once a record measures it.
+    plain = atop_table7([_record("finetune", 0.438, 0.012)])
+    assert "crafted on the bare classifier" not in plain
+    record = _record("finetune", 0.438, 0.012)
+    record["attacks"].append({"attack": "transfer", "params": {"steps": 20}, "robust_alone": {"accuracy": 0.412},
+                              "robust_alone_mean": 0.43, "robust_alone_majority": {"accuracy": 0.42}})
+    text = atop_table7([record])
+    header = next(line for line in text.splitlines() if line.startswith("| transform"))
+    assert header.rstrip(" |").endswith("PGD-20 crafted on the bare classifier (the caption's protocol)")
+    row = next(line for line in text.splitlines() if line.startswith("| RT2") and "✓" in line)
+    assert row.rstrip(" |").endswith("41.2")
+    assert atop_table7([record], field="robust_alone_mean").count("43.0") == 1
