@@ -142,3 +142,32 @@ def test_the_notebook_style_example_runs(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "toy-median on resnet20" in out and "robust accuracy" in out and "record:" in out
     assert list((tmp_path / "runs").glob("*.json"))
+
+
+# A committed file names paths relative to the repository, the package or an environment variable's folder, never a
+# machine's. The one exception is a record made before that rule, which goes when its board is rerun.
+MACHINE_PATH = re.compile(r"""(?:^|["'\s(=:,])/(?:work|root|home|tmp|check|Users|mnt|opt|data|var|srv|scratch)/""")
+KNOWN_MACHINE_PATHS = {
+    "leaderboards/results/jatp-table1/cifar10-jpeg_resnet4b_jatp_jatp-table1_cpu_linf-0.00784314_n128_s0_83d4d4a7.json",
+}
+
+
+def test_no_committed_file_names_a_machine_path():
+    import subprocess
+
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=False)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    found = []
+    for name in listed.stdout.decode().split("\0"):
+        path = REPO / name
+        if not name or name in KNOWN_MACHINE_PATHS or not path.is_file() or path.stat().st_size > 2_000_000:
+            continue
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:  # binary: weights, pictures
+            continue
+        found += [f"{name}:{number}: {line.strip()[:120]}" for number, line in enumerate(text.splitlines(), 1)
+                  if MACHINE_PATH.search(line)]
+    assert found == [], "\n".join(found)
+    assert all((REPO / name).is_file() for name in KNOWN_MACHINE_PATHS), "an exempted file is gone: drop it from the list"
