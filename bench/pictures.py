@@ -107,7 +107,9 @@ def show(defense: Defense, subset: Subset, out: Path, threat: Threat, images: in
 def curve_points(defense_name: str, classifier: str, eps_values: Sequence[float], suite: Optional[str], threat: str,
                  budget: str, subset: Subset, device, runs: Path,
                  defense_options: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
-    """One record per (model, eps > 0) through ``bench.evaluate``; eps 0 is the clean accuracy. Returns the points."""
+    """One record per (model, eps > 0) through ``bench.evaluate``; eps 0 is the worst case without an attack, the
+    no-attack floor (every re-classification draw right on the clean image; the clean accuracy for a deterministic
+    defense), with the one-draw clean accuracy beside it. Returns the points."""
     from bench.api import evaluate, load_defense
 
     points = []
@@ -119,11 +121,12 @@ def curve_points(defense_name: str, classifier: str, eps_values: Sequence[float]
                 continue
             record = evaluate(model, suite, threat=threat, eps=eps, budget=budget, subset=subset, device=device, out=runs)
             log.info("%s eps %.4g: robust %.2f%%", label, eps, 100 * record.robust_accuracy)
-            clean = record["clean"]
+            clean = (record.data.get("clean_worst") or record["clean"], record["clean"])
             points.append({"model": label, "eps": eps, "robust": record["robust"], "suite": record["suite"],
                            "unreliable": record.unreliable, "record": str(record.path)})
         if 0 in eps_values and clean is not None:
-            points.append({"model": label, "eps": 0.0, "robust": clean, "suite": None, "unreliable": False, "record": None})
+            points.append({"model": label, "eps": 0.0, "robust": clean[0], "clean_one_draw": clean[1], "suite": None,
+                           "unreliable": False, "record": None})
     return sorted(points, key=lambda p: (p["model"] != defense_name, p["eps"]))
 
 
@@ -139,6 +142,10 @@ def plot_curve(points: List[Dict[str, Any]], out: Path, title: str, norm: str) -
         hi = [100 * p["robust"]["ci95"][1] for p in mine]
         (line,) = ax.plot(xs, ys, marker="o", label=model)
         ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
+        one_draw = [p for p in mine if p.get("clean_one_draw") and p["clean_one_draw"]["accuracy"] != p["robust"]["accuracy"]]
+        for p in one_draw:  # a stochastic defense: clean accuracy on one draw, above its no-attack floor
+            ax.plot([0], [100 * p["clean_one_draw"]["accuracy"]], marker="o", markerfacecolor="none",
+                    color=line.get_color(), linestyle="none", label=f"{model}: clean, one draw")
         for p, x_, y_ in zip(mine, xs, ys):
             if p["unreliable"]:
                 ax.annotate("unreliable", (x_, y_), fontsize=7, color="#cf222e")
@@ -159,6 +166,6 @@ def plot_curve(points: List[Dict[str, Any]], out: Path, title: str, norm: str) -
 def curve_title(defense: str, classifier: str, subset: Subset, points: List[Dict[str, Any]]) -> str:
     suite = next((p["suite"] for p in points if p["suite"]), {})
     return (f"{defense} vs its bare classifier {classifier} | {subset.dataset} n={subset.n} subset {subset.subset_hash[:12]}\n"
-            f"suite {suite.get('name')} v{suite.get('version')} ({suite.get('budget')} budget); eps 0: clean accuracy; "
-            f"shaded: 95% interval")
+            f"suite {suite.get('name')} v{suite.get('version')} ({suite.get('budget')} budget); shaded: 95% interval\n"
+            f"eps 0: no attack, every re-classification draw right (hollow: clean, one draw)")
 

@@ -128,5 +128,9 @@ def test_bench_curve_evaluates_each_radius_for_the_defense_and_its_classifier(tm
     for model in ("plugin-blur", "none (bare classifier)"):
         accs = [p["robust"]["accuracy"] for p in sorted((p for p in points if p["model"] == model), key=lambda p: p["eps"])]
         assert accs[0] == 1.0 and accs == sorted(accs, reverse=True)  # clean first, then no better at a larger radius
+    # eps 0 is the worst case without an attack (the no-attack floor), with the one-draw clean accuracy beside it;
+    # for a deterministic defense the two agree
+    zero = next(p for p in points if p["model"] == "plugin-blur" and p["eps"] == 0)
+    assert zero["clean_one_draw"]["accuracy"] == zero["robust"]["accuracy"] == 1.0
     assert len(list((tmp_path / "runs").glob("*.json"))) == 4
     assert "picture:" in capsys.readouterr().out
