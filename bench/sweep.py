@@ -40,6 +40,7 @@ per configuration (``bench leaderboard`` refuses two).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -318,6 +319,8 @@ def _execute(grid, todo, states, address, cpus_per_cell, gpus_per_cell, retries,
                  **({"runtime_env": {"env_vars": env}} if address else {}))
     attempts_dir = (grid.out / ".sweep" / grid.name).resolve()
     attempts_dir.mkdir(parents=True, exist_ok=True)
+    # Tasks get absolute paths: a cluster's workers do not start in the driver's folder (a shared filesystem is assumed)
+    task_grid = dataclasses.replace(grid, out=grid.out.resolve(), plugins=tuple(str(Path(p).resolve()) for p in grid.plugins))
     task = ray.remote(run_cell).options(num_cpus=cpus_per_cell, num_gpus=gpus_per_cell, max_retries=retries,
                                         retry_exceptions=True)
     pending = {}
@@ -325,7 +328,7 @@ def _execute(grid, todo, states, address, cpus_per_cell, gpus_per_cell, retries,
         marker = attempts_dir / f"{state.run_id}.attempts"
         marker.unlink(missing_ok=True)
         state.extra["marker"] = marker
-        pending[task.remote(grid, state.cell, threads, str(marker))] = state
+        pending[task.remote(task_grid, state.cell, threads, str(marker))] = state
     interactive = sys.stdout.isatty()
     last_line, last_time = "", 0.0
     try:
