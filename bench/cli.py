@@ -154,8 +154,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--alpha", type=float, default=None, help="JATP: weight of the feature-similarity term (5)")
     train.add_argument("--beta", type=float, default=None, help="JATP: weight of the pixel term (3)")
     train.add_argument("--pixel-loss", choices=("l2", "mse"), default=None,
-                       help="JATP: the pixel term as Eq. 6 prints it, the L2 norm over the image (l2, default), or the "
-                            "per-pixel mean square (mse)")
+                       help="JATP: the pixel term as a per-pixel mean square (mse, default: Eq. 6's 'L2 loss'), or the "
+                            "L2 norm over the image as the equation prints it (l2; keeps the purifier at the identity)")
     train.add_argument("--grad-clip", type=float, default=None, help="JATP: clip the gradient norm (default 1; 0: no clip)")
     train.add_argument("--init", default=None, metavar="PATH",
                        help="JATP: start from this purifier's weights (e.g. a trained NRP) instead of the identity")
