@@ -76,3 +76,25 @@ def test_every_builtin_defense_has_a_complete_card(name):
     members = getattr(DEFENSES.get(name), "members", ())
     for member in members:
         assert card_of(DEFENSES.get(member)).title in card.title
+
+
+def test_every_tracked_file_over_20_mib_has_a_reason_in_its_manifest():
+    """House rule: checkpoints live in git; a file over 20 MiB says why in the manifest beside it (size_reason)."""
+    import json
+    import subprocess
+
+    from tests.conftest import REPO
+
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=False)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    missing = []
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        path = REPO / name
+        if not path.is_file() or path.stat().st_size <= 20 * 2**20:
+            continue
+        manifest = path.with_name(path.name.split(".")[0] + ".manifest.json")
+        reason = json.loads(manifest.read_text()).get("size_reason") if manifest.is_file() else None
+        if not reason:
+            missing.append(f"{name} ({path.stat().st_size / 2**20:.1f} MiB)")
+    assert missing == [], missing
