@@ -140,19 +140,25 @@ def pct(value: Optional[float], digits: int = 2) -> str:
 
 
 def mark(record: Optional[Dict[str, Any]]) -> str:
-    """† flagged unreliable by the integrity checks, ‡ made without them (``--no-checks``)."""
+    """† flagged unreliable by the integrity checks, ‡ made without them (``--no-checks``); § made from a working tree
+    with uncommitted changes (its ``git_commit`` does not reproduce it)."""
     if record is None:
         return ""
+    dirty = " §" if record.get("environment", {}).get("git_dirty") else ""
     if record.get("unreliable"):
-        return " †"
-    return "" if record.get("checks", {}).get("ran") else " ‡"
+        return " †" + dirty
+    return ("" if record.get("checks", {}).get("ran") else " ‡") + dirty
 
 
 def footnotes(labelled: Sequence[Tuple[str, Dict[str, Any]]]) -> List[str]:
     notes = [f"† {label} unreliable: {'; '.join(r['unreliable_reasons'])}." for label, r in labelled if r.get("unreliable")]
-    unchecked = [label for label, r in labelled if mark(r) == " ‡"]
+    unchecked = [label for label, r in labelled if mark(r).startswith(" ‡")]
     if unchecked:
         notes.append(f"‡ integrity checks not run for {', '.join(unchecked)} (record made with --no-checks).")
+    dirty = [label for label, r in labelled if mark(r).endswith(" §")]
+    if dirty:
+        notes.append(f"§ {', '.join(dirty)}: each made from a working tree with uncommitted changes, so its git_commit "
+                     "does not reproduce it; to be rerun on a clean commit.")
     identical = [label for label, r in labelled if same_as_bare(r, [x for _, x in labelled])]
     if identical:
         notes.append(f"= {', '.join(identical)}: every image's clean prediction and robust verdict equal the bare "

@@ -352,3 +352,11 @@ def test_table7_shows_the_papers_own_protocol_beside_the_adaptive_columns():
     row = next(line for line in text.splitlines() if line.startswith("| RT2") and "✓" in line)
     assert row.rstrip(" |").endswith("41.2")
     assert atop_table7([record], field="robust_alone_mean").count("43.0") == 1
+
+
+def test_a_record_from_a_dirty_tree_is_marked_and_footnoted():
+    clean = _record("pretrain", 0.383, 0.031)
+    dirty = {**_record("finetune", 0.438, 0.012, checks=False), "environment": {"git_dirty": True}}
+    text = atop_table7([clean, dirty])
+    assert "| RT2 ‡ §     | ✓      |" in text and "| RT2         | ✗      |" in text
+    assert "§ RT2 ✓: each made from a working tree with uncommitted changes" in text
