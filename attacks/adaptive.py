@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from attacks.base import NORMS, Attack, CountingModule, LossFn, Oracle, input_grad
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 
 CPU_EOT_CHUNK_IMAGES = 128
 CUDA_EOT_CHUNK_IMAGES = 4096

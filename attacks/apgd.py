@@ -22,7 +22,7 @@ import torch
 from attacks.base import Attack, Oracle, Threat, register_attack, run_groups
 from attacks.losses import LOSSES, dlr_targeted
 from attacks.verdict import Candidates
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 
 
 def checkpoints(steps: int) -> List[int]:

@@ -21,7 +21,7 @@ from torch import nn
 
 from attacks.base import Attack, Threat, register_attack
 from attacks.verdict import current_judge
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 
 _NORMS = {"linf": "Linf", "l2": "L2"}
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from attacks.base import Attack, Threat, register_attack
 from attacks.transfer import _defense_of
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 
 
 def find_auxiliary(defense: nn.Module) -> nn.Module:

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from attacks.verdict import Judge, current_judge
-from bench.errors import BenchError
-from bench.registry import Registry
+from bench.core.errors import BenchError
+from bench.core.registry import Registry
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> per-sample loss
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from attacks.base import Attack, Oracle, Threat, register_attack, run_groups
 from attacks.losses import LOSSES
 from attacks.verdict import Candidates
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 
 
 def _loss(name: str):

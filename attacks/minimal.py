@@ -24,7 +24,7 @@ import torch
 
 from attacks.base import Attack, Oracle, Threat, register_attack
 from attacks.verdict import Candidates
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 
 
 def _size(delta: torch.Tensor, norm: str) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from attacks.base import Threat, register_attack
 from attacks.gradient import PGD
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 
 
 @register_attack("mim")

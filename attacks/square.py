@@ -26,7 +26,7 @@ import torch
 from attacks.base import Attack, Oracle, Threat, register_attack
 from attacks.stadv import warp
 from attacks.verdict import Candidates, margin
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 
 # The paper's schedule: p is halved at these fractions (in 1/10,000) of the query budget.
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)

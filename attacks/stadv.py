@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from attacks.base import Attack, Oracle, Threat, register_attack
 from attacks.losses import margin
 from attacks.verdict import Candidates
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 
 
 def warp(x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:

@@ -28,8 +28,8 @@ import torch
 
 from attacks.adaptive import BPDA, EOT, Surrogate
 from attacks.base import ATTACKS, Attack, Threat, canonical_norm
-from bench.errors import BenchError
-from bench.registry import Registry
+from bench.core.errors import BenchError
+from bench.core.registry import Registry
 
 SUITE_DIR = Path(__file__).with_name("suites")
 BUDGETS = ("smoke", "cpu", "full")

@@ -27,7 +27,7 @@ from torch import nn
 from attacks.base import ATTACKS, Attack, Oracle, Threat, register_attack
 from attacks.gradient import PGD
 from attacks.verdict import Judge
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 
 
 def _defense_of(model: nn.Module) -> nn.Module:

@@ -17,22 +17,25 @@ Register your own defenses and attacks with the decorators the project uses (``b
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from bench.classifiers import Classifier, ClassifierInfo
-from bench.classifiers.base import state_dict_sha256
 from bench.classifiers import load_classifier as _load_classifier
-from bench.runner import RunConfig, evaluate_defense, resolve_device, resolve_suite
-from bench.runner import run as _run
-from bench.subset import Subset
-from bench.subset import load_subset as _load_subset
-from bench.summary import end_of_run, format_result
+from bench.classifiers.base import state_dict_sha256
+from bench.data.subset import Subset
+from bench.data.subset import load_subset as _load_subset
+from bench.evaluation.runner import RunConfig, evaluate_defense, resolve_device, resolve_suite
+from bench.evaluation.runner import run as _run
+from bench.reports.summary import end_of_run, format_result
 from defenses.base import Defense, build_defense
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Record", "load_classifier", "load_defense", "load_subset", "evaluate", "run"]
 
@@ -168,3 +171,27 @@ def evaluate(
                        device=str(device), batch_size=batch_size, out=Path(out))
     data, path = evaluate_defense(defense, subset, resolved, resolved_threat, config, device)
     return Record(data, path)
+
+
+def curve_points(defense_name: str, classifier: str, eps_values: Sequence[float], suite: Optional[str], threat: str,
+                 budget: str, subset: Subset, device, runs: Path,
+                 defense_options: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+    """One record per (model, eps > 0) through ``bench.evaluate``; eps 0 is the worst case without an attack, the
+    no-attack floor (every re-classification draw right on the clean image; the clean accuracy for a deterministic
+    defense), with the one-draw clean accuracy beside it. Returns the points."""
+    points = []
+    for label, name, options in ((defense_name, defense_name, defense_options or {}), ("none (bare classifier)", "none", {})):
+        model = load_defense(name, classifier, device, **options)
+        clean = None
+        for eps in sorted(eps_values):
+            if eps == 0:
+                continue
+            record = evaluate(model, suite, threat=threat, eps=eps, budget=budget, subset=subset, device=device, out=runs)
+            log.info("%s eps %.4g: robust %.2f%%", label, eps, 100 * record.robust_accuracy)
+            clean = (record.data.get("clean_worst") or record["clean"], record["clean"])
+            points.append({"model": label, "eps": eps, "robust": record["robust"], "suite": record["suite"],
+                           "unreliable": record.unreliable, "record": str(record.path)})
+        if 0 in eps_values and clean is not None:
+            points.append({"model": label, "eps": 0.0, "robust": clean[0], "clean_one_draw": clean[1], "suite": None,
+                           "unreliable": False, "record": None})
+    return sorted(points, key=lambda p: (p["model"] != defense_name, p["eps"]))

@@ -17,9 +17,9 @@ from typing import Dict, Optional, Sequence
 from tabulate import tabulate
 
 from attacks.base import NORMS, canonical_norm, format_eps
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 
-from bench.listing import LIST_KINDS, _registries, cmd_list, cmd_show_card  # noqa: F401 (the CLI's own commands)
+from bench.reports.listing import LIST_KINDS, _registries, cmd_list, cmd_show_card  # noqa: F401 (the CLI's own commands)
 
 
 def parse_eps(text: str) -> float:
@@ -283,7 +283,7 @@ def parse_options(pairs: Sequence[str], flag: str = "--defense-option") -> Dict[
 
 def run_config(args: argparse.Namespace):
     """The RunConfig that ``bench run``'s parsed flags name (``bench sweep`` builds its cells' the same way)."""
-    from bench.runner import RunConfig
+    from bench.evaluation.runner import RunConfig
 
     return RunConfig(
         defense=args.defense, threat=args.threat, classifier=args.classifier, dataset=args.dataset, suite=args.suite,
@@ -343,9 +343,9 @@ def cmd_perf(args: argparse.Namespace) -> None:
     import torch
 
     from bench.api import load_defense, load_subset
-    from bench.perf import format_report, run_perf
-    from bench.record import environment, write_json_atomic
-    from bench.runner import resolve_device
+    from bench.core.record import environment, write_json_atomic
+    from bench.evaluation.runner import resolve_device
+    from bench.reports.perf import format_report, run_perf
 
     device = resolve_device(args.device)
     subset = load_subset(args.dataset, args.n, args.seed)
@@ -362,7 +362,7 @@ def cmd_perf(args: argparse.Namespace) -> None:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """Print the verdict; exit code 1 when the defense is flagged unreliable."""
-    from bench.runner import RunConfig, audit
+    from bench.evaluation.runner import RunConfig, audit
 
     config = RunConfig(defense=args.defense, threat=args.threat, eps=args.eps, classifier=args.classifier,
                        dataset=args.dataset, n=args.n, seed=args.seed, device=args.device,
@@ -385,8 +385,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> None:
     from attacks.base import Threat
     from bench.api import load_defense, load_subset
-    from bench.pictures import show
-    from bench.runner import resolve_device
+    from bench.evaluation.runner import resolve_device
+    from bench.reports.pictures import show
 
     device = resolve_device(args.device)
     threat = Threat(args.threat, args.eps if args.eps is not None else {"linf": 8 / 255, "l2": 0.5}[args.threat])
@@ -400,9 +400,9 @@ def cmd_show(args: argparse.Namespace) -> None:
 
 
 def cmd_curve(args: argparse.Namespace) -> None:
-    from bench.api import load_subset
-    from bench.pictures import curve_points, curve_title, plot_curve
-    from bench.runner import resolve_device
+    from bench.api import curve_points, load_subset
+    from bench.evaluation.runner import resolve_device
+    from bench.reports.pictures import curve_title, plot_curve
 
     device = resolve_device(args.device)
     default = "0,1/255,2/255,4/255,8/255,16/255" if args.threat == "linf" else "0,0.25,0.5,1"
@@ -453,7 +453,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from bench.export import export_robustbench
+    from bench.reports.export import export_robustbench
 
     for path, unfilled in export_robustbench(args.records, args.out):
         print(path)
@@ -462,7 +462,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from bench.check import run_check
+    from bench.reports.check import run_check
 
     failures, compared = run_check(args.board or None, args.fresh)
     headers = ["board", "entry", "what", "committed", "fresh", "allowed", "verdict"]
@@ -478,7 +478,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def launch_torchrun(argv: Sequence[str], processes: int) -> int:
     """``bench run --launcher torchrun``: the same command under ``torchrun --nproc-per-node K`` (its own
-    options dropped), which runs one evaluation sharded over K processes (``bench/distributed.py``)."""
+    options dropped), which runs one evaluation sharded over K processes (``bench/evaluation/distributed.py``)."""
     import subprocess
 
     rest, skip = [], False
@@ -503,7 +503,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         return launch_torchrun(argv, args.nproc_per_node)
     try:
-        from bench.plugins import load_plugin
+        from bench.core.plugins import load_plugin
 
         for plugin in args.plugin + getattr(args, "run_plugins", []):
             load_plugin(plugin)

@@ -52,8 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from bench.errors import BenchError
-from bench.record import write_json_atomic
+from bench.core.errors import BenchError
+from bench.core.record import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def cell_command(grid: Grid, cell: Cell) -> str:
 
 def _config(grid: Grid, cell: Cell):
     from bench.cli import parse_run_args, run_config
-    from bench.plugins import load_plugin
+    from bench.core.plugins import load_plugin
 
     for plugin in grid.plugins:
         load_plugin(plugin)
@@ -168,7 +168,7 @@ def run_cell(grid: Grid, cell: Cell, threads: int, attempts_file: str) -> Dict[s
     raises, so Ray retries it."""
     import torch
 
-    from bench.runner import run
+    from bench.evaluation.runner import run
 
     with open(attempts_file, "a") as handle:  # one line per attempt: the driver counts them and sees who runs
         handle.write(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "started": time.time()}) + "\n")
@@ -199,7 +199,7 @@ class CellState:
 
 def plan_cells(grid: Grid) -> List[CellState]:
     """Each cell's run id and whether its record already exists (loads each defense and subset once, no attack)."""
-    from bench.runner import existing_record, plan
+    from bench.evaluation.runner import existing_record, plan
 
     states = []
     for cell in grid.cells:
@@ -282,7 +282,7 @@ def run_sweep(grid: Grid, address: Optional[str] = None, cpus_per_cell: float = 
 def superseded(grid: Grid, states: Sequence[CellState]) -> List[Path]:
     """Records in the grid's folder of a cell's configuration under another run id (made before a code or weights
     change): with ``replace = true`` the cell's record takes their place, so a board keeps one row per configuration."""
-    from bench.record import configuration_key
+    from bench.core.record import configuration_key
 
     current = {}
     for state in states:

@@ -27,9 +27,9 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from bench.errors import BenchError
-from bench.record import environment, write_json_atomic
-from bench.registry import Registry
+from bench.core.errors import BenchError
+from bench.core.record import environment, write_json_atomic
+from bench.core.registry import Registry
 
 TRAINERS: Registry[Callable[["TrainOptions"], Path]] = Registry("trainer", packages=["defenses", "bench.classifiers"])
 
@@ -206,7 +206,7 @@ def train_epochs(options: TrainOptions, trainer: Any, folder: Path, name: str, c
 
     from tqdm.auto import tqdm
 
-    from bench.evaluation import progress_enabled
+    from bench.evaluation.engine import progress_enabled
 
     log = logging.getLogger(f"bench.train.{name}")
     checkpointer = Checkpointer(folder, name, options, config)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 from defenses.nrp_network import _resolve
 
 
@@ -195,7 +195,7 @@ def read_manifest(weights: Optional[Path]) -> Dict[str, Any]:
 
 
 def aid_checkpoint_folder(classifier: str, root: Optional[Path] = None) -> Path:
-    from bench.paths import checkpoint_dir
+    from bench.core.paths import checkpoint_dir
 
     return (checkpoint_dir() if root is None else root) / "aid-purifier" / classifier.replace(":", "-")
 

@@ -20,7 +20,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from attacks.gradient import plain_pgd
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 from bench.training import TRAINERS
 from defenses.aid_purifier import AIDDiscriminator, TwoLayerTap, aid_checkpoint_folder, avmixup, discriminator_loss
 
@@ -89,8 +89,8 @@ class AIDTrainer:
 def train_aid(options) -> Path:
     """``bench train --defense aid-purifier``: AVmixup training of the discriminator; resumable per epoch."""
     from bench.classifiers import load_classifier
-    from bench.datasets import load_dataset
-    from bench.runner import resolve_device
+    from bench.data.datasets import load_dataset
+    from bench.evaluation.runner import resolve_device
     from bench.training import train_epochs, training_subset
 
     extra = dict(options.extra)

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.errors import BenchError
-from bench.record import write_json_atomic
+from bench.core.errors import BenchError
+from bench.core.record import write_json_atomic
 from bench.training import TRAINERS, sha256_file
 from defenses.purifiers import PURIFIERS, PatchDiscriminator
 from defenses.transforms import RT2, RT3
@@ -199,8 +199,8 @@ def _adopt_pretrained(source: Path, folder: Path, config: Dict[str, object]) -> 
 def train_atop(options) -> "Path":
     """``bench train --defense atop``: pre-train, then fine-tune; resumable per epoch."""
     from bench.classifiers import load_classifier
-    from bench.datasets import load_dataset
-    from bench.runner import resolve_device
+    from bench.data.datasets import load_dataset
+    from bench.evaluation.runner import resolve_device
     from bench.training import stage_finished, train_epochs, training_subset
     from defenses.atop import atop_checkpoint
 

@@ -19,8 +19,8 @@ from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from bench.errors import BenchError
-from bench.registry import Registry
+from bench.core.errors import BenchError
+from bench.core.registry import Registry
 
 
 @dataclass(frozen=True)

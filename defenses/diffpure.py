@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from bench.classifiers.base import load_state_dict
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 from bench.training import sha256_file
 from defenses.base import SHIPPED_DIR, Card, Defense, checkpoint_display, manifest_training, register_defense, resolve_checkpoint
 from defenses.score_network import ScoreUNet
@@ -155,7 +155,7 @@ def brownian_for(y: torch.Tensor, t_star: float):
 
 
 def diffpure_checkpoint_folder(dataset: str, root: Optional[Path] = None) -> Path:
-    from bench.paths import checkpoint_dir
+    from bench.core.paths import checkpoint_dir
 
     return (checkpoint_dir() if root is None else root) / "diffpure" / dataset
 

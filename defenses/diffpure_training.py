@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 from bench.training import TRAINERS
 from defenses.diffpure import T_MIN, DiffPurification, diffpure_checkpoint_folder, diffuse
 from defenses.score_network import ScoreUNet
@@ -106,8 +106,8 @@ def train_diffpure(options) -> Path:
     """``bench train --defense diffpure [--classifier resnet20]``: the score model (the classifier only serves the
     learning curve)."""
     from bench.classifiers import load_classifier
-    from bench.datasets import load_dataset
-    from bench.runner import resolve_device
+    from bench.data.datasets import load_dataset
+    from bench.evaluation.runner import resolve_device
     from bench.training import train_epochs, training_subset
 
     extra = dict(options.extra)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from bench.classifiers.base import load_state_dict
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 from bench.training import sha256_file
 from defenses.base import SHIPPED_DIR, Card, Defense, checkpoint_display, register_defense, resolve_checkpoint
 from defenses.jatp_training import preprocessing_checkpoint_folder

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 from bench.training import TRAINERS
 from defenses.nrp_network import FeatureTap, NRPGenerator, RelativisticDiscriminator, relativistic_losses
 
@@ -282,15 +282,15 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def preprocessing_checkpoint_folder(defense: str, classifier: str, root: Optional[Path] = None) -> Path:
-    from bench.paths import checkpoint_dir
+    from bench.core.paths import checkpoint_dir
 
     return (checkpoint_dir() if root is None else root) / defense / classifier.replace(":", "-")
 
 
 def _train(options, name: str, settings, trainer_cls) -> Path:
     from bench.classifiers import load_classifier
-    from bench.datasets import load_dataset
-    from bench.runner import resolve_device
+    from bench.data.datasets import load_dataset
+    from bench.evaluation.runner import resolve_device
     from bench.training import train_epochs, training_subset
 
     device = resolve_device(options.device)

@@ -181,7 +181,7 @@ WEIGHTS_FILE = "pixelcnn.weights.pt"
 
 def pixelcnn_folder(dataset: str = "cifar10-jpeg", root: Optional[Path] = None) -> Path:
     """Where ``bench train --defense pixeldefend`` writes the PixelCNN (one per training set, not per classifier)."""
-    from bench.paths import checkpoint_dir
+    from bench.core.paths import checkpoint_dir
 
     return (checkpoint_dir() if root is None else root) / "pixeldefend" / dataset
 

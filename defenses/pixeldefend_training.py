@@ -17,7 +17,7 @@ from typing import Any, Dict
 
 import torch
 
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 from bench.training import TRAINERS
 from defenses.pixeldefend import PixelCNN, bits_per_dim, pixelcnn_folder, to_levels
 
@@ -81,8 +81,8 @@ def train_pixeldefend(options) -> Path:
     """``bench train --defense pixeldefend``: maximum-likelihood training of the PixelCNN; resumable per epoch."""
     import logging
 
-    from bench.datasets import load_dataset
-    from bench.runner import resolve_device
+    from bench.data.datasets import load_dataset
+    from bench.evaluation.runner import resolve_device
     from bench.training import train_epochs, training_subset
 
     extra = dict(options.extra)

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 from defenses.base import DEFENSES, Card, Defense, _bpda_stage, register_defense
 
 SEPARATOR = "+"

@@ -19,7 +19,7 @@ from typing import Any, Dict
 import torch
 from torch import nn
 
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 
 
 def patch_grid(side: int, patch: int) -> int:

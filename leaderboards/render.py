@@ -30,8 +30,8 @@ from tabulate import tabulate
 
 from attacks.base import format_eps
 from attacks.suite import BUDGET_ALIASES
-from bench.errors import BenchError
-from bench.record import configuration_key, validate_record
+from bench.core.errors import BenchError
+from bench.core.record import configuration_key, validate_record
 
 ROOT = Path(__file__).resolve().parent
 PAPERS = ROOT / "papers"

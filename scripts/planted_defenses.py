@@ -18,9 +18,9 @@ from pathlib import Path
 from tabulate import tabulate
 
 from attacks.suite import AttackSpec, Suite
-from bench.evaluation import evaluate
-from bench.plugins import load_plugin
-from bench.runner import RunConfig, _resolve, run
+from bench.core.plugins import load_plugin
+from bench.evaluation.engine import evaluate
+from bench.evaluation.runner import RunConfig, _resolve, run
 
 PLANTED = ("none", "planted-quantize", "planted-noise", "planted-argmax")
 

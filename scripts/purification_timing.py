@@ -16,8 +16,8 @@ import time
 import torch
 
 from bench.classifiers import load_classifier
-from bench.datasets import load_dataset
-from bench.record import environment
+from bench.core.record import environment
+from bench.data.datasets import load_dataset
 from defenses.base import build_defense
 
 

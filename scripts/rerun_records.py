@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.runner import config_from_record, run  # noqa: E402
+from bench.evaluation.runner import config_from_record, run  # noqa: E402
 
 
 def identity(record):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from bench.record import write_json_atomic
+from bench.core.record import write_json_atomic
 from bench.training import sha256_file
 from defenses.atop import BUNDLED_DIR
 

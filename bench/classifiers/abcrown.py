@@ -26,7 +26,7 @@ from bench.classifiers.base import (
     build_strict,
     load_state_dict,
 )
-from bench.paths import WEIGHTS_ENV, require_file, weights_dir
+from bench.core.paths import WEIGHTS_ENV, require_file, weights_dir
 
 _ERAN_STD: Stats = (0.2023, 0.1994, 0.2010)
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from bench.classifiers.base import CLASSIFIERS, Classifier, ClassifierInfo, build_strict, load_state_dict
 from bench.classifiers.cifar_resnet import IMAGENET_MEAN, IMAGENET_STD, CifarResNet
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 from bench.training import TRAINERS
 
 SHIPPED = Path(__file__).with_name("checkpoints")
@@ -128,7 +128,7 @@ class ATTrainer:
 
 
 def at_checkpoint_folder(name: str, root: Optional[Path] = None) -> Path:
-    from bench.paths import checkpoint_dir
+    from bench.core.paths import checkpoint_dir
 
     return (checkpoint_dir() / "classifiers" if root is None else root) / name
 
@@ -143,8 +143,8 @@ def train_adversarial(options) -> Path:
     """``bench train --defense adversarial-training --classifier resnet20 --eps 8/255``: a classifier trained from
     scratch with PGD adversarial training (``--classifier`` names the architecture; its pretrained weights are not
     used)."""
-    from bench.datasets import load_dataset
-    from bench.runner import resolve_device
+    from bench.data.datasets import load_dataset
+    from bench.evaluation.runner import resolve_device
     from bench.training import train_epochs, training_subset
     from defenses.jatp_training import augment
 
@@ -170,7 +170,7 @@ def train_adversarial(options) -> Path:
 
 
 def _trained(name: str, architecture: str, eps: float) -> Classifier:
-    from bench.paths import CHECKPOINT_ENV, require_file
+    from bench.core.paths import CHECKPOINT_ENV, require_file
 
     candidates = [at_checkpoint_folder(name) / WEIGHTS_FILE, SHIPPED / name / WEIGHTS_FILE]
     path = next((p for p in candidates if p.is_file()), None)

@@ -18,8 +18,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from bench.errors import BenchError
-from bench.registry import Registry
+from bench.core.errors import BenchError
+from bench.core.registry import Registry
 
 ARCHITECTURES: Registry["Architecture"] = Registry("architecture", packages=["bench.classifiers"])
 CLASSIFIERS: Registry[Callable[[], "Classifier"]] = Registry("classifier", packages=["bench.classifiers"])

@@ -22,7 +22,7 @@ from bench.classifiers.base import (
     build_strict,
     load_state_dict,
 )
-from bench.paths import WEIGHTS_ENV, require_file, weights_dir
+from bench.core.paths import WEIGHTS_ENV, require_file, weights_dir
 
 _FILES = {20: "resnet20-12fca82f.th", 32: "resnet32-d509ac18.th", 44: "resnet44-014dd654.th", 56: "resnet56-4bfd9763.th"}
 

@@ -13,8 +13,8 @@ import sys
 import warnings
 
 from bench.classifiers.base import Classifier, ClassifierInfo
-from bench.errors import BenchError
-from bench.paths import weights_dir
+from bench.core.errors import BenchError
+from bench.core.paths import weights_dir
 
 
 def import_robustbench():

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.classifiers.base import ARCHITECTURES, Classifier, ClassifierInfo, build_strict, load_state_dict
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 
 
 def load_user_file(spec: str) -> Classifier:

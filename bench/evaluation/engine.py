@@ -34,12 +34,12 @@ from tqdm.auto import tqdm
 
 from attacks.base import Attack, CountingModule, PassCounter, Threat
 from attacks.verdict import Judge, judging
-from bench.distributed import mine, share
-from bench.errors import BenchError
-from bench.execution import split_on_oom
-from bench.record import write_json_atomic
-from bench.stats import accuracy_summary
-from bench.subset import Subset
+from bench.core.errors import BenchError
+from bench.core.record import write_json_atomic
+from bench.core.stats import accuracy_summary
+from bench.data.subset import Subset
+from bench.evaluation.distributed import mine, share
+from bench.evaluation.execution import split_on_oom
 
 log = logging.getLogger(__name__)
 

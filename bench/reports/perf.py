@@ -177,7 +177,7 @@ def eot_comparison(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: in
     return rows
 
 
-#: The execution options ``bench perf`` times (bench/execution.py), by the name its table prints.
+#: The execution options ``bench perf`` times (bench/evaluation/execution.py), by the name its table prints.
 EXECUTION_OPTIONS = {"channels_last": {"channels_last": True}, "autocast bf16": {"autocast": "bf16"},
                      "compile": {"compile": True}}
 
@@ -188,7 +188,7 @@ def execution_comparison(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt
     so that no option changes the next one's weights), and how far its logits are from the plain ones."""
     import copy
 
-    from bench.execution import Executed, Execution
+    from bench.evaluation.execution import Executed, Execution
 
     stochastic = bool(getattr(model, "stochastic", False))
 
@@ -220,7 +220,7 @@ def early_stop_comparison(model: nn.Module, subset, suite_name: str, budget: str
     """One suite with early stop (across attacks and within each) and without (every step of every attack on every
     clean-correct point): seconds and robust accuracy of each."""
     from attacks.suite import load_suite
-    from bench.evaluation import evaluate
+    from bench.evaluation.engine import evaluate
 
     suite = load_suite(suite_name, "linf", budget)
     out: Dict[str, Any] = {"suite": f"{suite.name} v{suite.version} ({budget})", "n": subset.n}

@@ -25,14 +25,14 @@ from attacks.adaptive import default_chunk_images
 from attacks.base import Threat
 from attacks.suite import BUDGET_ALIASES, BUDGETS, default_budget, load_suite
 from bench.classifiers import load_classifier
-from bench.errors import BenchError
-from bench.evaluation import BatchState, evaluate, run_attacks
-from bench.execution import MAX_AUTO_BATCH, Execution, auto_batch_size, executed
-from bench.integrity import run_checks
-from bench.distributed import barrier, init_from_env, is_main, world
-from bench.record import SCHEMA_VERSION, code_version, environment, to_json_data, write_record
-from bench.stats import accuracy_summary
-from bench.subset import load_subset
+from bench.core.errors import BenchError
+from bench.core.record import SCHEMA_VERSION, code_version, environment, to_json_data, write_record
+from bench.core.stats import accuracy_summary
+from bench.data.subset import load_subset
+from bench.evaluation.distributed import barrier, init_from_env, is_main, world
+from bench.evaluation.engine import BatchState, evaluate, run_attacks
+from bench.evaluation.execution import MAX_AUTO_BATCH, Execution, auto_batch_size, executed
+from bench.evaluation.integrity import run_checks
 from defenses.base import Defense, build_defense, card_of
 
 log = logging.getLogger(__name__)
@@ -68,13 +68,13 @@ class RunConfig:
     seed: int = 0
     success_draws: int = 10  # re-classifications of each adversarial example, for stochastic defenses
     headline: str = "worst"  # which robust accuracy a table leads with: worst (any draw wrong), mean or majority
-    checks: bool = True  # run the integrity checks (bench/integrity.py) after the attacks
+    checks: bool = True  # run the integrity checks (bench/evaluation/integrity.py) after the attacks
     device: str = "auto"
-    batch_size: int | str = 128  # or "auto": the largest batch that fits (bench/execution.py); 128 on a CPU
+    batch_size: int | str = 128  # or "auto": the largest batch that fits (bench/evaluation/execution.py); 128 on a CPU
     out: Path = Path("runs")
     download: bool = False
     defense_options: Dict[str, Any] = field(default_factory=dict)
-    channels_last: bool = False  # execution options (bench/execution.py), meant for CUDA; off by default
+    channels_last: bool = False  # execution options (bench/evaluation/execution.py), meant for CUDA; off by default
     autocast: Optional[str] = None  # None, "bf16" or "fp16"
     compile: bool = False
 

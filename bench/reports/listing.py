@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence
 
 from attacks.base import format_eps
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 
 LIST_KINDS = ("defenses", "attacks", "suites", "classifiers", "datasets")
 
@@ -13,7 +13,7 @@ LIST_KINDS = ("defenses", "attacks", "suites", "classifiers", "datasets")
 def _registries() -> Dict[str, object]:
     from attacks import ATTACKS, SUITES
     from bench.classifiers import CLASSIFIERS
-    from bench.datasets import DATASETS
+    from bench.data.datasets import DATASETS
     from defenses import DEFENSES
 
     return {"defenses": DEFENSES, "attacks": ATTACKS, "suites": SUITES, "classifiers": CLASSIFIERS, "datasets": DATASETS}

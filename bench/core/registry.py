@@ -13,7 +13,7 @@ import importlib.metadata
 import pkgutil
 from typing import Callable, Dict, Generic, Iterable, List, Optional, TypeVar
 
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 
 T = TypeVar("T")
 

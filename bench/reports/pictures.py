@@ -6,26 +6,24 @@ non-differentiable stages, as in the suites), the adversarial example after the 
 three channels: the masked, noised image), and the purifier's output from the clean and from the adversarial
 image, each with the predicted label (green when right). A stochastic defense is drawn for one random draw.
 
-``curve`` evaluates a defense and its bare classifier with a suite at several radii through ``bench.evaluate``
-(each point is an ordinary record) and plots robust accuracy, worst case, with its 95% interval.
+``curve`` plots robust accuracy (worst case, with its 95% interval) against eps for a defense and its bare
+classifier; the points are ordinary records that ``bench.api.curve_points`` makes.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import torch
 
 from attacks.adaptive import BPDA, EOT
 from attacks.base import ATTACKS, Threat
-from bench.datasets import load_dataset
-from bench.subset import Subset
+from bench.data.datasets import load_dataset
+from bench.data.subset import Subset
 from defenses.base import Defense
 
-log = logging.getLogger(__name__)
 
 COLUMNS = ("clean", "adversarial", "transformed (adv.)", "purified (clean)", "purified (adv.)")
 
@@ -102,32 +100,6 @@ def show(defense: Defense, subset: Subset, out: Path, threat: Threat, images: in
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
-
-
-def curve_points(defense_name: str, classifier: str, eps_values: Sequence[float], suite: Optional[str], threat: str,
-                 budget: str, subset: Subset, device, runs: Path,
-                 defense_options: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
-    """One record per (model, eps > 0) through ``bench.evaluate``; eps 0 is the worst case without an attack, the
-    no-attack floor (every re-classification draw right on the clean image; the clean accuracy for a deterministic
-    defense), with the one-draw clean accuracy beside it. Returns the points."""
-    from bench.api import evaluate, load_defense
-
-    points = []
-    for label, name, options in ((defense_name, defense_name, defense_options or {}), ("none (bare classifier)", "none", {})):
-        model = load_defense(name, classifier, device, **options)
-        clean = None
-        for eps in sorted(eps_values):
-            if eps == 0:
-                continue
-            record = evaluate(model, suite, threat=threat, eps=eps, budget=budget, subset=subset, device=device, out=runs)
-            log.info("%s eps %.4g: robust %.2f%%", label, eps, 100 * record.robust_accuracy)
-            clean = (record.data.get("clean_worst") or record["clean"], record["clean"])
-            points.append({"model": label, "eps": eps, "robust": record["robust"], "suite": record["suite"],
-                           "unreliable": record.unreliable, "record": str(record.path)})
-        if 0 in eps_values and clean is not None:
-            points.append({"model": label, "eps": 0.0, "robust": clean[0], "clean_one_draw": clean[1], "suite": None,
-                           "unreliable": False, "record": None})
-    return sorted(points, key=lambda p: (p["model"] != defense_name, p["eps"]))
 
 
 def plot_curve(points: List[Dict[str, Any]], out: Path, title: str, norm: str) -> Path:

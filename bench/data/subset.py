@@ -4,7 +4,7 @@ Indices are drawn once with ``numpy.random.RandomState(seed).choice(len(test), n
 convention of DiffPure's evaluation) and kept in that order. The record stores the sha256 of the indices
 (little-endian int64) and of the pixels (uint8 NHWC bytes of the selected images, then their labels);
 ``subset_hash`` combines both and is what boards compare. Hashes of the subsets the boards use ship with the package
-(``bench/subsets.json``) and are checked whenever such a subset is loaded.
+(``bench/data/subsets.json``) and are checked whenever such a subset is loaded.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any, Dict, Tuple
 import numpy as np
 import torch
 
-from bench.datasets import load_dataset
-from bench.errors import BenchError
+from bench.core.errors import BenchError
+from bench.data.datasets import load_dataset
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ PINNED_PATH = Path(__file__).with_name("subsets.json")
 
 @lru_cache(maxsize=1)
 def pinned_hashes() -> Dict[Tuple[str, int, int], str]:
-    """(dataset, n, seed) -> the subset hash that ships with the package (``bench/subsets.json``)."""
+    """(dataset, n, seed) -> the subset hash that ships with the package (``bench/data/subsets.json``)."""
     entries = json.loads(PINNED_PATH.read_text())["subsets"]
     return {(e["dataset"], int(e["n"]), int(e["seed"])): e["hash"] for e in entries}
 
@@ -89,5 +89,5 @@ def check_pinned(subset: Subset) -> None:
     expected = pinned_hashes().get((subset.dataset, subset.n, subset.seed))
     if expected is not None and expected != subset.subset_hash:
         raise BenchError(f"subset {subset.dataset} n={subset.n} seed={subset.seed} hashes to {subset.subset_hash[:12]}, "
-                         f"not the pinned {expected[:12]} (bench/subsets.json): the data under BENCH_DATA_DIR are not the "
+                         f"not the pinned {expected[:12]} (bench/data/subsets.json): the data under BENCH_DATA_DIR are not the "
                          "images the boards were measured on")

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 
 log = logging.getLogger(__name__)
 

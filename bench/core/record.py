@@ -99,7 +99,7 @@ def _package_version(name: str) -> Optional[str]:
 
 
 def _git(*args: str) -> Optional[str]:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     if not (root / ".git").exists():
         return None
     try:
@@ -114,7 +114,7 @@ def source_hash() -> str:
     """sha256 over the project's Python sources and suite files (paths and contents): the code that makes a result,
     whether or not the checkout is a git repository. Resume state is keyed by it, so a run killed before a fix
     never resumes from batches the old code made."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     digest = hashlib.sha256()
     for package in ("bench", "attacks", "defenses"):
         for path in sorted((root / package).rglob("*")):

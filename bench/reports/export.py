@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from attacks.base import format_eps
-from bench.errors import BenchError
-from bench.record import validate_record, write_json_atomic
+from bench.core.errors import BenchError
+from bench.core.record import validate_record, write_json_atomic
 
 #: The fields RobustBench's ``ModelInfo`` dataclass declares for Linf/L2 entries, plus the two its leaderboard code
 #: reads from the JSON (``external``, ``unreliable``). ``tests/test_export.py`` compares this with robustbench's.

@@ -27,7 +27,7 @@ EOT-growth one, so their accuracies stay comparable), so they cost a small fract
 
 Every reason is filed under the check that found it (``Findings.codes``): the runner reads the codes to
 correct the attack plan (EOT for undeclared randomness, BPDA for missing or useless gradients), see
-``bench/runner.py``.
+``bench/evaluation/runner.py``.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ from attacks.adaptive import BPDAView
 from attacks.base import CountingModule, Threat, input_grad
 from attacks.losses import ce
 from attacks.suite import AttackSpec, Suite
-from bench.evaluation import attack_batch
-from bench.stats import wilson_interval
+from bench.core.stats import wilson_interval
+from bench.evaluation.engine import attack_batch
 
 # A gradient whose mean absolute value is below this (per input pixel) counts as vanishing.
 VANISHING = 1e-10

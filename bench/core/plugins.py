@@ -7,7 +7,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 
 
 def load_plugin(path: str | Path) -> None:

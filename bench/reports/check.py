@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 from leaderboards import render
 
 METRICS = ("clean", "clean_worst", "robust", "robust_mean")
@@ -56,7 +56,7 @@ def compare(board: str, committed: Dict[str, Any], fresh: Dict[str, Any], tolera
 
 
 def rerun(record: Dict[str, Any], out: Path) -> Dict[str, Any]:
-    from bench.runner import config_from_record, run
+    from bench.evaluation.runner import config_from_record, run
 
     config = config_from_record(record, out=out, device="cpu")
     fresh, _ = run(config)

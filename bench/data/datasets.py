@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.errors import BenchError
-from bench.paths import DATA_ENV, cache_dir, data_dir, require_file
-from bench.registry import Registry
+from bench.core.errors import BenchError
+from bench.core.paths import DATA_ENV, cache_dir, data_dir, require_file
+from bench.core.registry import Registry
 
 Arrays = Tuple[np.ndarray, np.ndarray]
 

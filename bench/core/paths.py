@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bench.errors import BenchError
+from bench.core.errors import BenchError
 
 DATA_ENV = "BENCH_DATA_DIR"
 WEIGHTS_ENV = "BENCH_WEIGHTS_DIR"
