@@ -257,8 +257,8 @@ def train_epochs(options: TrainOptions, trainer: Any, folder: Path, name: str, c
         spent += epoch_log["seconds"]
         checkpointer.save(trainer.state(epoch + 1), epoch_log, finished=epoch + 1 == epochs)
         write_curve(folder, name, checkpointer.history)
+        log.info("epoch %d/%d: %s", epoch + 1, epochs, ", ".join(f"{k} {v:.4g}" for k, v in epoch_log.items() if k != "epoch"))
     if not checkpointer.manifest_path.is_file():  # the budget allowed no epoch at all
         return folder
-        log.info("epoch %d/%d: %s", epoch + 1, epochs, ", ".join(f"{k} {v:.4g}" for k, v in epoch_log.items() if k != "epoch"))
     checkpointer.export(trainer.weights())
     return folder

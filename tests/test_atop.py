@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -232,3 +233,13 @@ def test_a_purifier_of_any_width_trains_and_loads(purifier, tmp_path):
     torch.save({"generator": trainer.generator.state_dict()}, path)
     defense = AToP(NearestColor(), purifier=purifier, checkpoint=str(path))
     assert defense(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_training_logs_one_line_per_epoch(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    assert main(["--plugin", PLUGIN, "train", "--defense", "atop", "--classifier", "tiny", "--dataset", "tiny-test",
+                 "--transform", "rt2", "--purifier", "ae", "--pretrain-epochs", "2", "--epochs", "1", "--train-size",
+                 "16", "--batch-size", "8", "--out", str(tmp_path)]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("bench.train.")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2", "epoch 1/1"]
+    assert all("loss" in line and "seconds" in line for line in lines)
