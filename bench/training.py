@@ -53,6 +53,26 @@ class TrainOptions:
     eval_size: Optional[int] = None  # held-out training images for the learning curve (None: up to 512 not trained on)
 
 
+def trainer_settings(cls: Any, options: TrainOptions, **forced: Any) -> Any:
+    """A one-stage trainer's settings dataclass from its defense-specific flags, ``--epochs`` and ``forced`` values;
+    a flag the trainer does not take is a user error naming the defense."""
+    extra = dict(options.extra)
+    if options.epochs is not None:
+        extra["epochs"] = options.epochs
+    extra.update(forced)
+    try:
+        return cls(**extra)
+    except TypeError as exc:
+        raise BenchError(f"{options.defense}: unsupported training option ({exc})") from None
+
+
+def data_config(options: TrainOptions, indices: np.ndarray) -> Dict[str, Any]:
+    """The part of a trainer's manifest config that pins its data: a resumed run must see the same images."""
+    return {"dataset": options.dataset, "train_size": options.train_size,
+            "train_indices_sha256": hashlib.sha256(indices.tobytes()).hexdigest(), "batch_size": options.batch_size,
+            "seed": options.seed}
+
+
 def training_subset(n_total: int, size: int, seed: int) -> np.ndarray:
     """The training images used: a seeded permutation's first ``size`` indices."""
     if not 1 <= size <= n_total:

@@ -12,7 +12,6 @@ pairs; on the PGD-trained ResNet-4b it stays at chance (53.7%): its pooled featu
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -20,8 +19,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from attacks.gradient import plain_pgd
-from bench.core.errors import BenchError
-from bench.training import TRAINERS
+from bench.training import TRAINERS, data_config, trainer_settings
 from defenses.aid_purifier import AIDDiscriminator, TwoLayerTap, aid_checkpoint_folder, avmixup, discriminator_loss
 
 @dataclass(frozen=True)
@@ -93,15 +91,10 @@ def train_aid(options) -> Path:
     from bench.evaluation.runner import resolve_device
     from bench.training import train_epochs, training_subset
 
-    extra = dict(options.extra)
-    if options.epochs is not None:
-        extra["epochs"] = options.epochs
-    if extra.get("layers"):
-        extra["layers"] = tuple(extra["layers"].split(",")) if isinstance(extra["layers"], str) else tuple(extra["layers"])
-    try:
-        settings = AIDSettings(**extra)
-    except TypeError as exc:
-        raise BenchError(f"aid-purifier: unsupported training option ({exc})") from None
+    layers = options.extra.get("layers")
+    if isinstance(layers, str):
+        layers = tuple(layers.split(","))
+    settings = trainer_settings(AIDSettings, options, **({"layers": tuple(layers)} if layers else {}))
     device = resolve_device(options.device)
     classifier = load_classifier(options.classifier, device)
     train = load_dataset(options.dataset, "train")
@@ -110,7 +103,5 @@ def train_aid(options) -> Path:
     torch.manual_seed(options.seed)
     trainer = AIDTrainer(settings, classifier, device)
     config = {"defense": "aid-purifier", "settings": settings.to_dict(), "classifier": options.classifier,
-              "dataset": options.dataset, "train_size": options.train_size,
-              "train_indices_sha256": hashlib.sha256(indices.tobytes()).hexdigest(), "batch_size": options.batch_size,
-              "seed": options.seed, "layers": list(trainer.tap.layers), "discriminator": trainer.discriminator.config()}
+              **data_config(options, indices), "layers": list(trainer.tap.layers), "discriminator": trainer.discriminator.config()}
     return train_epochs(options, trainer, folder, "discriminator", config, settings.epochs, train, indices)

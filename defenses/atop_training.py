@@ -12,7 +12,6 @@ Eq. 9 as printed reconstructs x' itself (``rec_target="adv"``, the default); ``"
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from torch import nn
 
 from bench.core.errors import BenchError
 from bench.core.record import write_json_atomic
-from bench.training import TRAINERS, sha256_file
+from bench.training import TRAINERS, data_config, sha256_file
 from defenses.purifiers import PURIFIERS, PatchDiscriminator
 from defenses.transforms import RT2, RT3
 
@@ -217,9 +216,7 @@ def train_atop(options) -> "Path":
     folder = Path(options.out) if options.out else atop_checkpoint(options.classifier, settings.transform, settings.purifier, "x").parent
     torch.manual_seed(options.seed)  # the purifier's initial weights follow --seed, as NRP/JATP's do
     trainer = AToPTrainer(settings, classifier, device)
-    config = {"settings": settings.to_dict(), "classifier": options.classifier, "dataset": options.dataset,
-              "train_size": options.train_size, "train_indices_sha256": hashlib.sha256(indices.tobytes()).hexdigest(),
-              "batch_size": options.batch_size, "seed": options.seed,
+    config = {"settings": settings.to_dict(), "classifier": options.classifier, **data_config(options, indices),
               "generator": f"{type(trainer.generator).__name__}, {sum(p.numel() for p in trainer.generator.parameters())} parameters"}
     stages = [("pretrain", settings.pretrain_epochs), ("finetune", settings.finetune_epochs)]
     if settings.pretrained:

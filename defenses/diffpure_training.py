@@ -14,7 +14,6 @@ classifier behind a 10-step purification, one draw).
 from __future__ import annotations
 
 import copy
-import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict
@@ -23,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.core.errors import BenchError
-from bench.training import TRAINERS
+from bench.training import TRAINERS, data_config, trainer_settings
 from defenses.diffpure import T_MIN, DiffPurification, diffpure_checkpoint_folder, diffuse
 from defenses.score_network import ScoreUNet
 
@@ -110,13 +108,7 @@ def train_diffpure(options) -> Path:
     from bench.evaluation.runner import resolve_device
     from bench.training import train_epochs, training_subset
 
-    extra = dict(options.extra)
-    if options.epochs is not None:
-        extra["epochs"] = options.epochs
-    try:
-        settings = DiffPureSettings(**extra)
-    except TypeError as exc:
-        raise BenchError(f"diffpure: unsupported training option ({exc})") from None
+    settings = trainer_settings(DiffPureSettings, options)
     device = resolve_device(options.device)
     classifier = load_classifier(options.classifier, device)
     train = load_dataset(options.dataset, "train")
@@ -125,9 +117,7 @@ def train_diffpure(options) -> Path:
     torch.manual_seed(options.seed)
     trainer = ScoreTrainer(settings, classifier, device)
     config = {"defense": "diffpure", "settings": settings.to_dict(), "classifier": options.classifier,
-              "dataset": options.dataset, "train_size": options.train_size,
-              "train_indices_sha256": hashlib.sha256(indices.tobytes()).hexdigest(), "batch_size": options.batch_size,
-              "seed": options.seed, "score": trainer.model.config()}
+              **data_config(options, indices), "score": trainer.model.config()}
 
     def flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         mirrored = torch.rand(len(x), generator=generator) < 0.5

@@ -20,7 +20,6 @@ command resumes after the last finished epoch.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.core.errors import BenchError
-from bench.training import TRAINERS
+from bench.training import TRAINERS, data_config, trainer_settings
 from defenses.nrp_network import FeatureTap, NRPGenerator, RelativisticDiscriminator, relativistic_losses
 
 # --- loss terms (each a pure function of tensors, tested against hand-computed values) -------------------
@@ -300,39 +299,26 @@ def _train(options, name: str, settings, trainer_cls) -> Path:
     folder = Path(options.out) if options.out else preprocessing_checkpoint_folder(name, options.classifier)
     torch.manual_seed(options.seed)
     trainer = trainer_cls(settings, classifier, device)
-    config = {"defense": name, "settings": settings.to_dict(), "classifier": options.classifier, "dataset": options.dataset,
-              "train_size": options.train_size, "train_indices_sha256": hashlib.sha256(indices.tobytes()).hexdigest(),
-              "batch_size": options.batch_size, "seed": options.seed, "feature_layer": trainer.tap.layer,
+    config = {"defense": name, "settings": settings.to_dict(), "classifier": options.classifier, **data_config(options, indices), "feature_layer": trainer.tap.layer,
               "generator": trainer.generator.config()}
     return train_epochs(options, trainer, folder, "purifier", config, settings.epochs, train, indices,
                         augment if settings.augment else None)
 
 
-def _settings(cls, options, **forced):
-    extra = dict(options.extra)
-    if options.epochs is not None:
-        extra["epochs"] = options.epochs
-    extra.update(forced)
-    try:
-        return cls(**extra)
-    except TypeError as exc:
-        raise BenchError(f"{options.defense}: unsupported training option ({exc})") from None
-
-
 @TRAINERS.register("nrp")
 def train_nrp(options) -> Path:
     """``bench train --defense nrp``: NRP's self-supervised purifier training (also serves ``nrp-dynamic``)."""
-    return _train(options, "nrp", _settings(NRPSettings, options), NRPTrainer)
+    return _train(options, "nrp", trainer_settings(NRPSettings, options), NRPTrainer)
 
 
 @TRAINERS.register("jatp")
 def train_jatp(options) -> Path:
     """``bench train --defense jatp [--oblivious]``: JATP's joint adversarial training (Algorithm 1)."""
-    settings = _settings(JATPSettings, options)
+    settings = trainer_settings(JATPSettings, options)
     return _train(options, "jatp-obl" if settings.oblivious else "jatp", settings, JATPTrainer)
 
 
 @TRAINERS.register("jatp-obl")
 def train_jatp_oblivious(options) -> Path:
     """``bench train --defense jatp-obl``: JATP's loss on examples crafted against the bare classifier."""
-    return _train(options, "jatp-obl", _settings(JATPSettings, options, oblivious=True), JATPTrainer)
+    return _train(options, "jatp-obl", trainer_settings(JATPSettings, options, oblivious=True), JATPTrainer)

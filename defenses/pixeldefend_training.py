@@ -10,15 +10,13 @@ measured and stored in the weights file and the manifest. Output:
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict
 
 import torch
 
-from bench.core.errors import BenchError
-from bench.training import TRAINERS
+from bench.training import TRAINERS, data_config, trainer_settings
 from defenses.pixeldefend import PixelCNN, bits_per_dim, pixelcnn_folder, to_levels
 
 
@@ -85,22 +83,14 @@ def train_pixeldefend(options) -> Path:
     from bench.evaluation.runner import resolve_device
     from bench.training import train_epochs, training_subset
 
-    extra = dict(options.extra)
-    if options.epochs is not None:
-        extra["epochs"] = options.epochs
-    try:
-        settings = PixelCNNSettings(**extra)
-    except TypeError as exc:
-        raise BenchError(f"pixeldefend: unsupported training option ({exc})") from None
+    settings = trainer_settings(PixelCNNSettings, options)
     device = resolve_device(options.device)
     train, test = load_dataset(options.dataset, "train"), load_dataset(options.dataset, "test")
     indices = training_subset(len(train), options.train_size, options.seed)
     folder = Path(options.out) if options.out else pixelcnn_folder(options.dataset)
     torch.manual_seed(options.seed)
     trainer = PixelCNNTrainer(settings, device, test.images[:settings.test_images])
-    config = {"defense": "pixeldefend", "settings": settings.to_dict(), "dataset": options.dataset,
-              "train_size": options.train_size, "train_indices_sha256": hashlib.sha256(indices.tobytes()).hexdigest(),
-              "batch_size": options.batch_size, "seed": options.seed, "pixelcnn": trainer.model.config()}
+    config = {"defense": "pixeldefend", "settings": settings.to_dict(), **data_config(options, indices), "pixelcnn": trainer.model.config()}
     out = train_epochs(options, trainer, folder, "pixelcnn", config, settings.epochs, train, indices)
     logging.getLogger("bench.train.pixelcnn").info("test bits/dim %.3f on %d test images", trainer.test_bpd,
                                                    len(trainer.test_images))

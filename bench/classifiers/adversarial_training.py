@@ -15,7 +15,6 @@ the adversarially trained base that AID-Purifier's Table 3 needs (the paper's ba
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from torch import nn
 from bench.classifiers.base import CLASSIFIERS, Classifier, ClassifierInfo, build_strict, load_state_dict
 from bench.classifiers.cifar_resnet import IMAGENET_MEAN, IMAGENET_STD, CifarResNet
 from bench.core.errors import BenchError
-from bench.training import TRAINERS
+from bench.training import TRAINERS, data_config, trainer_settings
 
 SHIPPED = Path(__file__).with_name("checkpoints")
 WEIGHTS_FILE = "classifier.weights.pt"
@@ -148,13 +147,7 @@ def train_adversarial(options) -> Path:
     from bench.training import train_epochs, training_subset
     from defenses.jatp_training import augment
 
-    extra = dict(options.extra)
-    if options.epochs is not None:
-        extra["epochs"] = options.epochs
-    try:
-        settings = ATSettings(**extra)
-    except TypeError as exc:
-        raise BenchError(f"adversarial-training: unsupported training option ({exc})") from None
+    settings = trainer_settings(ATSettings, options)
     device = resolve_device(options.device)
     train = load_dataset(options.dataset, "train")
     indices = training_subset(len(train), options.train_size, options.seed)
@@ -163,9 +156,7 @@ def train_adversarial(options) -> Path:
     torch.manual_seed(options.seed)
     trainer = ATTrainer(settings, options.classifier, device)
     config = {"defense": "adversarial-training", "classifier": name, "architecture": options.classifier,
-              "settings": settings.to_dict(), "dataset": options.dataset, "train_size": options.train_size,
-              "train_indices_sha256": hashlib.sha256(indices.tobytes()).hexdigest(), "batch_size": options.batch_size,
-              "seed": options.seed}
+              "settings": settings.to_dict(), **data_config(options, indices)}
     return train_epochs(options, trainer, folder, "classifier", config, settings.epochs, train, indices, augment)
 
 
