@@ -136,6 +136,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="epochs between the learning curve's held-out clean and PGD-10 accuracy (0: never; default 1)")
     train.add_argument("--eval-size", type=int, default=None,
                        help="held-out training images for the learning curve (default: up to 512 not trained on)")
+    train.add_argument("--autocast", choices=("bf16",), default=None,
+                       help="train under bfloat16 autocast (faster on CPUs with bf16 support; see docs/atop.md)")
     train.add_argument("--transform", choices=("rt1", "rt2", "rt3"), default=None, help="AToP: the random transform")
     train.add_argument("--purifier", choices=("gan", "ae"), default=None, help="AToP: the purifier network")
     train.add_argument("--adv-target", choices=("classifier", "pipeline"), default=None,
@@ -332,7 +334,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     options = TrainOptions(defense=args.defense, classifier=args.classifier, dataset=args.dataset, epochs=args.epochs,
                            train_size=args.train_size, batch_size=args.batch_size, seed=args.seed, device=args.device,
                            out=args.out, extra=extra, hours=args.hours, eval_every=args.eval_every,
-                           eval_size=args.eval_size)
+                           eval_size=args.eval_size, autocast=args.autocast)
     folder = trainer(options)
     print(f"checkpoints and manifests: {folder}")
 

@@ -11,6 +11,10 @@ curve is written beside the checkpoint (``<name>.curve.csv`` and ``<name>.curve.
 ``--eval-every`` epochs the pipeline's clean accuracy and PGD-10 robust accuracy (linf 8/255, one draw per pass) on a
 fixed held-out slice of the *training* split (the last ``--eval-size`` images of the seeded permutation, never the
 ones trained on, never the test subset). A resumed run continues the same curve.
+
+``--autocast bf16`` runs each training step (attack, forward, backward, update) under ``torch.autocast`` with
+bfloat16; each epoch's row of the curve says so. Held-out evaluation stays in float32. fp16 is not offered: it would
+need loss scaling.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class TrainOptions:
     hours: Optional[float] = None  # stop after the epoch that uses up this many hours (all invocations together)
     eval_every: int = 1  # epochs between held-out evaluations (0: never)
     eval_size: Optional[int] = None  # held-out training images for the learning curve (None: up to 512 not trained on)
+    autocast: Optional[str] = None  # "bf16": each training step under torch.autocast (docs/atop.md, measured there)
 
 
 def trainer_settings(cls: Any, options: TrainOptions, **forced: Any) -> Any:
@@ -132,7 +137,7 @@ def write_curve(folder: Path, name: str, history: List[Dict[str, Any]]) -> None:
         for row in history:
             spent += row.get("seconds", 0.0) / 3600
             writer.writerow([row["epoch"], *(row.get(k, "") for k in keys), f"{spent:.4f}"])
-    losses = [k for k in keys if k not in ("seconds", "lr") and not k.startswith("heldout")]
+    losses = [k for k in keys if k not in ("seconds", "lr", "autocast") and not k.startswith("heldout")]
     accuracies = [k for k in keys if k.startswith("heldout")]
     fig, axes = plt.subplots(1, 2 if accuracies else 1, figsize=(10 if accuracies else 5, 3.5), squeeze=False)
     for k in losses:
@@ -221,6 +226,7 @@ def train_epochs(options: TrainOptions, trainer: Any, folder: Path, name: str, c
 
     ``augment(x, generator)`` transforms each batch with a generator seeded per epoch.
     """
+    import contextlib
     import logging
     import time
 
@@ -229,6 +235,8 @@ def train_epochs(options: TrainOptions, trainer: Any, folder: Path, name: str, c
     from bench.evaluation.engine import progress_enabled
 
     log = logging.getLogger(f"bench.train.{name}")
+    if options.autocast not in (None, "bf16"):
+        raise BenchError(f"bench train --autocast must be bf16, got {options.autocast!r}")
     checkpointer = Checkpointer(folder, name, options, config)
     saved = checkpointer.resume()
     start = 0
@@ -263,11 +271,13 @@ def train_epochs(options: TrainOptions, trainer: Any, folder: Path, name: str, c
             y = torch.from_numpy(train_set.labels[idx]).long().to(trainer.device)
             if hasattr(trainer, "set_progress"):
                 lr = trainer.set_progress((epoch * per_epoch + step) / (epochs * per_epoch))
-            for key, value in trainer.step(x, y).items():
+            with (torch.autocast(x.device.type, dtype=torch.bfloat16) if options.autocast else contextlib.nullcontext()):
+                losses = trainer.step(x, y)
+            for key, value in losses.items():
                 totals[key] = totals.get(key, 0.0) + value
             bar.set_postfix(loss=f"{totals['loss'] / (step + 1):.4f}")
         epoch_log = {"epoch": epoch + 1, **{k: v / per_epoch for k, v in totals.items()},
-                     **({"lr": lr} if lr is not None else {})}
+                     **({"lr": lr} if lr is not None else {}), **({"autocast": options.autocast} if options.autocast else {})}
         if heldout is not None and ((epoch + 1) % options.eval_every == 0 or epoch + 1 == epochs):
             epoch_log.update(heldout_accuracy(trainer.eval_model(), *heldout, trainer.device,
                                               attack=getattr(trainer, "eval_attack", True)))
@@ -277,7 +287,8 @@ def train_epochs(options: TrainOptions, trainer: Any, folder: Path, name: str, c
         spent += epoch_log["seconds"]
         checkpointer.save(trainer.state(epoch + 1), epoch_log, finished=epoch + 1 == epochs)
         write_curve(folder, name, checkpointer.history)
-        log.info("epoch %d/%d: %s", epoch + 1, epochs, ", ".join(f"{k} {v:.4g}" for k, v in epoch_log.items() if k != "epoch"))
+        log.info("epoch %d/%d: %s", epoch + 1, epochs, ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                           for k, v in epoch_log.items() if k != "epoch"))
     if not checkpointer.manifest_path.is_file():  # the budget allowed no epoch at all
         return folder
     checkpointer.export(trainer.weights())

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bench.cli import main
+from bench.core.errors import BenchError
 from defenses.atop import AToP
 from defenses.atop_training import AToPSettings, AToPTrainer
 from tests.conftest import needs_resnet20
@@ -243,3 +244,29 @@ def test_training_logs_one_line_per_epoch(tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("bench.train.")]
     assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2", "epoch 1/1"]
     assert all("loss" in line and "seconds" in line for line in lines)
+
+
+def test_bf16_autocast_training_says_so_in_every_epoch_and_stays_close_to_float32(tmp_path):
+    common = ["--plugin", PLUGIN, "train", "--defense", "atop", "--classifier", "tiny", "--dataset", "tiny-test",
+              "--transform", "rt2", "--purifier", "ae", "--pretrain-epochs", "1", "--epochs", "1", "--train-size", "16",
+              "--batch-size", "8", "--eval-every", "0"]
+    assert main([*common, "--out", str(tmp_path / "fp32")]) == 0
+    assert main([*common, "--autocast", "bf16", "--out", str(tmp_path / "bf16")]) == 0
+    for stage in ("pretrain", "finetune"):
+        fp32, bf16 = (json.loads((tmp_path / mode / f"{stage}.manifest.json").read_text()) for mode in ("fp32", "bf16"))
+        assert all(row["autocast"] == "bf16" for row in bf16["history"])
+        assert all("autocast" not in row for row in fp32["history"])
+        assert bf16["options"]["autocast"] == "bf16"
+        assert "autocast" in (tmp_path / "bf16" / f"{stage}.curve.csv").read_text().splitlines()[0]
+    a, b = (torch.load(tmp_path / mode / "finetune.weights.pt", weights_only=True)["generator"] for mode in ("fp32", "bf16"))
+    assert all(b[k].dtype == a[k].dtype for k in a)  # the weights stay float32
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # bf16 did run
+    difference = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert difference < 0.05
+
+
+def test_training_refuses_an_autocast_it_does_not_offer():
+    from bench.training import TrainOptions, train_epochs
+
+    with pytest.raises(BenchError, match="--autocast must be bf16"):
+        train_epochs(TrainOptions(defense="atop", autocast="fp16"), None, Path("unused"), "x", {}, 1, None, None)
