@@ -10,7 +10,7 @@ Extend it with the decorators the project itself uses: ``bench.register_defense`
 subclass), ``bench.register_attack`` (a ``bench.Attack`` subclass).
 
 Layout (each group imports only the groups below it): ``cli``/``sweep`` (front ends) -> ``api`` -> ``reports/``
--> ``evaluation/`` -> ``data/`` and ``classifiers/`` -> ``core/``; ``training`` sits beside them. The modules
+-> ``training`` -> ``evaluation/`` -> ``data/`` and ``classifiers/`` -> ``core/`` (``tests/test_layout.py``). The modules
 were flat before; their old names (``bench.runner``, ``bench.errors``, ...) still import the moved modules, so
 plug-ins written against them keep working (see ``MOVED``).
 """
