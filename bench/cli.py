@@ -12,7 +12,7 @@ import sys
 import time
 from fractions import Fraction
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from tabulate import tabulate
 
@@ -116,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--plugin", action="append", default=[], metavar="FILE", dest="run_plugins",
                      help="import FILE first, to register your own defenses or attacks (repeatable)")
     train = sub.add_parser("train", help="train a defense's learned parts (the classifier stays frozen)")
-    train.add_argument("--defense", required=True, help="defense to train: atop, nrp, jatp, jatp-obl, aid-purifier or pixeldefend")
+    train.add_argument("--defense", required=True, help="what to train: atop, nrp, jatp, jatp-obl, aid-purifier, pixeldefend, diffpure, or adversarial-training (a classifier; `bench list` shows every trainer)")
     train.add_argument("--classifier", default="resnet20", help="the frozen classifier it defends (default resnet20)")
     train.add_argument("--dataset", default="cifar10-jpeg", help="training images come from its train split")
     train.add_argument("--epochs", type=int, default=None,
@@ -145,14 +145,15 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--rec-target", choices=("adv", "clean"), default=None,
                        help="AToP: what the reconstruction loss compares the purified image with")
     train.add_argument("--lam", type=float, default=None, help="AToP: weight of the adversarial cross-entropy loss (lambda)")
-    train.add_argument("--width", type=int, default=None, help="AToP: channels of the purifier's first scale (default 32)")
+    train.add_argument("--width", type=int, default=None, help="AToP, DiffPure: channels of the network's first scale (default 32)")
     train.add_argument("--eps", type=parse_eps, default=None,
-                       help="NRP/JATP: radius of the training perturbations (NRP 16/255, JATP 8/255)")
-    train.add_argument("--step-size", type=parse_eps, default=None, help="NRP/JATP: PGD step of the training perturbations")
-    train.add_argument("--attack-steps", type=int, default=None, help="NRP/JATP: PGD steps per training batch")
+                       help="NRP/JATP/AID-Purifier/adversarial-training: radius of the training perturbations (NRP 16/255, "
+                            "the others 8/255)")
+    train.add_argument("--step-size", type=parse_eps, default=None, help="NRP/JATP/AID-Purifier/adversarial-training: PGD step of the training perturbations")
+    train.add_argument("--attack-steps", type=int, default=None, help="NRP/JATP/AID-Purifier/adversarial-training: PGD steps per training batch")
     train.add_argument("--oblivious", action="store_true", default=None,
                        help="JATP: craft training examples against the bare classifier (the paper's -obl setting)")
-    train.add_argument("--lr", type=float, default=None, help="NRP/JATP: initial learning rate")
+    train.add_argument("--lr", type=float, default=None, help="initial learning rate (every trainer but AToP, whose two stages take --option pretrain_lr=, finetune_lr=)")
     train.add_argument("--alpha", type=float, default=None, help="JATP: weight of the feature-similarity term (5)")
     train.add_argument("--beta", type=float, default=None, help="JATP: weight of the pixel term (3)")
     train.add_argument("--pixel-loss", choices=("l2", "mse"), default=None,
@@ -166,6 +167,10 @@ def _parser() -> argparse.ArgumentParser:
                             "second-to-last residual stage) or 'logits'")
     train.add_argument("--pretrained", default=None, metavar="PATH",
                        help="AToP: skip pre-training and fine-tune this pre-trained purifier (e.g. RT2's for RT3)")
+    train.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", dest="train_options",
+                       help="any setting of the trainer by its name in the manifest's settings, read as that setting's "
+                            "type (e.g. channels=64 and layers=8 for PixelDefend's PixelCNN, blocks=2 for DiffPure's "
+                            "score model, eps_ramp=0.2 for adversarial training); repeatable")
     aud = sub.add_parser("audit", help="run only the integrity checks on a defense and print a verdict")
     _model_arguments(aud)
     aud.add_argument("--threat", type=parse_norm, choices=NORMS, default="linf", help="threat (default linf)")
@@ -273,14 +278,19 @@ def option_value(text: str):
     return text
 
 
-def parse_options(pairs: Sequence[str], flag: str = "--defense-option") -> Dict[str, object]:
-    options = {}
+def key_value_pairs(pairs: Sequence[str], flag: str) -> List[Tuple[str, str]]:
+    """``KEY=VALUE`` flags as (key, text) pairs, dashes in keys read as underscores."""
+    split = []
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise BenchError(f"{flag} takes KEY=VALUE, got {pair!r}")
-        options[key.replace("-", "_")] = option_value(value)
-    return options
+        split.append((key.replace("-", "_"), value))
+    return split
+
+
+def parse_options(pairs: Sequence[str], flag: str = "--defense-option") -> Dict[str, object]:
+    return {key: option_value(value) for key, value in key_value_pairs(pairs, flag)}
 
 
 def run_config(args: argparse.Namespace):
@@ -331,6 +341,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     extra = {key: getattr(args, flag) for flag, key in names.items() if getattr(args, flag) is not None}
     if args.defense != "atop":  # --epochs is the training length of one-stage trainers
         extra.pop("finetune_epochs", None)
+    for key, value in key_value_pairs(args.train_options, "--option"):  # text: the trainer reads it as the setting's type
+        if key in extra or (key == "epochs" and args.epochs is not None):
+            raise BenchError(f"--option {key} repeats a setting already given (by its own flag or another --option)")
+        extra[key] = value
     options = TrainOptions(defense=args.defense, classifier=args.classifier, dataset=args.dataset, epochs=args.epochs,
                            train_size=args.train_size, batch_size=args.batch_size, seed=args.seed, device=args.device,
                            out=args.out, extra=extra, hours=args.hours, eval_every=args.eval_every,

@@ -19,12 +19,15 @@ need loss scaling.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shlex
 import sys
+import typing
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -65,10 +68,52 @@ def trainer_settings(cls: Any, options: TrainOptions, **forced: Any) -> Any:
     if options.epochs is not None:
         extra["epochs"] = options.epochs
     extra.update(forced)
-    try:
-        return cls(**extra)
-    except TypeError as exc:
-        raise BenchError(f"{options.defense}: unsupported training option ({exc})") from None
+    return build_settings(cls, extra, options.defense)
+
+
+def build_settings(cls: Any, values: Dict[str, Any], defense: str) -> Any:
+    """``cls(**values)`` for a trainer's settings dataclass, where a value given as text (``bench train --option
+    KEY=VALUE``) is read as the setting's declared type; an unknown setting or an unreadable value is a user error
+    that names the defense and lists its settings."""
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise BenchError(f"{defense}: unsupported training option {', '.join(unknown)}; its trainer's settings are "
+                         f"{', '.join(f.name for f in dataclasses.fields(cls))}")
+    typed = {}
+    for key, value in values.items():
+        try:
+            typed[key] = _read_setting(hints[key], value) if isinstance(value, str) else value
+        except ValueError:
+            raise BenchError(f"{defense}: training option {key}={value!r} is not a {_type_name(hints[key])}") from None
+    return cls(**typed)
+
+
+def _read_setting(kind: Any, text: str) -> Any:
+    """``text`` as a value of the annotation ``kind``: int, float (``8/255`` allowed), bool, str, Optional[...] (``none``)
+    and tuples (comma-separated)."""
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) is typing.Union:  # Optional[X]
+        if text.strip().lower() == "none":
+            return None
+        return _read_setting(next(a for a in args if a is not type(None)), text)
+    if kind is tuple or typing.get_origin(kind) is tuple:
+        element = args[0] if args else float
+        return tuple(_read_setting(element, part) for part in text.split(",") if part.strip())
+    if kind is bool:
+        word = text.strip().lower()
+        if word not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(text)
+        return word in ("true", "1", "yes")
+    if kind is int:
+        return int(text)
+    if kind is float:
+        return float(Fraction(text.strip()))
+    return text
+
+
+def _type_name(kind: Any) -> str:
+    return getattr(kind, "__name__", None) or str(kind).replace("typing.", "")
 
 
 def data_config(options: TrainOptions, indices: np.ndarray) -> Dict[str, Any]:

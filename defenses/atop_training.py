@@ -200,13 +200,10 @@ def train_atop(options) -> "Path":
     from bench.classifiers import load_classifier
     from bench.data.datasets import load_dataset
     from bench.evaluation.runner import resolve_device
-    from bench.training import stage_finished, train_epochs, training_subset
+    from bench.training import build_settings, stage_finished, train_epochs, training_subset
     from defenses.atop import atop_checkpoint
 
-    try:
-        settings = AToPSettings(**options.extra)
-    except TypeError as exc:
-        raise BenchError(f"atop: unsupported training option ({exc})") from None
+    settings = build_settings(AToPSettings, options.extra, "atop")
     if settings.adv_target not in ("classifier", "pipeline") or settings.rec_target not in ("adv", "clean"):
         raise BenchError(f"atop: adv_target must be classifier|pipeline and rec_target adv|clean, got {settings}")
     device = resolve_device(options.device)

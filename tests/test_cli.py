@@ -196,3 +196,48 @@ def test_show_card_and_list_long_give_each_defense_its_paper(capsys):
     assert code == 0 and "A Self-supervised Approach" in out and "AID-Purifier" in out
     code, out, _ = run_cli(["list", "defenses", "--long"], capsys)
     assert code == 0 and "PixelDefend: Leveraging Generative Models" in out
+
+
+def test_trainer_settings_read_text_values_as_their_declared_types():
+    from bench.training import build_settings
+    from defenses.aid_training import AIDSettings
+    from defenses.jatp_training import JATPSettings
+
+    jatp = build_settings(JATPSettings, {"eps": "8/255", "attack_steps": "7", "oblivious": "true", "grad_clip": "none",
+                                         "milestones": "0.3,0.9", "pixel_loss": "l2"}, "jatp")
+    assert jatp.eps == pytest.approx(8 / 255) and jatp.attack_steps == 7 and jatp.oblivious is True
+    assert jatp.grad_clip is None and jatp.milestones == (0.3, 0.9) and jatp.pixel_loss == "l2"
+    assert build_settings(AIDSettings, {"layers": "layer1,layer3"}, "aid-purifier").layers == ("layer1", "layer3")
+    assert build_settings(JATPSettings, {"beta": 2.0}, "jatp").beta == 2.0  # typed values (the flags') pass as they are
+
+
+@pytest.mark.parametrize("option, fragments", [
+    ("chanels=8", ["pixeldefend: unsupported training option chanels", "channels, layers"]),
+    ("layers=many", ["pixeldefend: training option layers='many' is not a int"]),
+    ("layers", ["--option takes KEY=VALUE"]),
+])
+def test_bench_train_option_refuses_unknown_settings_and_bad_values(option, fragments, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_CHECKPOINT_DIR", str(tmp_path))
+    assert_user_error(["--plugin", PLUGIN, "train", "--defense", "pixeldefend", "--dataset", "tiny-test",
+                       "--train-size", "16", "--option", option], capsys, tmp_path, *fragments)
+    assert not any(tmp_path.rglob("*.pt"))
+
+
+def test_bench_train_option_refuses_a_setting_given_twice(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_CHECKPOINT_DIR", str(tmp_path))
+    assert_user_error(["--plugin", PLUGIN, "train", "--defense", "jatp", "--dataset", "tiny-test", "--classifier", "tiny",
+                       "--eps", "2/255", "--option", "eps=4/255"], capsys, tmp_path, "--option eps repeats a setting")
+
+
+def test_bench_train_option_reaches_the_trainer_and_its_manifest(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_CHECKPOINT_DIR", str(tmp_path))
+    out = tmp_path / "pixelcnn"
+    code, _, err = run_cli(["--plugin", PLUGIN, "train", "--defense", "pixeldefend", "--dataset", "tiny-test",
+                            "--classifier", "tiny", "--epochs", "1", "--train-size", "16", "--batch-size", "8",
+                            "--eval-every", "0", "--out", str(out), "--option", "channels=8", "--option", "layers=2",
+                            "--option", "test_images=8"], capsys)
+    assert code == 0, err
+    manifest = json.loads(next(out.glob("*.manifest.json")).read_text())
+    settings = manifest["config"]["settings"]
+    assert (settings["channels"], settings["layers"], settings["test_images"]) == (8, 2, 8)
+    assert manifest["options"]["extra"]["channels"] == "8"  # what was typed, beside the setting it became
