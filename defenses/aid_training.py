@@ -91,10 +91,8 @@ def train_aid(options) -> Path:
     from bench.evaluation.runner import resolve_device
     from bench.training import train_epochs, training_subset
 
-    layers = options.extra.get("layers")
-    if isinstance(layers, str):
-        layers = tuple(layers.split(","))
-    settings = trainer_settings(AIDSettings, options, **({"layers": tuple(layers)} if layers else {}))
+    layers = options.extra.get("layers")  # text (``--option layers=a,b``) is read by build_settings; a list from Python
+    settings = trainer_settings(AIDSettings, options, **({"layers": tuple(layers)} if isinstance(layers, list) else {}))
     device = resolve_device(options.device)
     classifier = load_classifier(options.classifier, device)
     train = load_dataset(options.dataset, "train")
