@@ -322,13 +322,19 @@ def test_generated_markdown_does_not_depend_on_plugins_loaded_in_the_process():
 
 
 def test_a_defense_that_changes_no_outcome_is_called_so_on_its_board():
-    # JATP's shipped purifier is the identity: its rows equal the bare classifier's, image by image, and the board
-    # must say so rather than show four identical rows without a word.
+    # A purifier trained into the identity (JATP with the per-image L2 pixel term) gives rows equal to the bare
+    # classifier's, image by image; the board must say so rather than show identical rows without a word, and must
+    # not say it of a purifier that changed an outcome (NRP, the retrained JATP).
     from leaderboards.render import render_all, same_as_bare
 
     files = render_all(pictures=False)
-    note = next(line for line in files["jatp-table1.md"].decode().splitlines() if line.startswith("= "))
-    assert "jatp on resnet4b" in note and "jatp-obl on resnet4b" in note and "nrp on resnet4b" not in note
+    board = [json.loads(p.read_text()) for p in sorted((REPO / "leaderboards" / "results" / "jatp-table1").glob("*.json"))]
+    identity = [r for r in board if same_as_bare(r, board)]
+    notes = [line for line in files["jatp-table1.md"].decode().splitlines() if line.startswith("= ")]
+    assert len(notes) == (1 if identity else 0)
+    assert any(r["defense"]["name"] == "jatp" and r not in identity for r in board)  # the retrained JATP purifies
+    assert all(f"{r['defense']['name']} on {r['classifier']['name']}" in notes[0] for r in identity)
+    assert not any("nrp on resnet4b" in line for line in notes)
     committed = [json.loads(p.read_text()) for p in sorted((REPO / "leaderboards" / "results" / "ci-smoke").glob("*.json"))]
     bare = next(r for r in committed if r["defense"]["name"] == "none")
     copy = {**bare, "defense": {**bare["defense"], "name": "identity"}}
