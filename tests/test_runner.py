@@ -86,6 +86,9 @@ def test_killed_run_resumes_from_its_saved_batches(tmp_path):
     for key in ("clean", "robust", "samples"):
         assert resumed[key] == full[key]
     assert [x["cost"]["forward"] for x in resumed["attacks"]] == [x["cost"]["forward"] for x in full["attacks"]]
+    # the first attack ran wholly in the killed process: its time comes from the state into the resumed record
+    assert resumed["timing"]["attack_seconds"] == sum(x["cost"]["seconds"] for x in resumed["attacks"])
+    assert resumed["attacks"][0]["cost"]["seconds"] > 0
     assert 0 < full["robust"]["correct"] < full["clean"]["correct"]  # some points break, some resist
 
     batch = next(p for p in sorted((tmp_path / "altered" / ".state").glob("*/attack0-*.json"))

@@ -404,7 +404,9 @@ def _evaluate_locked(defense: Defense, subset, suite, threat: Threat, config: Ru
                      "run_config": rerun_config(config, suite, threat, batch_size)},
         "environment": env,
         "timing": {"started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
-                   "seconds": time.perf_counter() - t0},
+                   "seconds": time.perf_counter() - t0,
+                   # the attacks' own clocks, kept per batch in the resume state: a resumed run counts its earlier parts
+                   "attack_seconds": sum(float(a["cost"]["seconds"]) for a in result.attacks)},
     }
     record = to_json_data(record)
     barrier()  # every rank is done with the state folder before rank 0 removes it
