@@ -136,6 +136,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="epochs between the learning curve's held-out clean and PGD-10 accuracy (0: never; default 1)")
     train.add_argument("--eval-size", type=int, default=None,
                        help="held-out training images for the learning curve (default: up to 512 not trained on)")
+    train.add_argument("--eval-eps", type=parse_eps, default=None,
+                       help="linf radius of the learning curve's PGD-10 (default: the training eps of adversarial training, "
+                            "JATP and AID-Purifier, whose eps is the threat; 8/255 for the other trainers)")
     train.add_argument("--autocast", choices=("bf16",), default=None,
                        help="train under bfloat16 autocast (faster on CPUs with bf16 support; see docs/atop.md)")
     train.add_argument("--transform", choices=("rt1", "rt2", "rt3"), default=None, help="AToP: the random transform")
@@ -348,7 +351,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     options = TrainOptions(defense=args.defense, classifier=args.classifier, dataset=args.dataset, epochs=args.epochs,
                            train_size=args.train_size, batch_size=args.batch_size, seed=args.seed, device=args.device,
                            out=args.out, extra=extra, hours=args.hours, eval_every=args.eval_every,
-                           eval_size=args.eval_size, autocast=args.autocast)
+                           eval_size=args.eval_size, eval_eps=args.eval_eps,
+                           autocast=args.autocast)
     folder = trainer(options)
     print(f"checkpoints and manifests: {folder}")
 

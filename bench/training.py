@@ -8,7 +8,8 @@ A finished stage also exports ``<name>.weights.pt``: the inference weights alone
 Long runs: ``--hours`` stops after the epoch that uses up the budget (counted over every invocation of the run, from
 the manifest), exporting the weights so far; rerunning with a larger budget continues. After every epoch the learning
 curve is written beside the checkpoint (``<name>.curve.csv`` and ``<name>.curve.png``): the loss terms, and every
-``--eval-every`` epochs the pipeline's clean accuracy and PGD-10 robust accuracy (linf 8/255, one draw per pass) on a
+``--eval-every`` epochs the pipeline's clean accuracy and PGD-10 robust accuracy (linf ``--eval-eps``: the training eps of
+adversarial training and JATP, whose eps is the threat, else 8/255; one draw per pass) on a
 fixed held-out slice of the *training* split (the last ``--eval-size`` images of the seeded permutation, never the
 ones trained on, never the test subset). A resumed run continues the same curve.
 
@@ -58,6 +59,7 @@ class TrainOptions:
     hours: Optional[float] = None  # stop after the epoch that uses up this many hours (all invocations together)
     eval_every: int = 1  # epochs between held-out evaluations (0: never)
     eval_size: Optional[int] = None  # held-out training images for the learning curve (None: up to 512 not trained on)
+    eval_eps: Optional[float] = None  # the curve's PGD-10 radius (None: the trainer's ``eval_eps``, else 8/255)
     autocast: Optional[str] = None  # "bf16": each training step under torch.autocast (docs/atop.md, measured there)
 
 
@@ -183,7 +185,8 @@ def write_curve(folder: Path, name: str, history: List[Dict[str, Any]]) -> None:
             spent += row.get("seconds", 0.0) / 3600
             writer.writerow([row["epoch"], *(row.get(k, "") for k in keys), f"{spent:.4f}"])
     losses = [k for k in keys if k not in ("seconds", "lr", "autocast") and not k.startswith("heldout")]
-    accuracies = [k for k in keys if k.startswith("heldout")]
+    accuracies = [k for k in keys if k.startswith("heldout") and k != "heldout_eps"]
+    radii = [row["heldout_eps"] for row in history if "heldout_eps" in row] or [8 / 255]  # older manifests: 8/255
     fig, axes = plt.subplots(1, 2 if accuracies else 1, figsize=(10 if accuracies else 5, 3.5), squeeze=False)
     for k in losses:
         axes[0][0].plot([r["epoch"] for r in history if k in r], [r[k] for r in history if k in r], label=k)
@@ -198,7 +201,8 @@ def write_curve(folder: Path, name: str, history: List[Dict[str, Any]]) -> None:
             axes[0][1].plot([r["epoch"] for r in history if k in r], [100 * r[k] for r in history if k in r], marker="o", label=k)
         axes[0][1].set_xlabel("epoch")
         axes[0][1].set_ylabel("% of the held-out training images")
-        axes[0][1].set_title(f"{name}: held-out accuracy (PGD-10 at linf 8/255)", fontsize=9)
+        radius = ", ".join(sorted({f"{255 * eps:g}/255" for eps in radii}))
+        axes[0][1].set_title(f"{name}: held-out accuracy (PGD-10 at linf {radius})", fontsize=9)
         axes[0][1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(folder / f"{name}.curve.png", dpi=80, metadata={"Software": None})
@@ -298,6 +302,8 @@ def train_epochs(options: TrainOptions, trainer: Any, folder: Path, name: str, c
         held = heldout_subset(len(train_set.images), len(indices), size, options.seed)
         heldout = (torch.from_numpy(train_set.images[held]).permute(0, 3, 1, 2).float().div(255),
                    torch.from_numpy(train_set.labels[held]).long())
+    # the radius the trainer works at where that is the threat (adversarial training, JATP), else 8/255
+    eval_eps = options.eval_eps if options.eval_eps is not None else getattr(trainer, "eval_eps", 8 / 255)
     spent = sum(row.get("seconds", 0.0) for row in checkpointer.history)
     for epoch in range(start, epochs):
         if options.hours is not None and spent >= 3600 * options.hours:
@@ -327,8 +333,10 @@ def train_epochs(options: TrainOptions, trainer: Any, folder: Path, name: str, c
         epoch_log = {"epoch": epoch + 1, **{k: v / per_epoch for k, v in totals.items()},
                      **({"lr": lr} if lr is not None else {}), **({"autocast": options.autocast} if options.autocast else {})}
         if heldout is not None and ((epoch + 1) % options.eval_every == 0 or epoch + 1 == epochs):
-            epoch_log.update(heldout_accuracy(trainer.eval_model(), *heldout, trainer.device,
-                                              attack=getattr(trainer, "eval_attack", True)))
+            attack = getattr(trainer, "eval_attack", True)
+            epoch_log.update(heldout_accuracy(trainer.eval_model(), *heldout, trainer.device, eps=eval_eps, attack=attack))
+            if attack:
+                epoch_log["heldout_eps"] = eval_eps
             if hasattr(trainer, "eval_extra"):
                 epoch_log.update(trainer.eval_extra(*heldout))
         epoch_log["seconds"] = time.perf_counter() - started

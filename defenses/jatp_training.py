@@ -215,6 +215,11 @@ class JATPTrainer:
         self.opt_g = torch.optim.SGD(self.generator.parameters(), lr=settings.lr, momentum=settings.momentum,
                                      weight_decay=settings.weight_decay)
 
+    @property
+    def eval_eps(self) -> float:
+        """The learning curve's PGD-10 radius: the training eps, which is the threat this trainer defends against."""
+        return self.s.eps
+
     def set_progress(self, progress: float) -> float:
         """lr 1e-2, divided by 10 at each milestone (fractions of the whole run)."""
         lr = self.s.lr * 0.1 ** sum(progress >= m for m in self.s.milestones)

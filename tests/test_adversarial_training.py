@@ -54,3 +54,32 @@ def test_bench_train_writes_the_classifier_that_resnet20_at8_loads(tmp_path, mon
     assert not any(p.requires_grad for p in model.parameters())
     with torch.no_grad():
         assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_the_learning_curve_attacks_at_the_training_eps_unless_told_otherwise(tmp_path):
+    # PGD-10 at 8/255 said little about a classifier or purifier trained at 2/255: the curve's radius follows the
+    # trainer's eps (adversarial training, JATP), and --eval-eps overrides it; the plot's title names it.
+    common = ["--plugin", PLUGIN, "train", "--defense", "adversarial-training", "--classifier", "resnet20", "--dataset",
+              "tiny-test", "--epochs", "1", "--train-size", "16", "--batch-size", "8", "--attack-steps", "1",
+              "--eps", "2/255", "--eval-size", "8"]
+    assert main([*common, "--out", str(tmp_path / "own")]) == 0
+    assert main([*common, "--eval-eps", "4/255", "--out", str(tmp_path / "told")]) == 0
+    own, told = (json.loads((tmp_path / name / "classifier.manifest.json").read_text())["history"][-1]
+                 for name in ("own", "told"))
+    assert own["heldout_eps"] == pytest.approx(2 / 255) and told["heldout_eps"] == pytest.approx(4 / 255)
+    assert "heldout_eps" in (tmp_path / "own" / "classifier.curve.csv").read_text().splitlines()[0]
+
+
+def test_the_curve_title_names_the_radius_and_older_manifests_read_as_8_255(tmp_path):
+    from unittest import mock
+
+    from bench.training import write_curve
+
+    titles = []
+    real = __import__("matplotlib.axes", fromlist=["Axes"]).Axes.set_title
+    with mock.patch("matplotlib.axes.Axes.set_title", autospec=True,
+                    side_effect=lambda ax, text, **kw: (titles.append(text), real(ax, text, **kw))[1]):
+        write_curve(tmp_path, "new", [{"epoch": 1, "loss": 1.0, "heldout_clean": 0.5, "heldout_pgd10": 0.3,
+                                       "heldout_eps": 2 / 255}])
+        write_curve(tmp_path, "old", [{"epoch": 1, "loss": 1.0, "heldout_clean": 0.5, "heldout_pgd10": 0.3}])
+    assert "PGD-10 at linf 2/255" in titles[1] and "PGD-10 at linf 8/255" in titles[3]

@@ -79,6 +79,11 @@ class ATTrainer:
                                    weight_decay=settings.weight_decay, nesterov=True)
         self.eps = settings.eps
 
+    @property
+    def eval_eps(self) -> float:
+        """The learning curve's PGD-10 radius: the training eps, which is the threat this trainer defends against."""
+        return self.s.eps
+
     def set_progress(self, progress: float) -> float:
         s = self.s
         if progress < s.warmup:
