@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -58,6 +59,9 @@ class Board:
     # measured-only columns after the paper's (header -> attack key), e.g. the paper's own protocol where the paper
     # prints no separate column for it (PROTOCOL rule 9); shown when some record measures them
     also: Dict[str, str] = field(default_factory=dict)
+    # records kept on another board that measure this table too (glob patterns relative to leaderboards/, e.g. one
+    # AutoAttack-rand run of `atop` serves AToP's Tables 5 and 6): shown here without a copy that could drift
+    borrow: List[str] = field(default_factory=list)
 
     def results_dir(self, root: Path = ROOT) -> Optional[Path]:
         return root / self.results if self.results else None
@@ -83,10 +87,14 @@ def paper_table(paper: str, table: str, root: Path = ROOT) -> Dict[str, Any]:
 def load_records(board: Board, root: Path = ROOT) -> List[Dict[str, Any]]:
     """The board's records, validated: schema, one subset hash (the pinned one), the board's dataset and threat."""
     folder = board.results_dir(root)
-    if folder is None or not folder.is_dir():
-        return []
+    paths = sorted(folder.glob("*.json")) if folder is not None and folder.is_dir() else []
+    for pattern in board.borrow:
+        found = sorted(p for p in root.glob(pattern) if p.suffix == ".json")
+        if not found:
+            raise BenchError(f"board {board.name}: borrow pattern {pattern!r} matches no record under {root.name}/")
+        paths += [p for p in found if p not in paths]
     records = []
-    for path in sorted(folder.glob("*.json")):
+    for path in paths:
         record = json.loads(path.read_text())
         where = f"{path.relative_to(root.parent) if root.parent in path.parents else path}"
         try:
@@ -479,7 +487,8 @@ def trained_with(record: Dict[str, Any]) -> str:
 
 
 def metric_value(record: Dict[str, Any], metric: Optional[str]) -> Optional[float]:
-    """``clean``, ``robust`` (worst case), ``robust@<norm>`` (worst case, only for a record of that threat),
+    """``clean``, ``robust`` (worst case), ``robust@<norm>`` or ``robust@<norm>:<eps>`` (worst case, only for a record
+    of that threat, and of that radius when given, e.g. ``robust@l2:0.5``, ``robust@linf:8/255``),
     ``robust_mean``, an attack key or label (its own accuracy in an independent suite), or ``min:a,b,...`` (the
     lowest of those the record measures: an attack exact or under BPDA, or a table's Worst column); None when the
     record does not measure it."""
@@ -488,8 +497,12 @@ def metric_value(record: Dict[str, Any], metric: Optional[str]) -> Optional[floa
     if metric.startswith("min:"):
         values = [v for v in (metric_value(record, m) for m in metric[4:].split(",")) if v is not None]
         return min(values) if values else None
-    if metric.startswith("robust@"):
-        return record["robust"]["accuracy"] if record["threat"]["norm"] == metric.split("@", 1)[1] else None
+    if metric.startswith("robust@"):  # robust@l2, or robust@l2:0.5 for that radius only (a table's eps)
+        norm, _, eps = metric.split("@", 1)[1].partition(":")
+        threat = record["threat"]
+        if threat["norm"] != norm or (eps and abs(threat["eps"] - float(Fraction(eps))) > 1e-9):
+            return None
+        return record["robust"]["accuracy"]
     if metric in ("clean", "robust"):
         return record[metric]["accuracy"]
     if metric == "robust_mean":  # absent where the attacks stopped at the verdict: no number rather than another one

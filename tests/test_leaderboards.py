@@ -366,3 +366,30 @@ def test_a_record_from_a_dirty_tree_is_marked_and_footnoted():
     text = atop_table7([clean, dirty])
     assert "| RT2 ‡ §     | ✓      |" in text and "| RT2         | ✗      |" in text
     assert "§ RT2 ✓: each made from a working tree with uncommitted changes" in text
+
+
+def test_a_board_borrows_records_of_another_board_and_a_pattern_matching_nothing_is_an_error(tmp_path):
+    # One AutoAttack-rand run of `atop` measures AToP's Tables 5 and 6: Table 5 shows it without a copy that could
+    # drift from the original.
+    from dataclasses import replace
+
+    from leaderboards.render import load_boards, load_records
+
+    root = _copy_leaderboards(tmp_path)
+    boards = {b.name: b for b in load_boards(root)}
+    shown = load_records(boards["atop-table5"], root)
+    original = {r["run_id"] for r in load_records(boards["atop-table6"], root)}
+    assert shown and {r["run_id"] for r in shown} <= original
+    assert all(r["suite"]["name"] == "autoattack-rand" and r["threat"]["norm"] == "linf" for r in shown)
+    with pytest.raises(BenchError, match="borrow pattern 'results/nowhere/\\*.json' matches no record"):
+        load_records(replace(boards["atop-table5"], borrow=["results/nowhere/*.json"]), root)
+
+
+def test_a_column_pinned_to_a_radius_reads_only_records_of_that_radius():
+    from leaderboards.render import metric_value
+
+    record = {"threat": {"norm": "l2", "eps": 0.5}, "robust": {"accuracy": 0.25}}
+    assert metric_value(record, "robust@l2") == 0.25 and metric_value(record, "robust@l2:0.5") == 0.25
+    assert metric_value(record, "robust@l2:1") is None and metric_value(record, "robust@linf") is None
+    linf = {"threat": {"norm": "linf", "eps": 8 / 255}, "robust": {"accuracy": 0.1}}
+    assert metric_value(linf, "robust@linf:8/255") == 0.1 and metric_value(linf, "robust@linf:4/255") is None
