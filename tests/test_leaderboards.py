@@ -393,3 +393,19 @@ def test_a_column_pinned_to_a_radius_reads_only_records_of_that_radius():
     assert metric_value(record, "robust@l2:1") is None and metric_value(record, "robust@linf") is None
     linf = {"threat": {"norm": "linf", "eps": 8 / 255}, "robust": {"accuracy": 0.1}}
     assert metric_value(linf, "robust@linf:8/255") == 0.1 and metric_value(linf, "robust@linf:4/255") is None
+
+
+def test_autoattack_standard_on_a_stochastic_defense_is_marked_with_the_worst_case_beside_it():
+    # AutoAttack standard takes one draw per gradient: before nrp-dynamic its AA cell read above the suite's EOT
+    # attacks; the cell carries a mark and the note names the EOT attacks' number and the record's worst case.
+    from leaderboards.render import footnotes, single_draw_attacks
+
+    board = [json.loads(p.read_text()) for p in sorted((REPO / "leaderboards" / "results" / "jatp-table1").glob("*.json"))]
+    stochastic = next(r for r in board if r["defense"]["stochastic"])
+    assert single_draw_attacks(stochastic) == ["autoattack"]
+    assert not any(single_draw_attacks(r) for r in board if not r["defense"]["stochastic"])
+    note = next(n for n in footnotes([("x", stochastic)]) if n.startswith("¶ x"))
+    assert f"worst case over every attack is {100 * stochastic['robust']['accuracy']:.2f}" in note
+    assert not any(n.startswith("¶") for n in footnotes([("x", {**stochastic, "defense": {**stochastic["defense"], "stochastic": False}})]))
+    text = (REPO / "leaderboards" / "jatp-table1.md").read_text()
+    assert any(line.startswith(f"| {stochastic['defense']['name']} on") and " ¶ " in line for line in text.splitlines())
