@@ -197,6 +197,12 @@ def single_draw_attacks(record: Dict[str, Any]) -> List[str]:
             and a.get("params", {}).get("version") == "standard" and "robust_alone" in a and a.get("stage") != "correction"]
 
 
+def single_draw_mark(record: Optional[Dict[str, Any]], metric: Optional[str]) -> str:
+    """`` ¶`` after a cell that reads an attack in ``single_draw_attacks``, on every table that shows one (paper tables,
+    AToP's transform tables, each of their readings), so the mark does not depend on the template."""
+    return " ¶" if record is not None and metric is not None and metric in single_draw_attacks(record) else ""
+
+
 def same_as_bare(record: Dict[str, Any], records: Sequence[Dict[str, Any]]) -> bool:
     """True for a defense whose per-image outcomes (clean prediction, robust verdict) equal those of the bare
     classifier's record on the same board (same classifier, subset, threat and suite): a purifier that does nothing."""
@@ -431,15 +437,15 @@ def transform_rows(board: Board, table: Dict[str, Any], records: Sequence[Dict[s
     columns = [c for c in table["columns"] if c != "clean"]
     skipped = [c for c in columns if any(f"{board.columns.get(c)}+skip" in per_attack(r, field_name) for r in records)]
     also = [c for c, key in board.also.items() if any(key in per_attack(r, field_name) for r in records)]
+    keys = ([board.columns.get(c, "") for c in columns] + [f"{board.columns[c]}+skip" for c in skipped]
+            + [board.also[c] for c in also])  # the attack each column reads, in column order
     rows: List[List[str]] = []
     if bare is not None:  # the bare classifier on the same images (PROTOCOL rule 8); the paper has no such row
         measured = {k: 100 * v for k, v in per_attack(bare, field_name).items()}
         bare_floor = no_attack_floor(bare)
         rows.append(["none (bare classifier)" + mark(bare), "", _cell(100 * bare["clean"]["accuracy"], None),
                      *([_cell(None if bare_floor is None else 100 * bare_floor, None)] if floor else []),
-                     *(_cell(measured.get(board.columns.get(c, "")), None) for c in columns),
-                     *(_cell(measured.get(f"{board.columns[c]}+skip"), None) for c in skipped),
-                     *(_cell(measured.get(board.also[c]), None) for c in also)])
+                     *(_cell(measured.get(key), None) + single_draw_mark(bare, key) for key in keys)])
     for transform in ("rt1", "rt2", "rt3"):
         for atop in (False, True):
             record, theirs = ours.get((transform, atop)), paper_rows[(transform, atop)]
@@ -449,9 +455,8 @@ def transform_rows(board: Board, table: Dict[str, Any], records: Sequence[Dict[s
             rows.append([transform.upper() + mark(record), "✓" if atop else "✗",
                          _cell(None if clean is None else 100 * clean, theirs["clean"]),
                          *([_cell(None if no_attack is None else 100 * no_attack, None)] if floor else []),
-                         *(_cell(measured.get(board.columns.get(c, "")), theirs[c]) for c in columns),
-                         *(_cell(measured.get(f"{board.columns[c]}+skip"), None) for c in skipped),
-                         *(_cell(measured.get(board.also[c]), None) for c in also)])
+                         *(_cell(measured.get(key), paper) + single_draw_mark(record, key)
+                           for key, paper in zip(keys, [theirs[c] for c in columns] + [None] * (len(skipped) + len(also))))])
     headers = ["transform", "AToP", "clean", *(["no attack"] if floor else []), *columns,
                *(f"{c}, purifier skipped" for c in skipped), *also]
     labelled = ([("none", bare)] if bare is not None else []) + [
@@ -483,8 +488,7 @@ def render_paper(board: Board, records: Sequence[Dict[str, Any]], root: Path = R
     measured = []  # our records, one row each, in the paper's columns (board.columns: paper column -> metric)
     for record in sorted(records, key=lambda r: (r["defense"]["name"], r["classifier"]["name"], r["suite"]["name"])):
         metrics = [board.columns.get(column) for column in table["columns"]]
-        one_draw = single_draw_attacks(record)
-        cells = [pct(metric_value(record, m)) + (" ¶" if m in one_draw else "") for m in metrics]
+        cells = [pct(metric_value(record, m)) + single_draw_mark(record, m) for m in metrics]
         label = f"{record['defense']['name']} on {record['classifier']['name']}{trained_with(record)}{mark(record)}"
         suite = f"{record['suite']['name']} v{record['suite']['version']} ({budget_name(record['suite']['budget'])})"
         measured.append([label, suite, pct(no_attack_floor(record)), *cells])

@@ -409,3 +409,25 @@ def test_autoattack_standard_on_a_stochastic_defense_is_marked_with_the_worst_ca
     assert not any(n.startswith("¶") for n in footnotes([("x", {**stochastic, "defense": {**stochastic["defense"], "stochastic": False}})]))
     text = (REPO / "leaderboards" / "jatp-table1.md").read_text()
     assert any(line.startswith(f"| {stochastic['defense']['name']} on") and " ¶ " in line for line in text.splitlines())
+
+
+def test_the_single_draw_mark_is_on_the_cell_in_atops_transform_tables_too():
+    # The ¶ mark used to be added only by the plain paper-table renderer; AToP's transform tables showed the footnote
+    # without marking the cell. Both now take it from single_draw_mark, in every reading of the table.
+    from dataclasses import replace
+
+    from leaderboards.render import VARIANTS, transform_rows
+
+    board = replace({b.name: b for b in load_boards()}["atop-table7"], also={"AutoAttack": "autoattack"})
+    records = [json.loads(p.read_text()) for p in sorted((REPO / "leaderboards" / "results" / "atop-table7").glob("*.json"))]
+    rt2 = next(r for r in records if r["defense"]["name"] == "atop-rt2-gan-ft")
+    assert rt2["defense"]["stochastic"]
+    value = {"accuracy": 0.5}
+    rt2["attacks"].append({"attack": "autoattack", "label": "autoattack", "params": {"version": "standard"},
+                           "robust_alone": value, "robust_alone_mean": 0.5, "robust_alone_majority": 0.5})
+    for field_name, _, clean_of, floor in VARIANTS:
+        rows, headers, _ = transform_rows(board, paper_table("atop", "7"), records, field_name, clean_of, floor)
+        column = headers.index("AutoAttack")
+        marked = [(row[0], row[1]) for row in rows if row[column].endswith(" ¶")]
+        assert marked == [("RT2", "✓")], (field_name, marked)
+        assert rows[0][column] == "—"  # the bare classifier's record has no AutoAttack: no number, no mark
