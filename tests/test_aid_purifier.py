@@ -18,7 +18,7 @@ from defenses.aid_purifier import (
 )
 from defenses.aid_training import AIDSettings, AIDTrainer
 from bench.errors import BenchError
-from tests.conftest import needs_resnet4b
+from tests.conftest import REPO, needs_resnet4b
 from tests.test_jatp import Staged
 
 
@@ -151,3 +151,24 @@ def test_a_discriminator_near_chance_marks_its_records_unreliable_and_the_layers
     assert stacked == [f"aid-purifier: {problems[0]}"]  # a stack reports its members' problems
     with pytest.raises(BenchError, match=r"trained on layers \['conv1', 'layer3'\], not \['conv1', 'layer2'\]"):
         build_defense("aid-purifier", resnet20, layers=("conv1", "layer2"))
+
+
+def test_the_tap_probe_separates_a_shifted_feature_and_stays_near_chance_without_one():
+    # scripts/aid_tap_probe.py measures which classifier layers register an attack (docs/aid-purifier.md quotes it):
+    # its probe must find a shift when there is one and report chance when there is none.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("aid_tap_probe", REPO / "scripts" / "aid_tap_probe.py")
+    probe_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe_module)
+    g = torch.Generator().manual_seed(0)
+    clean, same, shifted = (torch.randn(600, 20, generator=g) for _ in range(3))
+    shifted[:, 3] += 2.0
+    labels = torch.cat([torch.zeros(500), torch.ones(500)])
+    held = torch.cat([torch.zeros(100), torch.ones(100)])
+    for other, low, high in ((shifted, 0.8, 1.0), (same, 0.35, 0.65)):
+        accuracy = probe_module.probe(torch.cat([clean[:500], other[:500]]), labels, torch.cat([clean[500:], other[500:]]), held)
+        assert low <= accuracy <= high
+    features = torch.randn(2, 16, 8, 8)
+    assert [probe_module.pooled(features, p).shape[1] for p in probe_module.POOLINGS] == [16, 32, 256]
+    assert probe_module.readings(torch.randn(2, 10)) == ("sorted", "raw")
