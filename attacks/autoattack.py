@@ -35,7 +35,8 @@ class AutoAttackReference(Attack):
     def __init__(self, threat: Threat, version: str = "standard", seed: int = 0, batch_size: int = 256) -> None:
         super().__init__(threat)
         if version not in ("standard", "rand"):
-            raise BenchError(f"autoattack version must be standard or rand, got {version!r}")
+            raise BenchError(f"autoattack version must be standard or rand (a suite's \"auto\" is resolved for the defense "
+                             f"before the attack is built), got {version!r}")
         self.version, self.seed, self.batch_size = version, seed, batch_size
 
     def params(self) -> Dict[str, Any]:

@@ -8,7 +8,8 @@ budget into a ``Suite``; the record stores the suite name, version, budget and e
 
 ``Suite.build`` resolves a suite for a defense: exact-gradient attacks always; for a defense with
 non-differentiable stages, each gradient attack again under ``BPDA`` (an addition, never a replacement);
-``EOT`` around every gradient attack when stochastic. An attack spec may also ask for BPDA through named
+``EOT`` around every gradient attack when stochastic (``autoattack`` runs its own loop: version ``auto`` picks ``rand``
+for a stochastic defense, ``standard`` otherwise). An attack spec may also ask for BPDA through named
 stages that *are* differentiable (``"bpda": ["purifier"]``): that measures how much an evaluation that
 skips a stage in the gradient over-credits the defense (PROTOCOL: "purifier skipped in the gradient").
 
@@ -20,7 +21,7 @@ so each attack's own accuracy is known, as the columns of the papers' tables nee
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -54,6 +55,16 @@ class AttackSpec:
             return cls(threat, **dict(self.params))
         except TypeError as exc:
             raise BenchError(f"bad parameters for attack {self.attack}: {exc}") from None
+
+    def for_defense(self, stochastic: bool) -> "AttackSpec":
+        """The spec as it runs against a defense: ``autoattack`` with version ``auto`` becomes ``rand`` (APGD-CE and
+        APGD-DLR with EOT-20 inside pyautoattack) for a stochastic defense and ``standard`` otherwise, since AutoAttack
+        standard takes each gradient from one draw of a stochastic defense and reads higher than the truth."""
+        params = dict(self.params)
+        if self.attack != "autoattack" or params.get("version") != "auto":
+            return self
+        params["version"] = "rand" if stochastic else "standard"
+        return replace(self, params=tuple(sorted(params.items())))
 
     @property
     def label(self) -> str:
@@ -100,7 +111,7 @@ class Suite:
         stand_in = surrogate if self.surrogate and not pipeline_bpda else None
 
         def build(spec: AttackSpec) -> Attack:
-            attack = spec.build(threat)
+            attack = spec.for_defense(stochastic).build(threat)
             attack.early_stop = not complete
             return Surrogate(attack, stand_in) if stand_in is not None and attack.uses_oracle and attack.uses_gradients else attack
 

@@ -284,6 +284,20 @@ def test_suite_adds_bpda_and_eot_variants():
     assert labels == ["fgsm+eot2", "fgsm+bpda+eot2", "pgd-10+eot2", "pgd-10+bpda+eot2"]
 
 
+def test_autoattack_auto_runs_rand_on_a_stochastic_defense_and_standard_otherwise():
+    # AutoAttack standard takes each gradient from one draw of a stochastic defense: against nrp-dynamic it read 53.91
+    # where PGD-40 with EOT-10 read 49.22. jatp-table1 v3 asks for "auto", resolved per defense before building.
+    from attacks.suite import load_suite
+
+    suite = load_suite("jatp-table1", "linf", "cpu")
+    assert [dict(s.params)["version"] for s in suite.attacks if s.attack == "autoattack"] == ["auto"]
+    for stochastic, version in ((True, "rand"), (False, "standard")):
+        built = dict(suite.build(suite.threat, stochastic=stochastic, differentiable=True))
+        assert built["autoattack"].params()["version"] == version
+    with pytest.raises(BenchError, match="resolved for the defense"):
+        ATTACKS.get("autoattack")(Threat("linf", 0.03), version="auto")
+
+
 @pytest.mark.parametrize("version", ["standard", "rand"])
 def test_reference_autoattack_runs_through_the_harness(version, tiny_net, batch):
     x, _ = batch
