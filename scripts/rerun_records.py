@@ -61,7 +61,9 @@ def main(argv=None) -> int:
                       "suite": f"{old['suite']['name']} {old['suite']['budget']}",
                       "clean": [pct(old["clean"]), pct(new["clean"])], "no_attack": [pct(old.get("clean_worst")), pct(new.get("clean_worst"))],
                       "robust": [pct(old["robust"]), pct(new["robust"])], "new_run_id": new["run_id"],
-                      "unreliable": new["unreliable"], "seconds": [old["timing"]["seconds"], new["timing"]["seconds"]]})
+                      "unreliable": new["unreliable"], "seconds": [old["timing"]["seconds"], new["timing"]["seconds"]],
+                      # the attacks' own time (records before it existed have none): wall time also counts loading
+                      "attack_seconds": [old["timing"].get("attack_seconds"), new["timing"].get("attack_seconds")]})
         (args.out / "moved.json").write_text(json.dumps(moved, indent=1) + "\n")
     for row in moved:
         print(f"{row['defense']:32s} {row['classifier']:9s} {row['suite']:22s} clean {row['clean']} floor {row['no_attack']} "
