@@ -298,6 +298,20 @@ def test_autoattack_auto_runs_rand_on_a_stochastic_defense_and_standard_otherwis
         ATTACKS.get("autoattack")(Threat("linf", 0.03), version="auto")
 
 
+def test_atop_table8_runs_its_columns_at_l2_1_exact_and_with_the_purifier_skipped():
+    from attacks.suite import load_suite
+    from leaderboards.render import attack_key, load_boards
+
+    suite = load_suite("atop-table8", "l2", "cpu")
+    assert (suite.threat.norm, suite.threat.eps, suite.independent) == ("l2", 1.0, True)
+    plans = suite.build(suite.threat, stochastic=True, differentiable=True, complete=True)
+    keys = {attack_key({"attack": a.attack, "params": dict(a.params), "bpda_stages": list(a.bpda)}) for a in suite.attacks}
+    board = {b.name: b for b in load_boards()}["atop-table8"]
+    for column in board.columns.values():  # every paper column measured both ways
+        assert {column, f"{column}+skip"} <= keys
+    assert all(label.endswith("+eot10") for label, _ in plans if not label.startswith("transfer"))
+
+
 @pytest.mark.parametrize("version", ["standard", "rand"])
 def test_reference_autoattack_runs_through_the_harness(version, tiny_net, batch):
     x, _ = batch
