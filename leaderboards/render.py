@@ -231,14 +231,15 @@ def attack_key(attack: Dict[str, Any]) -> str:
     return f"{attack['attack']}{steps or ''}" + ("+skip" if attack.get("bpda_stages") and "pipeline" not in attack["bpda_stages"] else "")
 
 
-def per_attack(record: Dict[str, Any], field_name: str) -> Dict[str, float]:
-    """Each attack's value by its key (``pgd40``) and by its label in the run (``pgd-10+bpda``, ``oblivious-mim-10``)."""
+def per_attack(record: Dict[str, Any], field_name: str, whole: bool = False) -> Dict[str, Any]:
+    """Each attack's value by its key (``pgd40``) and by its label in the run (``pgd-10+bpda``, ``oblivious-mim-10``);
+    ``whole``: the summary itself (accuracy, counts, ``ci95``) where the field has one."""
     out = {}
     for a in record["attacks"]:
         if a.get("stage") == "correction" or field_name not in a:
             continue
         value = a[field_name]
-        out[attack_key(a)] = value["accuracy"] if isinstance(value, dict) else value
+        out[attack_key(a)] = value["accuracy"] if isinstance(value, dict) and not whole else value
         if "label" in a:
             out.setdefault(a["label"], out[attack_key(a)])
     return out
@@ -420,9 +421,9 @@ VARIANTS = (
 
 def transform_rows(board: Board, table: Dict[str, Any], records: Sequence[Dict[str, Any]], field_name: str,
                    clean_of=lambda r: r["clean"]["accuracy"], floor: bool = False):
-    """AToP's transform x {pre-trained, fine-tuned} shape (Tables 7, 8, 9): rows, headers, labelled records.
-    ``clean_of`` reads a record's clean accuracy the way ``field_name`` reads robust accuracy; ``floor`` adds the
-    no-attack column (clean accuracy with every draw right)."""
+    """AToP's transform x {pre-trained, fine-tuned} shape (Tables 7, 8, 9): rows, headers, labelled records, and for
+    the worst-case reading (``robust_alone``) the 95% intervals of its cells in the same shape (empty otherwise). ``clean_of`` reads a record's clean accuracy the way
+    ``field_name`` reads robust accuracy; ``floor`` adds the no-attack column (clean accuracy with every draw right)."""
     paper_rows = {(row["transform"], row["atop"]): dict(zip(table["columns"], row["values"])) for row in table["rows"]}
     ours, bare = {}, None
     for record in records:
@@ -440,12 +441,24 @@ def transform_rows(board: Board, table: Dict[str, Any], records: Sequence[Dict[s
     keys = ([board.columns.get(c, "") for c in columns] + [f"{board.columns[c]}+skip" for c in skipped]
             + [board.also[c] for c in also])  # the attack each column reads, in column order
     rows: List[List[str]] = []
+    intervals: List[List[str]] = []  # the worst-case reading's cells as counts of images: their 95% intervals
+
+    def interval_row(label: str, atop: str, record: Optional[Dict[str, Any]]) -> List[str]:
+        if record is None:
+            return [label, atop, *["—"] * (1 + int(floor) + len(keys))]
+        clean_ci = record["clean"].get("ci95")
+        floor_ci = record.get("clean_worst", {}).get("ci95") or (clean_ci if no_attack_floor(record) is not None else None)
+        by_key = per_attack(record, field_name, whole=True)
+        return [label, atop, interval_cell(clean_ci), *([interval_cell(floor_ci)] if floor else []),
+                *(interval_cell(by_key[k].get("ci95") if isinstance(by_key.get(k), dict) else None) for k in keys)]
+
     if bare is not None:  # the bare classifier on the same images (PROTOCOL rule 8); the paper has no such row
         measured = {k: 100 * v for k, v in per_attack(bare, field_name).items()}
         bare_floor = no_attack_floor(bare)
         rows.append(["none (bare classifier)" + mark(bare), "", _cell(100 * bare["clean"]["accuracy"], None),
                      *([_cell(None if bare_floor is None else 100 * bare_floor, None)] if floor else []),
                      *(_cell(measured.get(key), None) + single_draw_mark(bare, key) for key in keys)])
+        intervals.append(interval_row("none (bare classifier)", "", bare))
     for transform in ("rt1", "rt2", "rt3"):
         for atop in (False, True):
             record, theirs = ours.get((transform, atop)), paper_rows[(transform, atop)]
@@ -457,11 +470,14 @@ def transform_rows(board: Board, table: Dict[str, Any], records: Sequence[Dict[s
                          *([_cell(None if no_attack is None else 100 * no_attack, None)] if floor else []),
                          *(_cell(measured.get(key), paper) + single_draw_mark(record, key)
                            for key, paper in zip(keys, [theirs[c] for c in columns] + [None] * (len(skipped) + len(also))))])
+            intervals.append(interval_row(transform.upper(), "✓" if atop else "✗", record))
     headers = ["transform", "AToP", "clean", *(["no attack"] if floor else []), *columns,
                *(f"{c}, purifier skipped" for c in skipped), *also]
     labelled = ([("none", bare)] if bare is not None else []) + [
         (f"{t.upper()} {'✓' if a else '✗'}", ours[(t, a)]) for t in ("rt1", "rt2", "rt3") for a in (False, True) if (t, a) in ours]
-    return rows, headers, labelled
+    if field_name != "robust_alone" or not records:
+        intervals = []
+    return rows, headers, labelled, intervals
 
 
 def render_paper(board: Board, records: Sequence[Dict[str, Any]], root: Path = ROOT) -> str:
@@ -472,8 +488,9 @@ def render_paper(board: Board, records: Sequence[Dict[str, Any]], root: Path = R
     if board.template == "atop_transform.md.j2":
         variants = []
         for field_name, what, clean_of, floor in VARIANTS[: 3 if records else 1]:
-            rows, headers, labelled = transform_rows(board, table, records, field_name, clean_of, floor)
-            variants.append({"what": what, "table": _table(rows, headers), "notes": footnotes(labelled)})
+            rows, headers, labelled, intervals = transform_rows(board, table, records, field_name, clean_of, floor)
+            variants.append({"what": what, "table": _table(rows, headers), "notes": footnotes(labelled),
+                             "intervals": _table(intervals, headers) if intervals else None})
         return env.get_template(board.template).render(
             board=board, paper=table, variants=variants, setting=subset_line(records) if records else None, records=records)
     key_names = [k for k in table["row_keys"] if k != board.group_by]
@@ -485,18 +502,21 @@ def render_paper(board: Board, records: Sequence[Dict[str, Any]], root: Path = R
         groups.setdefault(str(row[board.group_by]) if board.group_by else "", []).append(cells)
     extra = [k for k in key_names if k not in ("method", "defense", "purifier")] if any(r.get("label") for r in table["rows"]) else []
     headers = ["row", *extra, *table["columns"]]
-    measured = []  # our records, one row each, in the paper's columns (board.columns: paper column -> metric)
+    measured, intervals = [], []  # our records, one row each, in the paper's columns (board.columns: paper column -> metric)
     for record in sorted(records, key=lambda r: (r["defense"]["name"], r["classifier"]["name"], r["suite"]["name"])):
         metrics = [board.columns.get(column) for column in table["columns"]]
         cells = [pct(metric_value(record, m)) + single_draw_mark(record, m) for m in metrics]
         label = f"{record['defense']['name']} on {record['classifier']['name']}{trained_with(record)}{mark(record)}"
         suite = f"{record['suite']['name']} v{record['suite']['version']} ({budget_name(record['suite']['budget'])})"
         measured.append([label, suite, pct(no_attack_floor(record)), *cells])
+        intervals.append([label, *(interval_cell(metric_interval(record, m)) for m in metrics)])
     measured_table = _table(measured, ["measured", "suite", "no attack (every draw right)", *table["columns"]]) if measured else None
+    interval_table = _table(intervals, ["measured", *table["columns"]]) if measured else None
     labelled = [(f"{r['defense']['name']} on {r['classifier']['name']}{trained_with(r)}", r) for r in records]
     return env.get_template(board.template).render(
         board=board, paper=table, groups=[{"name": name, "table": _table(rows, headers)} for name, rows in groups.items()],
-        measured=measured_table, setting=subset_line(records) if records else None, notes=footnotes(labelled))
+        measured=measured_table, intervals=interval_table, setting=subset_line(records) if records else None,
+        notes=footnotes(labelled))
 
 
 def trained_with(record: Dict[str, Any]) -> str:
@@ -533,6 +553,25 @@ def metric_value(record: Dict[str, Any], metric: Optional[str]) -> Optional[floa
     if metric == "robust_mean":  # absent where the attacks stopped at the verdict: no number rather than another one
         return record.get("robust_mean", None if "mean_omitted" in record else record["robust"]["accuracy"])
     return per_attack(record, "robust_alone").get(metric)
+
+
+def metric_interval(record: Dict[str, Any], metric: Optional[str]) -> Optional[Tuple[float, float]]:
+    """The 95% interval (Wilson score, as the record stores it) of ``metric_value(record, metric)``: of the lowest
+    metric for ``min:``; None where the value is not a count of images (``robust_mean``) or is not measured."""
+    if metric is None or metric_value(record, metric) is None:
+        return None
+    if metric.startswith("min:"):
+        measured = [(metric_value(record, m), m) for m in metric[4:].split(",")]
+        return metric_interval(record, min((v, m) for v, m in measured if v is not None)[1])
+    if metric.startswith("robust@") or metric in ("clean", "robust"):
+        ci = record["robust" if metric.startswith("robust") else "clean"].get("ci95")
+        return None if ci is None else tuple(ci)
+    summary = per_attack(record, "robust_alone", whole=True).get(metric)
+    return tuple(summary["ci95"]) if isinstance(summary, dict) and "ci95" in summary else None
+
+
+def interval_cell(ci: Optional[Sequence[float]]) -> str:
+    return "—" if ci is None else f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
 
 # ------------------------------------------------------------------------------------------------- all files

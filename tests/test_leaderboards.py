@@ -426,8 +426,44 @@ def test_the_single_draw_mark_is_on_the_cell_in_atops_transform_tables_too():
     rt2["attacks"].append({"attack": "autoattack", "label": "autoattack", "params": {"version": "standard"},
                            "robust_alone": value, "robust_alone_mean": 0.5, "robust_alone_majority": 0.5})
     for field_name, _, clean_of, floor in VARIANTS:
-        rows, headers, _ = transform_rows(board, paper_table("atop", "7"), records, field_name, clean_of, floor)
+        rows, headers, _, _ = transform_rows(board, paper_table("atop", "7"), records, field_name, clean_of, floor)
         column = headers.index("AutoAttack")
         marked = [(row[0], row[1]) for row in rows if row[column].endswith(" ¶")]
         assert marked == [("RT2", "✓")], (field_name, marked)
         assert rows[0][column] == "—"  # the bare classifier's record has no AutoAttack: no number, no mark
+
+
+def test_paper_tables_give_each_measured_cell_its_interval():
+    # Issue 19: every paper board shows our numbers "with the intervals". Each cell's 95% interval is the record's
+    # own (Wilson, over its n images), for the attack the column reads; a Worst column takes its lowest metric's.
+    from leaderboards.render import VARIANTS, metric_interval, metric_value, transform_rows
+
+    record = json.loads(next((REPO / "leaderboards" / "results" / "jatp-table1").glob("*nrp-dynamic*.json")).read_text())
+    pgd = next(a for a in record["attacks"] if a["attack"] == "pgd")["robust_alone"]
+    assert metric_interval(record, "pgd40") == tuple(pgd["ci95"])
+    low, high = metric_interval(record, "pgd40")
+    assert low <= metric_value(record, "pgd40") <= high
+    lowest = min(("pgd40", "apgd-dlr40"), key=lambda m: metric_value(record, m))
+    assert metric_interval(record, "min:pgd40,apgd-dlr40") == metric_interval(record, lowest)
+    assert metric_interval(record, "clean") == tuple(record["clean"]["ci95"])
+    assert metric_interval(record, "robust_mean") is None and metric_interval(record, "fwa") is None
+    text = (REPO / "leaderboards" / "jatp-table1.md").read_text()
+    section = text.split("95% intervals of the cells above", 1)[1].split("## The paper's numbers", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "[" in line]
+    assert len(rows) == len(list((REPO / "leaderboards" / "results" / "jatp-table1").glob("*.json")))
+    board = {b.name: b for b in load_boards()}["atop-table7"]
+    records = [json.loads(p.read_text()) for p in sorted((REPO / "leaderboards" / "results" / "atop-table7").glob("*.json"))]
+    for field_name, _, clean_of, floor in VARIANTS:
+        rows, headers, _, intervals = transform_rows(board, paper_table("atop", "7"), records, field_name, clean_of, floor)
+        if field_name != "robust_alone":
+            assert intervals == []  # a mean over draws is no count of images
+            continue
+        assert len(intervals) == len(rows) and [i[1] for i in intervals] == [r[1] for r in rows]  # same rows, same order
+        column = headers.index("PGD-20")
+        for row, ci in zip(rows, intervals):
+            if row[column].startswith("—"):
+                assert ci[column] == "—"
+            else:
+                value = float(row[column].split(" ")[0])
+                low, high = (float(v) for v in ci[column].strip("[]").split(", "))
+                assert low - 0.05 <= value <= high + 0.05
