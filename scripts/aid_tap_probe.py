@@ -5,7 +5,8 @@ discriminator can separate clean from adversarial inputs at all depends on wheth
 attack. This script measures that directly, before any discriminator is trained: it crafts linf PGD-10 (8/255, step
 2/255, random start; AID's training attack) on ``--n`` training images, reads every candidate tap of the classifier
 under each pooling, trains a logistic probe on 80% of the (clean, PGD) pairs, and reports its accuracy on the other
-20% (pairs split together, so no image is on both sides; chance is 50%).
+20% (pairs split together, so no image is on both sides; chance is 50%). Last, the two taps AID's discriminator reads
+by default, pooled and concatenated, under the linear probe and a one-hidden-layer network.
 
 Poolings: ``mean`` (global average, what AID's discriminator reads), ``mean+std`` (per-channel mean and standard
 deviation over space) and ``grid4`` (4x4 average pooling, flattened: where in the image the activation moves). The
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attacks.gradient import plain_pgd  # noqa: E402
 from bench.classifiers import load_classifier  # noqa: E402
 from bench.data.datasets import load_dataset  # noqa: E402
+from defenses.aid_purifier import aid_layers  # noqa: E402
 
 TAPS = ("conv1", "layer1", "layer2", "layer3", "layer4", "linear1", "linear", "linear2", "fc")
 POOLINGS = ("mean", "mean+std", "grid4")
@@ -90,6 +92,22 @@ def probe(train_x: torch.Tensor, train_t: torch.Tensor, test_x: torch.Tensor, te
         return ((b @ w + bias > 0).float() == test_t).float().mean().item()
 
 
+def mlp_probe(train_x: torch.Tensor, train_t: torch.Tensor, test_x: torch.Tensor, test_t: torch.Tensor,
+              hidden: int = 256, steps: int = 500) -> float:
+    """Held-out accuracy of a one-hidden-layer ReLU network (standardised features, Adam, weight decay): a nonlinear
+    reading of the same features, closer to what AID's discriminator can learn than the linear probe."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    a, b = (train_x - mean) / std, (test_x - mean) / std
+    net = torch.nn.Sequential(torch.nn.Linear(a.shape[1], hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.binary_cross_entropy_with_logits(net(a).squeeze(1), train_t).backward()
+        opt.step()
+    with torch.no_grad():
+        return ((net(b).squeeze(1) > 0).float() == test_t).float().mean().item()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classifier", required=True)
@@ -116,25 +134,35 @@ def main() -> None:
                 for p, value in by_pool.items():
                     feats[name].setdefault(p, [[], []])[side].append(value)
     cut = int(0.8 * args.n)
+
+    def split(clean: torch.Tensor, adv: torch.Tensor):
+        """Train on the first 80% of the pairs, test on the rest: both inputs of an image on the same side."""
+        labels = lambda k: torch.cat([torch.zeros(k), torch.ones(k)])  # noqa: E731
+        return (torch.cat([clean[:cut], adv[:cut]]), labels(cut), torch.cat([clean[cut:], adv[cut:]]), labels(args.n - cut))
+
     rows = []
     for name in names:
         for p, sides in feats[name].items():
             clean, adv = (torch.cat(v) for v in sides)
-            train_x = torch.cat([clean[:cut], adv[:cut]])
-            train_t = torch.cat([torch.zeros(cut), torch.ones(cut)])
-            test_x = torch.cat([clean[cut:], adv[cut:]])
-            test_t = torch.cat([torch.zeros(args.n - cut), torch.ones(args.n - cut)])
             shift = ((adv.mean(0) - clean.mean(0)).abs() / (clean.std(0) + 1e-6)).mean().item()
             row = {"classifier": args.classifier, "tap": name, "pooling": p, "dim": clean.shape[1],
-                   "heldout_separation": round(probe(train_x, train_t, test_x, test_t), 4),
+                   "heldout_separation": round(probe(*split(clean, adv)), 4),
                    "mean_shift_in_sd": round(shift, 3), "pairs": args.n, "pgd_error_rate": round(broken / args.n, 4)}
             rows.append(row)
             print(json.dumps(row), flush=True)
+    low, high = aid_layers(classifier)  # what AID's discriminator reads by default: both taps, globally pooled
+    clean, adv = (torch.cat([torch.cat(feats[low]["mean"][side]), torch.cat(feats[high]["mean"][side])], dim=1) for side in (0, 1))
+    pair = {"classifier": args.classifier, "tap": f"{low}+{high}", "pooling": "mean", "dim": clean.shape[1],
+            "heldout_separation": round(probe(*split(clean, adv)), 4),
+            "heldout_separation_mlp": round(mlp_probe(*split(clean, adv)), 4), "pairs": args.n}
+    print(json.dumps(pair), flush=True)
     print(f"\n{args.classifier}: PGD-10 at eps {args.eps * 255:.0f}/255 fools the classifier on {100 * broken / args.n:.1f}% "
           f"of {args.n} training images; held-out probe accuracy (chance 50%):")
     for name in names:
         print(f"  {name:8s} " + "  ".join(f"{p} {100 * r['heldout_separation']:.1f}" for r in rows if r["tap"] == name
                                           for p in [r["pooling"]]))
+    print(f"  AID's default taps {pair['tap']} (mean-pooled, concatenated): linear {100 * pair['heldout_separation']:.1f}, "
+          f"one hidden layer {100 * pair['heldout_separation_mlp']:.1f}")
 
 
 if __name__ == "__main__":

@@ -167,8 +167,9 @@ def test_the_tap_probe_separates_a_shifted_feature_and_stays_near_chance_without
     labels = torch.cat([torch.zeros(500), torch.ones(500)])
     held = torch.cat([torch.zeros(100), torch.ones(100)])
     for other, low, high in ((shifted, 0.8, 1.0), (same, 0.35, 0.65)):
-        accuracy = probe_module.probe(torch.cat([clean[:500], other[:500]]), labels, torch.cat([clean[500:], other[500:]]), held)
-        assert low <= accuracy <= high
+        for read in (probe_module.probe, probe_module.mlp_probe):
+            accuracy = read(torch.cat([clean[:500], other[:500]]), labels, torch.cat([clean[500:], other[500:]]), held)
+            assert low <= accuracy <= high, (read.__name__, accuracy)
     features = torch.randn(2, 16, 8, 8)
     assert [probe_module.pooled(features, p).shape[1] for p in probe_module.POOLINGS] == [16, 32, 256]
     assert probe_module.readings(torch.randn(2, 10)) == ("sorted", "raw")
