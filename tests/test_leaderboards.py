@@ -378,9 +378,11 @@ def test_a_board_borrows_records_of_another_board_and_a_pattern_matching_nothing
     root = _copy_leaderboards(tmp_path)
     boards = {b.name: b for b in load_boards(root)}
     shown = load_records(boards["atop-table5"], root)
+    own = {json.loads(p.read_text())["run_id"] for p in (root / "results" / "atop-table5").glob("*.json")}
     original = {r["run_id"] for r in load_records(boards["atop-table6"], root)}
-    assert shown and {r["run_id"] for r in shown} <= original
-    assert all(r["suite"]["name"] == "autoattack-rand" and r["threat"]["norm"] == "linf" for r in shown)
+    borrowed = [r for r in shown if r["run_id"] not in own]
+    assert borrowed and {r["run_id"] for r in borrowed} <= original and len(shown) == len(own) + len(borrowed)
+    assert all(r["suite"]["name"] == "autoattack-rand" and r["threat"]["norm"] == "linf" for r in borrowed)
     with pytest.raises(BenchError, match="borrow pattern 'results/nowhere/\\*.json' matches no record"):
         load_records(replace(boards["atop-table5"], borrow=["results/nowhere/*.json"]), root)
 
