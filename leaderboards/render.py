@@ -422,8 +422,9 @@ VARIANTS = (
 def transform_rows(board: Board, table: Dict[str, Any], records: Sequence[Dict[str, Any]], field_name: str,
                    clean_of=lambda r: r["clean"]["accuracy"], floor: bool = False):
     """AToP's transform x {pre-trained, fine-tuned} shape (Tables 7, 8, 9): rows, headers, labelled records, and for
-    the worst-case reading (``robust_alone``) the 95% intervals of its cells in the same shape (empty otherwise). ``clean_of`` reads a record's clean accuracy the way
-    ``field_name`` reads robust accuracy; ``floor`` adds the no-attack column (clean accuracy with every draw right)."""
+    the worst-case reading (``robust_alone``) the 95% intervals of its cells in the same shape (empty otherwise).
+    ``clean_of`` reads a record's clean accuracy the way ``field_name`` reads robust accuracy; ``floor`` adds the
+    no-attack column (clean accuracy with every draw right)."""
     paper_rows = {(row["transform"], row["atop"]): dict(zip(table["columns"], row["values"])) for row in table["rows"]}
     ours, bare = {}, None
     for record in records:
