@@ -381,13 +381,19 @@ def plot_board(board: Board, records: Sequence[Dict[str, Any]]) -> Optional[byte
     return buffer.getvalue()
 
 
-def no_attack_floor(record: Dict[str, Any]) -> Optional[float]:
-    """Clean accuracy under the verdict rule (every re-classification draw right): the most a robust accuracy can
-    be. The one-draw clean accuracy for a deterministic defense; None for an older stochastic record without it."""
+def no_attack_summary(record: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The clean summary under the verdict rule (every re-classification draw right; accuracy, counts, ``ci95``):
+    the one-draw clean summary for a deterministic defense; None for an older stochastic record without it."""
     if "clean_worst" in record:
-        return record["clean_worst"]["accuracy"]
+        return record["clean_worst"]
     stochastic = record["defense"].get("stochastic", True) or record.get("settings", {}).get("success_draws", 1) > 1
-    return None if stochastic else record["clean"]["accuracy"]
+    return None if stochastic else record["clean"]
+
+
+def no_attack_floor(record: Dict[str, Any]) -> Optional[float]:
+    """Clean accuracy under the verdict rule (``no_attack_summary``): the most a robust accuracy can be."""
+    summary = no_attack_summary(record)
+    return None if summary is None else summary["accuracy"]
 
 
 def clean_majority(record: Dict[str, Any]) -> Optional[float]:
@@ -447,10 +453,9 @@ def transform_rows(board: Board, table: Dict[str, Any], records: Sequence[Dict[s
     def interval_row(label: str, atop: str, record: Optional[Dict[str, Any]]) -> List[str]:
         if record is None:
             return [label, atop, *["—"] * (1 + int(floor) + len(keys))]
-        clean_ci = record["clean"].get("ci95")
-        floor_ci = record.get("clean_worst", {}).get("ci95") or (clean_ci if no_attack_floor(record) is not None else None)
+        floor_ci = (no_attack_summary(record) or {}).get("ci95")
         by_key = per_attack(record, field_name, whole=True)
-        return [label, atop, interval_cell(clean_ci), *([interval_cell(floor_ci)] if floor else []),
+        return [label, atop, interval_cell(record["clean"].get("ci95")), *([interval_cell(floor_ci)] if floor else []),
                 *(interval_cell(by_key[k].get("ci95") if isinstance(by_key.get(k), dict) else None) for k in keys)]
 
     if bare is not None:  # the bare classifier on the same images (PROTOCOL rule 8); the paper has no such row
