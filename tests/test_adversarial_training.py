@@ -83,3 +83,24 @@ def test_the_curve_title_names_the_radius_and_older_manifests_read_as_8_255(tmp_
                                        "heldout_eps": 2 / 255}])
         write_curve(tmp_path, "old", [{"epoch": 1, "loss": 1.0, "heldout_clean": 0.5, "heldout_pgd10": 0.3}])
     assert "PGD-10 at linf 2/255" in titles[1] and "PGD-10 at linf 8/255" in titles[3]
+
+
+SHIPPED = sorted((Path(__file__).resolve().parent.parent / "bench" / "classifiers" / "checkpoints").glob("*/classifier.weights.pt"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.parent.name for p in SHIPPED])
+def test_shipped_classifiers_match_their_manifest_and_load_with_it(path, monkeypatch, tmp_path):
+    # The shipped copy is what `resnet20-at8` loads when no trained copy is under $BENCH_CHECKPOINT_DIR; its
+    # manifest names its sha256 and says which run made it (finished, at the eps the name says).
+    from bench.classifiers import load_classifier
+    from bench.training import sha256_file
+
+    monkeypatch.setenv("BENCH_CHECKPOINT_DIR", str(tmp_path))
+    manifest = json.loads(path.with_name("classifier.manifest.json").read_text())
+    assert sha256_file(path) == manifest["shipped_sha256"] and manifest["finished"]
+    assert path.stat().st_size <= 20 * 2**20
+    name = path.parent.name
+    assert manifest["config"]["classifier"] == name
+    model = load_classifier(name)
+    assert model.info.weights.endswith(f"checkpoints/{name}/classifier.weights.pt")
+    assert round(model.info.train_eps * 255) == round(manifest["config"]["settings"]["eps"] * 255)
