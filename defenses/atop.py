@@ -51,13 +51,13 @@ class AToP(Defense):
         title="Adversarial Training on Purification (AToP): Advancing Both Robustness and Generalization",
         authors="Guang Lin, Chao Li, Jianhai Zhang, Toshihisa Tanaka, Qibin Zhao", venue="ICLR", year=2024,
         paper="https://arxiv.org/abs/2401.16352", code="https://github.com/glin2022/atop",
-        weights=("GAN purifiers (a gated U-Net, 0.87M parameters, and a PatchGAN) and one AE purifier (RT2: a masked "
+        weights=("GAN purifiers (a gated U-Net, 0.87M parameters, and a PatchGAN) and AE purifiers (a masked "
                  "autoencoder, 0.48M parameters) trained here with bench train on the cifar10-jpeg training images in "
                  "front of the shared ResNet-20; manifests beside the weights; this project's own work, no upstream "
                  "weights"),
         differences=("a CPU-scale purifier trained for minutes to hours (the paper: a DeepFill v2 generator, hours on "
                      "GPUs); the frozen classifier is a standard ResNet-20 on JPEG-compressed CIFAR-10 (the paper: "
-                     "ResNet-18 / WRN-28-10 on CIFAR-10); of the AE purifiers only RT2's is trained"),
+                     "ResNet-18 / WRN-28-10 on CIFAR-10); the AE purifiers: RT1 and RT2 pre-trained and fine-tuned, RT3 pre-trained only"),
     )
     paper_reference = ("AToP (RT2 + GAN purifier), paper Table 2: 90.62% clean, 72.85% robust (AutoAttack linf 8/255, "
                        "WRN-28-10, CIFAR-10); the checkpoints shipped here are small and trained for minutes on a CPU")
