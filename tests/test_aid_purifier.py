@@ -12,6 +12,7 @@ from defenses.aid_purifier import (
     AIDPurification,
     AIDPurifier,
     AIDPurifierUnrolled,
+    MIN_SEPARATION,
     TwoLayerTap,
     aid_layers,
     avmixup,
@@ -173,3 +174,29 @@ def test_the_tap_probe_separates_a_shifted_feature_and_stays_near_chance_without
     features = torch.randn(2, 16, 8, 8)
     assert [probe_module.pooled(features, p).shape[1] for p in probe_module.POOLINGS] == [16, 32, 256]
     assert probe_module.readings(torch.randn(2, 10)) == ("sorted", "raw")
+
+
+SHIPPED_DISCRIMINATORS = sorted((REPO / "defenses" / "checkpoints" / "aid-purifier").glob("*/discriminator.weights.pt"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_DISCRIMINATORS, ids=[p.parent.name for p in SHIPPED_DISCRIMINATORS])
+def test_shipped_discriminators_match_their_manifest_and_say_when_they_are_near_chance(path):
+    # Shipped in fp16 or fp32: the file is the one the manifest names (when it names one), it loads into the network
+    # built on its classifier's taps, and a discriminator whose manifest separation is under MIN_SEPARATION comes with
+    # the known problem that marks its records unreliable.
+    import json
+
+    from bench.classifiers import load_classifier
+    from bench.training import sha256_file
+
+    manifest = json.loads(path.with_name("discriminator.manifest.json").read_text())
+    if "shipped_sha256" in manifest:
+        assert sha256_file(path) == manifest["shipped_sha256"]
+    try:
+        classifier = load_classifier(path.parent.name)
+    except BenchError as err:  # the shared weights of the standard bases are not beside this checkout
+        pytest.skip(str(err))
+    defense = AIDPurifier(classifier, checkpoint=str(path))
+    assert defense.checkpoint_sha256 == sha256_file(path)
+    separation = manifest["history"][-1]["separation"]
+    assert bool(defense.known_problems()) == (separation < MIN_SEPARATION)
