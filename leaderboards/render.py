@@ -509,11 +509,14 @@ def render_paper(board: Board, records: Sequence[Dict[str, Any]], root: Path = R
     extra = [k for k in key_names if k not in ("method", "defense", "purifier")] if any(r.get("label") for r in table["rows"]) else []
     headers = ["row", *extra, *table["columns"]]
     measured, intervals = [], []  # our records, one row each, in the paper's columns (board.columns: paper column -> metric)
+    several_threats = len({(r["threat"]["norm"], r["threat"]["eps"]) for r in records}) > 1  # then each row names its own
     for record in sorted(records, key=lambda r: (r["defense"]["name"], r["classifier"]["name"], r["suite"]["name"])):
         metrics = [board.columns.get(column) for column in table["columns"]]
         cells = [pct(metric_value(record, m)) + single_draw_mark(record, m) for m in metrics]
         label = f"{record['defense']['name']} on {record['classifier']['name']}{trained_with(record)}{mark(record)}"
         suite = f"{record['suite']['name']} v{record['suite']['version']} ({budget_name(record['suite']['budget'])})"
+        if several_threats:
+            suite += f", {record['threat']['norm']} {format_eps(record['threat']['norm'], record['threat']['eps'])}"
         measured.append([label, suite, pct(no_attack_floor(record)), *cells])
         intervals.append([label, *(interval_cell(metric_interval(record, m)) for m in metrics)])
     measured_table = _table(measured, ["measured", "suite", "no attack (every draw right)", *table["columns"]]) if measured else None

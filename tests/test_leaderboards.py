@@ -469,3 +469,22 @@ def test_paper_tables_give_each_measured_cell_its_interval():
                 value = float(row[column].split(" ")[0])
                 low, high = (float(v) for v in ci[column].strip("[]").split(", "))
                 assert low - 0.05 <= value <= high + 0.05
+
+
+def test_a_paper_board_mixing_radii_names_each_rows_threat():
+    # jatp-table1 holds rows at 2/255 (before ResNet-4b) and at the paper's 8/255 (before resnet20-at8): without the
+    # radius in the row, "none on resnet4b" and "none on resnet20-at8" read as the same measurement at two strengths.
+    from leaderboards.render import render_paper
+
+    board = {b.name: b for b in load_boards()}["jatp-table1"]
+    records = [json.loads(p.read_text()) for p in sorted((REPO / "leaderboards" / "results" / "jatp-table1").glob("*.json"))]
+    radii = {round(r["threat"]["eps"] * 255) for r in records}
+    assert radii == {2, 8}
+    text = render_paper(board, records)
+    rows = [line for line in text.split("## Measured here", 1)[1].split("95% intervals", 1)[0].splitlines()
+            if line.startswith("| ") and " on " in line]
+    assert len(rows) == len(records)
+    assert all(("linf 2/255" in row) != ("linf 8/255" in row) for row in rows)
+    one_radius = [r for r in records if round(r["threat"]["eps"] * 255) == 2]
+    single = render_paper(board, one_radius).split("## Measured here", 1)[1].split("95% intervals", 1)[0]
+    assert "linf 2/255 |" not in single  # one radius: the setting line above the table says it once
