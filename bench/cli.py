@@ -110,6 +110,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--compile", action="store_true", help="torch.compile the model before the attacks (GPU)")
     run.add_argument("--download", action="store_true", help="let datasets that can be downloaded fetch themselves")
     run.add_argument("--out", type=Path, default=Path("runs"), help="folder for the record (default runs)")
+    run.add_argument("--skip-existing", action="store_true",
+                     help="if this run's record (same run id) is already in --out, print it instead of running again "
+                          "(for queues of long runs; by default a run is repeated and its record rewritten)")
     run.add_argument("--launcher", choices=("none", "torchrun"), default="none",
                      help="torchrun: run this evaluation over --nproc-per-node processes on this machine (one record)")
     run.add_argument("--nproc-per-node", type=int, default=2, help="processes for --launcher torchrun (default 2)")
@@ -306,6 +309,7 @@ def run_config(args: argparse.Namespace):
         eps=args.eps, n=args.n, seed=args.seed, device=args.device, batch_size=args.batch_size, out=args.out,
         download=args.download, defense_options=parse_options(args.defense_option),
         channels_last=args.channels_last, autocast=args.autocast, compile=args.compile,
+        skip_existing=getattr(args, "skip_existing", False),
     )
 
 

@@ -363,3 +363,21 @@ def test_concurrent_runs_into_one_folder_lose_and_corrupt_nothing(tmp_path):
     waited = sum("waiting for it" in err or "while this one waited" in err for _, err in outputs)
     assert waited >= 1  # the twins met at the lock
     assert not [p for p in tmp_path.glob("*.tmp")] and not [p for p in tmp_path.glob(".*.json.*")]  # no torn writes left
+
+
+def test_skip_existing_returns_the_written_record_and_a_plain_rerun_rewrites_it(tmp_path, capsys):
+    # Queues of long runs: `bench run --skip-existing` prints the record already in --out (same run id) instead of
+    # running again; without it, the same run is repeated and its record rewritten.
+    from bench.cli import main
+
+    args = ["--plugin", PLUGIN, "run", "--defense", "plugin-blur", "--classifier", "tiny", "--dataset", "tiny-test",
+            "--budget", "smoke", "--n", "8", "--out", str(tmp_path)]
+    assert main(args) == 0
+    (path,) = tmp_path.glob("*.json")
+    os.utime(path, ns=(1, 1))  # written long ago
+    capsys.readouterr()
+    assert main([*args, "--skip-existing"]) == 0
+    assert path.stat().st_mtime_ns == 1 and list(tmp_path.glob("*.json")) == [path]
+    assert json.loads(path.read_text())["run_id"][:8] in capsys.readouterr().out  # the summary of the record it found
+    assert main(args) == 0
+    assert path.stat().st_mtime_ns > 1

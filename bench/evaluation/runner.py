@@ -77,6 +77,7 @@ class RunConfig:
     channels_last: bool = False  # execution options (bench/evaluation/execution.py), meant for CUDA; off by default
     autocast: Optional[str] = None  # None, "bf16" or "fp16"
     compile: bool = False
+    skip_existing: bool = False  # return the record already written for this run id instead of running again
 
     @property
     def execution(self) -> Execution:
@@ -277,9 +278,10 @@ def evaluate_defense(defense: Defense, subset, suite, threat: Threat, config: Ru
     ``bench run`` both end here)."""
     p = plan_evaluation(defense, subset, suite, threat, config, device)
     with run_lock(p.state_dir, enabled=world()[1] == 1) as waited_since:
-        written = _written_meanwhile(p.target, p.run_id, waited_since)
+        written = _written_meanwhile(p.target, p.run_id, 0.0 if config.skip_existing else waited_since)
         if written is not None:
-            log.info("run %s: another process wrote its record while this one waited: %s", p.run_id, p.target)
+            log.info("run %s: %s: %s", p.run_id, "its record exists (--skip-existing)" if config.skip_existing
+                     else "another process wrote its record while this one waited", p.target)
             return written, p.target
         return _evaluate_locked(defense, subset, suite, threat, config, device, p.plans, p.described, p.draws,
                                 p.execution, p.model, p.batch_size, p.run_id, p.state_dir, p.complete)
