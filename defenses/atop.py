@@ -2,7 +2,8 @@
 
 ``atop`` is the paper's best configuration (RT2 + GAN purifier, fine-tuned with the adversarial loss).
 Named variants ``atop-<rt1|rt2|rt3>-<gan|ae>-<pre|ft>`` cover the transform x purifier x {pre-trained
-only, fine-tuned} grid of the paper's Tables 7-9. The pipeline is stochastic (fresh masks and noise on
+only, fine-tuned} grid of the paper's Tables 7-9; ``atop-rt2-ae-ft-pipeline`` is the RT2 AE fine-tuned on FGSM
+examples crafted against the whole pipeline instead of the bare classifier. The pipeline is stochastic (fresh masks and noise on
 every call) and exactly differentiable, so the suites attack it end to end with EOT.
 
 Weights come from ``bench train --defense atop`` (see ``defenses/atop_training.py``). They are looked up in
@@ -29,6 +30,9 @@ from defenses.transforms import RT1, RT2, RT3, MaskedEnsemble, MaskedInpainting
 
 TRANSFORMS = {"rt1": RT1, "rt2": RT2, "rt3": RT3}
 STAGES = {"pre": "pretrain", "ft": "finetune"}
+# The purifier fine-tuned with its FGSM examples crafted against the whole pipeline (`bench train --adv-target
+# pipeline`) rather than the bare classifier (the default, as the authors' released code does); one ships, RT2 + AE.
+PIPELINE_STAGE = "finetune-pipeline"
 BUNDLED_DIR = SHIPPED_DIR
 
 
@@ -71,7 +75,7 @@ class AToP(Defense):
         self.transform_name = transform or self.default_transform
         self.purifier_name = purifier or self.default_purifier
         self.stage = stage or self.default_stage
-        if self.transform_name not in TRANSFORMS or self.purifier_name not in PURIFIERS or self.stage not in STAGES.values():
+        if self.transform_name not in TRANSFORMS or self.purifier_name not in PURIFIERS or self.stage not in (*STAGES.values(), PIPELINE_STAGE):
             raise BenchError(f"atop: unknown transform/purifier/stage {self.transform_name}/{self.purifier_name}/{self.stage}")
         generator = PURIFIERS[self.purifier_name]()
         self.checkpoint_path: Optional[Path] = None
@@ -108,14 +112,15 @@ class AToP(Defense):
         }
 
 
-def _variant(transform: str, purifier: str, short: str) -> type:
+def _variant(transform: str, purifier: str, short: str, stage: str, what: str) -> type:
     name = f"atop-{transform}-{purifier}-{short}"
-    attrs = {"default_transform": transform, "default_purifier": purifier, "default_stage": STAGES[short],
-             "__doc__": f"AToP with {transform.upper()} and the {purifier.upper()} purifier, {STAGES[short]} weights."}
+    attrs = {"default_transform": transform, "default_purifier": purifier, "default_stage": stage,
+             "__doc__": f"AToP with {transform.upper()} and the {purifier.upper()} purifier, {what}."}
     return register_defense(name)(type(name.replace("-", "_"), (AToP,), attrs))
 
 
 for _t in TRANSFORMS:
     for _p in PURIFIERS:
-        for _s in STAGES:
-            _variant(_t, _p, _s)
+        for _s, _stage in STAGES.items():
+            _variant(_t, _p, _s, _stage, f"{_stage} weights")
+_variant("rt2", "ae", "ft-pipeline", PIPELINE_STAGE, "fine-tuned on FGSM examples crafted against the whole pipeline")

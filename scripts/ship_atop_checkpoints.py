@@ -1,6 +1,7 @@
 """Copy trained AToP purifiers into ``defenses/checkpoints/`` so the package works offline without training.
 
-For every ``<root>/atop/<classifier>/<transform>-<purifier>/<stage>.pt`` written by ``bench train``, this
+For every ``<root>/atop/<classifier>/<transform>-<purifier>/<stage>.pt`` written by ``bench train`` (stage
+``pretrain``, ``finetune``, or ``finetune-pipeline``: a ``finetune.pt`` trained with ``--adv-target pipeline``), this
 writes the generator weights alone (what inference needs) to the same place under ``defenses/checkpoints``,
 and beside it the training manifest with two fields added: ``shipped_from`` (the full checkpoint's sha256)
 and ``shipped_sha256`` (the shipped file's own sha256, checked by the tests).
@@ -19,7 +20,7 @@ import torch
 
 from bench.core.record import write_json_atomic
 from bench.training import sha256_file
-from defenses.atop import BUNDLED_DIR
+from defenses.atop import BUNDLED_DIR, PIPELINE_STAGE, STAGES
 
 
 def ship(source: Path, target: Path, max_bytes: int) -> None:
@@ -31,6 +32,10 @@ def ship(source: Path, target: Path, max_bytes: int) -> None:
         target.unlink()
         raise SystemExit(f"{target}: {size} bytes is over the limit of {max_bytes}")
     manifest = json.loads(source.with_suffix(".manifest.json").read_text())
+    wanted = "pipeline" if source.stem == PIPELINE_STAGE else "classifier"
+    if source.stem != "pretrain" and manifest["config"]["settings"]["adv_target"] != wanted:
+        target.unlink()
+        raise SystemExit(f"{source}: a {source.stem} file must be fine-tuned with adv_target={wanted}")
     manifest.update(shipped_from=sha256_file(source), shipped_sha256=sha256_file(target))
     write_json_atomic(target.with_suffix(".manifest.json"), manifest)
     print(f"{target} ({target.stat().st_size / 2**20:.2f} MiB) <- {source}")
@@ -42,7 +47,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-mib", type=float, default=5.0)
     args = parser.parse_args(argv)
     sources = sorted(args.root.glob("atop/*/*/*.pt"))
-    sources = [p for p in sources if p.stem in ("pretrain", "finetune")]
+    sources = [p for p in sources if p.stem in (*STAGES.values(), PIPELINE_STAGE)]
     if not sources:
         print(f"no checkpoints under {args.root}/atop", file=sys.stderr)
         return 1

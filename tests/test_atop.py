@@ -140,7 +140,49 @@ def test_shipped_checkpoints_are_small_match_their_manifest_and_load(path):
     assert sha256_file(path) == manifest["shipped_sha256"]
     transform, purifier = path.parent.name.split("-")
     assert manifest["config"]["settings"]["purifier"] == purifier
+    if path.stem != "pretrain":  # the file name says against what its FGSM examples were crafted
+        assert manifest["config"]["settings"]["adv_target"] == ("pipeline" if path.stem == "finetune-pipeline" else "classifier")
     PURIFIERS[purifier]().load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["generator"], strict=True)
+
+
+@pytest.mark.parametrize("stem, adv_target", [("finetune", "pipeline"), ("finetune-pipeline", "classifier")])
+def test_shipping_refuses_a_fine_tuned_file_named_for_the_other_fgsm_target(tmp_path, stem, adv_target):
+    # `finetune-pipeline.pt` is what `atop-rt2-ae-ft-pipeline` loads: only a purifier whose FGSM examples were
+    # crafted against the whole pipeline may ship under that name, and only the default one as `finetune.pt`.
+    import importlib.util
+
+    from defenses.atop import PIPELINE_STAGE, STAGES
+
+    spec = importlib.util.spec_from_file_location("ship_atop", Path(__file__).parent.parent / "scripts" / "ship_atop_checkpoints.py")
+    ship_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship_module)
+    source = tmp_path / "root" / "atop" / "resnet20" / "rt2-ae" / f"{stem}.pt"
+    source.parent.mkdir(parents=True)
+    torch.save({"generator": {"w": torch.zeros(2)}}, source)
+    settings = {"purifier": "ae", "adv_target": adv_target}
+    source.with_suffix(".manifest.json").write_text(json.dumps({"config": {"settings": settings}, "finished": True}))
+    target = tmp_path / "shipped" / f"{stem}.pt"
+    with pytest.raises(SystemExit, match=f"adv_target={'classifier' if adv_target == 'pipeline' else 'pipeline'}"):
+        ship_module.ship(source, target, 2**20)
+    assert not target.exists()
+    settings["adv_target"] = "pipeline" if stem == PIPELINE_STAGE else "classifier"
+    source.with_suffix(".manifest.json").write_text(json.dumps({"config": {"settings": settings}, "finished": True}))
+    ship_module.ship(source, target, 2**20)
+    assert json.loads(target.with_suffix(".manifest.json").read_text())["shipped_sha256"]
+    assert stem in (*STAGES.values(), PIPELINE_STAGE)
+
+
+def test_the_pipeline_fine_tuned_variant_loads_its_own_shipped_file(monkeypatch, tmp_path):
+    from bench.classifiers.base import ClassifierInfo
+    from defenses.base import DEFENSES
+
+    monkeypatch.setenv("BENCH_CHECKPOINT_DIR", str(tmp_path))
+    classifier = NearestColor()
+    classifier.info = ClassifierInfo("resnet20", "resnet20", "cifar10", 10, None, None, "standard", None, "-", "-")
+    config = DEFENSES.get("atop-rt2-ae-ft-pipeline")(classifier).config()
+    assert (config["transform"], config["purifier"], config["stage"]) == ("rt2", "ae", "finetune-pipeline")
+    assert config["checkpoint"] == "defenses/checkpoints/atop/resnet20/rt2-ae/finetune-pipeline.pt"
+    assert config["checkpoint_sha256"] != DEFENSES.get("atop-rt2-ae-ft")(classifier).config()["checkpoint_sha256"]
 
 
 def test_the_default_atop_ships_with_the_package(monkeypatch, tmp_path):
