@@ -61,7 +61,7 @@ class AToP(Defense):
                  "weights"),
         differences=("a CPU-scale purifier trained for minutes to hours (the paper: a DeepFill v2 generator, hours on "
                      "GPUs); the frozen classifier is a standard ResNet-20 on JPEG-compressed CIFAR-10 (the paper: "
-                     "ResNet-18 / WRN-28-10 on CIFAR-10); the AE purifiers: RT1 and RT2 pre-trained and fine-tuned, RT3 pre-trained only (its fine-tuning collapsed)"),
+                     "ResNet-18 / WRN-28-10 on CIFAR-10); the AE purifiers: RT1, RT2 and RT3 pre-trained and fine-tuned (RT1 and RT3 fine-tuned at learning rate 1e-4, RT2 at 5e-4)"),
     )
     paper_reference = ("AToP (RT2 + GAN purifier), paper Table 2: 90.62% clean, 72.85% robust (AutoAttack linf 8/255, "
                        "WRN-28-10, CIFAR-10); the checkpoints shipped here are small and trained for minutes on a CPU")

@@ -179,7 +179,8 @@ def test_list_says_which_defenses_have_weights_and_explains_suites(capsys):
     assert code == 0
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and line.split()}
     assert lines["atop"].endswith("weights for resnet20")
-    assert "no weights yet" in lines["atop-rt3-ae-ft"]  # a variant that ships nothing: say so before a run fails
+    assert "no weights yet" in lines["diffpure"]  # a defense that ships nothing: say so before a run fails
+    assert lines["atop-rt3-ae-ft"].endswith("weights for resnet20")
     assert lines["atop-rt1-ae-ft"].endswith("weights for resnet20")
     assert lines["jatp"].endswith("weights for resnet4b")
     assert lines["none"].strip() == "none"
