@@ -309,7 +309,7 @@ def run_config(args: argparse.Namespace):
         eps=args.eps, n=args.n, seed=args.seed, device=args.device, batch_size=args.batch_size, out=args.out,
         download=args.download, defense_options=parse_options(args.defense_option),
         channels_last=args.channels_last, autocast=args.autocast, compile=args.compile,
-        skip_existing=getattr(args, "skip_existing", False),
+        skip_existing=args.skip_existing,
     )
 
 
