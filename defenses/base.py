@@ -213,9 +213,9 @@ def checkpoint_display(path: Optional[Path], source: str) -> Optional[str]:
 def manifest_training(weights: Optional[Path]) -> Dict[str, Any]:
     """What the ``bench train`` manifest beside a ``<name>.weights.pt`` says about its training (settings, epochs,
     the last epoch's logged values), for records; empty when there is no manifest."""
-    if weights is None:
+    if weights is None or not weights.name.endswith(".weights.pt"):  # a file named otherwise has no manifest beside it
         return {}
-    manifest = weights.with_name(weights.name.replace(".weights.pt", ".manifest.json"))
+    manifest = weights.with_name(weights.name[: -len(".weights.pt")] + ".manifest.json")
     if not manifest.is_file():
         return {}
     import json

@@ -15,6 +15,10 @@ Gradients for the attacker (``gradient=``, recorded in the config; the forward i
   path as the forward;
 - ``bpda``: the identity through the purification (the forward's value, the gradient of the classifier alone).
 
+An attacker surrogate (PROTOCOL rule 5; ``attack_surrogate``): the same score model, t* and gradient route with
+``surrogate_steps`` solver steps (default 10) instead of ``steps``. Only a suite budget with ``"surrogate": true``
+differentiates it (``diffpure-routes`` on a CPU); the real ``steps``-step defense classifies every example.
+
 The score model is ``defenses.score_network.ScoreUNet``, trained here (``bench train --defense diffpure``,
 ``defenses/diffpure_training.py``); its weights load from ``$BENCH_CHECKPOINT_DIR/diffpure/<dataset>/`` or the
 package's ``defenses/checkpoints/diffpure/``.
@@ -170,6 +174,12 @@ def load_score(path: Path) -> ScoreUNet:
     return net
 
 
+class _AttackerProcess(Defense):
+    """DiffPure's attacker surrogate: the pipeline with a coarser reverse process (as random as the defense)."""
+
+    stochastic = True
+
+
 @register_defense("diffpure")
 class DiffPure(Defense):
     """DiffPure: VP-SDE diffusion to t* and the reverse SDE back, in front of the frozen classifier."""
@@ -190,7 +200,8 @@ class DiffPure(Defense):
                        "2023, DiffHammer); the score model here is small and trained for hours on a CPU")
 
     def __init__(self, classifier: nn.Module, t_star: float = 0.1, steps: int = 100, gradient: str = "exact",
-                 checkpoint: Optional[str] = None, untrained: bool = False, dataset: str = "cifar10-jpeg") -> None:
+                 checkpoint: Optional[str] = None, untrained: bool = False, dataset: str = "cifar10-jpeg",
+                 surrogate_steps: int = 10) -> None:
         self.checkpoint_path: Optional[Path] = None
         self.checkpoint_source, self.checkpoint_sha256 = "untrained", None
         if untrained:
@@ -205,6 +216,16 @@ class DiffPure(Defense):
             self.checkpoint_sha256 = sha256_file(self.checkpoint_path)
         super().__init__(classifier, purifier=DiffPurification(score.eval(), t_star, steps, gradient))
         self.purifier.requires_grad_(False)
+        # the attacker's cheaper process: same score model, t* and route, fewer solver steps (a submodule, so it
+        # follows the defense to its device and into eval mode)
+        self.cheap = _AttackerProcess(classifier, purifier=DiffPurification(score, t_star, surrogate_steps, gradient))
+
+    def attack_surrogate(self) -> nn.Module:
+        return self.cheap
+
+    def surrogate_config(self) -> Dict[str, Any]:
+        return {"steps": self.cheap.purifier.steps, "t_star": self.cheap.purifier.t_star,
+                "gradient": self.cheap.purifier.gradient, "solver": "euler-maruyama"}
 
     @classmethod
     def for_testing(cls, classifier: nn.Module) -> "DiffPure":

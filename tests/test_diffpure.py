@@ -95,3 +95,20 @@ def test_bench_train_writes_a_score_model_that_diffpure_loads(tmp_path, monkeypa
     assert defense.config()["checkpoint_source"] == "trained" and defense.config()["score"]["width"] == 8
     with torch.no_grad():
         assert defense(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_the_attacker_surrogate_is_the_same_process_with_fewer_steps():
+    defense = DiffPure(NearestColor(), untrained=True, steps=3, gradient="adjoint", surrogate_steps=1)
+    cheap = defense.attack_surrogate()
+    assert cheap.purifier.score is defense.purifier.score and cheap.stochastic
+    assert (cheap.purifier.steps, cheap.purifier.t_star, cheap.purifier.gradient) == (1, 0.1, "adjoint")
+    assert defense.describe()["surrogate_config"]["steps"] == 1
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert cheap(x).shape == defense(x).shape == (2, 10)
+
+
+def test_a_score_file_named_freely_loads_without_a_manifest(tmp_path):
+    torch.save({"score": ScoreUNet(8, 1).state_dict()}, tmp_path / "epoch3.pt")  # not <name>.weights.pt
+    defense = DiffPure(NearestColor(), checkpoint=str(tmp_path / "epoch3.pt"), steps=2)
+    assert defense.config()["training"] == {} and defense.config()["score"]["width"] == 8

@@ -150,6 +150,35 @@ def test_stochastic_probes_grow_the_eot_draws():
     assert 0.0 <= findings.measurements["pgd_at_eps_more_eot"] <= 1.0
 
 
+def test_probes_differentiate_the_attacker_surrogate_when_the_suite_did():
+    from bench.integrity import probe_attacks
+
+    model, subset = _toy(8)
+
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.with_grad = self.without_grad = 0
+
+        def forward(self, x):
+            if torch.is_grad_enabled() and x.requires_grad:
+                self.with_grad += 1
+            else:
+                self.without_grad += 1
+            return x
+
+    real, cheap = Counting(), Counting()
+    defense, surrogate = Defense(model, purifier=real), Defense(model, purifier=cheap)
+    findings = probe_attacks(defense, subset.x, subset.y, Threat("linf", 0.03), stochastic=False, differentiable=True,
+                             eot=1, draws=1, surrogate=surrogate)
+    assert cheap.with_grad > 0 and real.with_grad == 0  # every probe gradient came from the surrogate
+    assert real.without_grad > 0  # the real defense still judged the probes' examples
+    assert findings.measurements["probe_gradients"] == "attacker surrogate"
+    plain = probe_attacks(defense, subset.x, subset.y, Threat("linf", 0.03), stochastic=False, differentiable=True,
+                          eot=1, draws=1)
+    assert real.with_grad > 0 and "probe_gradients" not in plain.measurements
+
+
 def test_stadv_threat_is_probed_with_stadv():
     from bench.integrity import probe_attacks
 
@@ -328,7 +357,7 @@ def test_steps_and_eot_rises_are_read_against_the_wilson_interval(monkeypatch, m
     Wilson interval of the smaller setting's accuracy, not a fixed number of points."""
     from bench import integrity
 
-    def scripted(model, x, y, threat, steps, eot, stochastic, differentiable, draws):
+    def scripted(model, x, y, threat, steps, eot, stochastic, differentiable, draws, surrogate=None):
         if threat.eps >= 0.5:
             return 0.0  # the unbounded probe
         if steps == 40:
@@ -355,7 +384,7 @@ def test_steps_and_eot_rises_are_read_against_the_wilson_interval(monkeypatch, m
 def test_accuracy_that_does_not_fall_with_eps_needs_three_robust_probe_points(monkeypatch, robust_counts, flagged):
     from bench import integrity
 
-    def scripted(model, x, y, threat, steps, eot, stochastic, differentiable, draws):
+    def scripted(model, x, y, threat, steps, eot, stochastic, differentiable, draws, surrogate=None):
         if threat.eps >= 0.5:
             return 0.0  # the unbounded probe
         if steps == 40 or eot == 8:

@@ -24,6 +24,9 @@ The probes (``monotone``, ``unbounded``) run a cheap PGD-10 (StAdv-10 for the ``
 ``probe_n`` points that pass the clean verdict, with ``PROBE_EOT`` EOT draws (the same for every probe but the
 EOT-growth one, so their accuracies stay comparable), so they cost a small fraction of the evaluation; the record's
 ``checks`` gives their settings and results.
+When the suite's budget differentiates the defense's attacker surrogate (``"surrogate": true``, PROTOCOL rule 5), the
+probes take their gradients from the same surrogate (they check the attacker the suite ran) and the real defense
+still decides every verdict; the ``gradients`` check always reads the real defense.
 
 Every reason is filed under the check that found it (``Findings.codes``): the runner reads the codes to
 correct the attack plan (EOT for undeclared randomness, BPDA for missing or useless gradients), see
@@ -209,13 +212,15 @@ def check_black_box(outcomes: Sequence[Dict[str, object]], broken_points: Dict[s
 
 
 def _pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, steps: int, eot: int,
-                  stochastic: bool, differentiable: bool, draws: int) -> float:
-    """PGD accuracy on the probe points, wrapped (EOT, BPDA) and re-classified exactly as a suite would."""
+                  stochastic: bool, differentiable: bool, draws: int, surrogate: Optional[nn.Module] = None) -> float:
+    """PGD accuracy on the probe points, wrapped (EOT, BPDA, the attacker surrogate if given) and re-classified
+    exactly as a suite would."""
     attack = "pgd" if threat.pixel else "stadv"
-    suite = Suite("probe", "1", "cpu", "integrity probe", threat, eot, (AttackSpec(attack, (("steps", steps),)),))
+    suite = Suite("probe", "1", "cpu", "integrity probe", threat, eot, (AttackSpec(attack, (("steps", steps),)),),
+                  surrogate=surrogate is not None)
     fooled = np.zeros(len(y), dtype=bool)
     counting = CountingModule(model)
-    for label, attack in suite.build(threat, stochastic, differentiable):  # exact, and BPDA if declared
+    for label, attack in suite.build(threat, stochastic, differentiable, surrogate=surrogate):  # exact, and BPDA if declared
         fooled |= attack_batch(counting, attack, label, x, y, threat, draws)[0]
     return float(1 - fooled.mean())
 
@@ -231,10 +236,12 @@ def _rises(smaller: float, larger: float, n: int) -> bool:
 
 
 def probe_attacks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, *, stochastic: bool,
-                  differentiable: bool, eot: int, draws: int, steps: int = 10) -> Findings:
-    """The eps sweep, the steps check and the eps = 1 attack on probe points that pass the clean verdict."""
+                  differentiable: bool, eot: int, draws: int, steps: int = 10,
+                  surrogate: Optional[nn.Module] = None) -> Findings:
+    """The eps sweep, the steps check and the eps = 1 attack on probe points that pass the clean verdict; gradients
+    from ``surrogate`` when given (the suite's attacker surrogate), verdicts from ``model``."""
     findings = Findings()
-    run = lambda t, s, e=eot: _pgd_accuracy(model, x, y, t, s, e, stochastic, differentiable, draws)  # noqa: E731
+    run = lambda t, s, e=eot: _pgd_accuracy(model, x, y, t, s, e, stochastic, differentiable, draws, surrogate)  # noqa: E731
     name = "PGD" if threat.pixel else "StAdv"
     n = len(y)
     limit = {"linf": 1.0, "l2": float("inf"), "stadv": 2.0}[threat.norm]
@@ -250,6 +257,7 @@ def probe_attacks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Th
         "eps_sweep": {f"{eps:.6g}": acc for eps, acc in sweep.items()},
         f"pgd{4 * steps}_at_eps": more_steps, "unbounded_eps": unbounded_threat.eps, "unbounded_accuracy": unbounded,
         "tolerance": "95% Wilson interval of the smaller setting's accuracy",
+        **({"probe_gradients": "attacker surrogate"} if surrogate is not None else {}),
     }
     accs = list(sweep.values())
     curve = ", ".join(f"{100 * a:.1f}%" for a in accs)
@@ -275,9 +283,11 @@ def probe_attacks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Th
 
 
 def run_checks(model: nn.Module, subset, evaluation, threat: Threat, *, stochastic: bool, differentiable: bool,
-               eot: int, draws: int, device, probe_n: int = 32, seed: int = 0) -> Findings:
+               eot: int, draws: int, device, probe_n: int = 32, seed: int = 0,
+               surrogate: Optional[nn.Module] = None) -> Findings:
     """Every check, on the evaluated model and subset; ``evaluation`` is the result of ``bench.evaluation.evaluate``.
-    The gradient checks and the probes use points that pass the clean verdict (every draw right)."""
+    The gradient checks and the probes use points that pass the clean verdict (every draw right); ``surrogate`` (the
+    attacker surrogate the suite differentiated, if any) gives the probes their gradients."""
     findings = Findings()
     head = subset.x[: min(32, subset.n)].to(device)
     findings.add("randomness", check_randomness(model, head, stochastic, seed))
@@ -290,7 +300,7 @@ def run_checks(model: nn.Module, subset, evaluation, threat: Threat, *, stochast
                                                   seed, findings.measurements))
         torch.manual_seed(seed)
         probes = probe_attacks(model, x, y, threat, stochastic=stochastic, differentiable=differentiable,
-                               eot=min(eot, PROBE_EOT), draws=draws)
+                               eot=min(eot, PROBE_EOT), draws=draws, surrogate=surrogate)
         for code, reasons in probes.codes.items():
             findings.add(code, reasons)
         findings.measurements.update(probes.measurements)
