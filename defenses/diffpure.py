@@ -229,7 +229,7 @@ class DiffPure(Defense):
 
     @classmethod
     def for_testing(cls, classifier: nn.Module) -> "DiffPure":
-        return cls(classifier, untrained=True, steps=2)
+        return cls(classifier, untrained=True, steps=2, surrogate_steps=1)
 
     def config(self) -> Dict[str, Any]:
         return {**self.purifier.config(), "checkpoint": checkpoint_display(self.checkpoint_path, self.checkpoint_source),

@@ -6,9 +6,9 @@ Purification only queries the model for t <= t* (0.1 on CIFAR-10), so training c
 uniformly from [1e-4, ``t_max``] with ``t_max`` = 0.2 by default, twice DiffPure's t*, instead of from [0, 1]; the
 model is of no use for sampling from noise, which DiffPure never does. Adam, learning rate ``lr`` with a linear
 warm-up over the first 2% of training, gradient-norm clipping at 1, an exponential moving average of the weights
-(decay ``ema``) that is what ships and what the learning curve evaluates. The learning curve adds, every
-``--eval-every`` epochs, the loss at t* on the held-out images and the clean accuracy of the whole pipeline (the
-classifier behind a 10-step purification, one draw).
+(decay ``ema``, warmed up as (1 + u) / (10 + u) over the first updates u) that is what ships and what the learning
+curve evaluates. The learning curve adds, every ``--eval-every`` epochs, the loss at t* on the held-out images and
+the clean accuracy of the whole pipeline (the classifier behind a 10-step purification, one draw).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ class ScoreTrainer:
         self.model = ScoreUNet(settings.width, settings.blocks).to(device)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=settings.lr)
+        self.updates = 0
 
     def set_progress(self, progress: float) -> float:
         lr = self.s.lr * min(1.0, progress / 0.02)
@@ -68,18 +69,29 @@ class ScoreTrainer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
+        self.updates += 1
+        decay = self.ema_decay(self.updates)
         with torch.no_grad():
             for e, p in zip(self.ema.parameters(), self.model.parameters()):
-                e.mul_(self.s.ema).add_(p.detach(), alpha=1 - self.s.ema)
+                e.mul_(decay).add_(p.detach(), alpha=1 - decay)
         return {"loss": loss.item()}
 
+    def ema_decay(self, updates: int) -> float:
+        """The average's decay after ``updates`` steps: (1 + u) / (10 + u) up to ``ema``, so that the average forgets
+        the initialisation within a few hundred steps (with a constant 0.999 the average of a 700-step run still
+        weighs the zero-output initial weights by half: measured, held-out clean 12.5% where the raw weights read
+        34%)."""
+        return min(self.s.ema, (1 + updates) / (10 + updates))
+
     def state(self, epoch: int) -> Dict[str, object]:
-        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(), "epoch": epoch}
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(), "epoch": epoch,
+                "updates": self.updates}
 
     def load(self, state: Dict[str, object]) -> None:
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["opt"])
+        self.updates = int(state.get("updates", 0))
 
     def weights(self) -> Dict[str, object]:
         return {"score": self.ema.state_dict()}

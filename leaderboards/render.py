@@ -305,9 +305,11 @@ def render_cards() -> str:
 
 
 def what_it_is(record: Dict[str, Any]) -> str:
-    """The bare classifier rows say what kind of classifier they are: an adversarially trained one is no purifier."""
+    """The bare classifier rows say what kind of classifier they are: an adversarially trained one is no purifier. A
+    defense whose attacker gradient route is an option (DiffPure's ``gradient``) says which route the record used."""
     if record["defense"]["name"] != "none":
-        return ""
+        route = record["defense"].get("config", {}).get("gradient")
+        return f" (gradient route: {route})" if route else ""
     info = record["classifier"]
     if info.get("training") in (None, "standard"):
         return " (bare, standard training)"

@@ -112,3 +112,11 @@ def test_a_score_file_named_freely_loads_without_a_manifest(tmp_path):
     torch.save({"score": ScoreUNet(8, 1).state_dict()}, tmp_path / "epoch3.pt")  # not <name>.weights.pt
     defense = DiffPure(NearestColor(), checkpoint=str(tmp_path / "epoch3.pt"), steps=2)
     assert defense.config()["training"] == {} and defense.config()["score"]["width"] == 8
+
+
+def test_the_weight_average_forgets_the_initialisation_early():
+    from defenses.diffpure_training import DiffPureSettings, ScoreTrainer
+
+    trainer = ScoreTrainer(DiffPureSettings(width=8), NearestColor(), torch.device("cpu"))
+    assert trainer.ema_decay(1) == pytest.approx(2 / 11) and trainer.ema_decay(10**6) == 0.999
+    assert 0.999 ** 700 > 0.49 and trainer.ema_decay(700) ** 1 < 0.999  # a constant decay would still weigh init by half
