@@ -174,12 +174,17 @@ def test_threat_spellings_and_the_suites_own_threat(capsys, tmp_path):
 
 
 @needs_resnet20
-def test_list_says_which_defenses_have_weights_and_explains_suites(capsys):
+def test_list_says_which_defenses_have_weights_and_explains_suites(capsys, monkeypatch, tmp_path):
+    import defenses.diffpure
+
+    # DiffPure's score model neither trained here nor shipped: a defense without weights, said before a run fails
+    monkeypatch.setenv("BENCH_CHECKPOINT_DIR", str(tmp_path))
+    monkeypatch.setattr(defenses.diffpure, "SHIPPED_DIR", tmp_path / "shipped")
     code, out, _ = run_cli(["list"], capsys)
     assert code == 0
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and line.split()}
     assert lines["atop"].endswith("weights for resnet20")
-    assert "no weights yet" in lines["diffpure"]  # a defense that ships nothing: say so before a run fails
+    assert "no weights yet" in lines["diffpure"]
     assert lines["atop-rt3-ae-ft"].endswith("weights for resnet20")
     assert lines["atop-rt1-ae-ft"].endswith("weights for resnet20")
     assert lines["jatp"].endswith("weights for resnet4b")
