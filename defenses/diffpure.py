@@ -154,7 +154,9 @@ def brownian_for(y: torch.Tensor, t_star: float):
     import torchsde
 
     entropy = int(torch.randint(0, 2**31 - 1, ()).item())
-    return torchsde.BrownianInterval(t0=0.0, t1=t_star, size=y.flatten(1).shape, dtype=y.dtype, device=y.device,
+    # the solver's end time is t* rounded to y's dtype (0.1 in float32 is 0.10000000149): the path must reach it
+    t1 = float(torch.tensor(t_star, dtype=y.dtype))
+    return torchsde.BrownianInterval(t0=0.0, t1=max(t_star, t1), size=y.flatten(1).shape, dtype=y.dtype, device=y.device,
                                      entropy=entropy)
 
 

@@ -120,3 +120,14 @@ def test_the_weight_average_forgets_the_initialisation_early():
     trainer = ScoreTrainer(DiffPureSettings(width=8), NearestColor(), torch.device("cpu"))
     assert trainer.ema_decay(1) == pytest.approx(2 / 11) and trainer.ema_decay(10**6) == 0.999
     assert 0.999 ** 700 > 0.49 and trainer.ema_decay(700) ** 1 < 0.999  # a constant decay would still weigh init by half
+
+
+def test_the_adjoint_route_in_float32_asks_the_brownian_path_for_no_time_past_its_end():
+    import warnings
+
+    defense = DiffPure(NearestColor(), untrained=True, steps=2, gradient="adjoint")
+    x = torch.rand(1, 3, 32, 32).requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torchsde warns "Should have tb<=t1" when t* in float32 overshoots the path
+        (grad,) = torch.autograd.grad(defense.purifier(x).sum(), x)
+    assert torch.isfinite(grad).all()
