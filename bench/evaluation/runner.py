@@ -179,7 +179,7 @@ def _resolve(config: RunConfig):
 def _run_checks(defense: Defense, subset, result, threat: Threat, suite, draws: int, device, seed: int):
     """The integrity checks with probe sizes by budget (8 points for smoke, 16 for cpu, 32 for full); the probes
     differentiate the attacker surrogate when the suite's attacks did."""
-    surrogate = defense.attack_surrogate() if getattr(suite, "surrogate", False) else None
+    surrogate = defense.attack_surrogate() if suite.surrogate else None
     return run_checks(defense, subset, result, threat, stochastic=defense.stochastic,
                       differentiable=defense.differentiable, eot=suite.eot_draws, draws=draws, device=device, seed=seed,
                       probe_n={"smoke": 8, "cpu": 16}.get(suite.budget, 32), surrogate=surrogate)
