@@ -396,3 +396,28 @@ def test_accuracy_that_does_not_fall_with_eps_needs_three_robust_probe_points(mo
     findings = integrity.probe_attacks(nn.Identity(), x, y, Threat("linf", 0.008), stochastic=True, differentiable=True,
                                        eot=2, draws=10)
     assert any("does not fall" in r for r in findings.reasons) == flagged, findings.reasons
+
+
+def test_the_runner_hands_the_probes_the_surrogate_only_when_the_budget_uses_it():
+    from attacks.suite import AttackSpec, Suite
+    from bench.evaluation.runner import _run_checks
+
+    model, subset = _toy(8)
+
+    class WithSurrogate(Defense):
+        def __init__(self, classifier):
+            super().__init__(classifier)
+            self.cheap = Defense(classifier)
+
+        def attack_surrogate(self):
+            return self.cheap
+
+    defense = WithSurrogate(model)
+    threat = Threat("linf", 0.03)
+    specs = (AttackSpec("pgd", (("steps", 2),)),)
+    result = evaluate(defense, subset, Suite("s", "1", "smoke", "", threat, 1, specs).build(threat, False, True), threat,
+                      who="wiring")
+    for uses, expected in ((True, "attacker surrogate"), (False, None)):
+        suite = Suite("s", "1", "smoke", "", threat, 1, specs, surrogate=uses)
+        findings = _run_checks(defense, subset, result, threat, suite, 1, "cpu", 0)
+        assert findings.measurements.get("probe_gradients") == expected

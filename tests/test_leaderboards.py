@@ -494,3 +494,14 @@ def test_a_paper_board_mixing_radii_names_each_rows_threat():
     one_radius = [r for r in records if round(r["threat"]["eps"] * 255) == 2]
     single = render_paper(board, one_radius).split("## Measured here", 1)[1].split("95% intervals", 1)[0]
     assert "linf 2/255 |" not in single  # one radius: the setting line above the table says it once
+
+
+def test_a_board_row_names_the_gradient_route_of_its_record():
+    from leaderboards.render import what_it_is
+
+    records = [json.loads(p.read_text()) for p in sorted((REPO / "leaderboards" / "results" / "diffpure-routes").glob("*.json"))]
+    routes = sorted(what_it_is(r) for r in records if r["defense"]["name"] == "diffpure")
+    assert routes == [" (gradient route: bpda)", " (gradient route: exact)"]
+    assert what_it_is({"defense": {"name": "atop", "config": {}}}) == ""
+    text = (REPO / "leaderboards" / "diffpure-routes.md").read_text()
+    assert "(gradient route: exact)" in text and "(gradient route: bpda)" in text
