@@ -271,6 +271,8 @@ def board_rows(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
             "headline": r.get("headline", {}).get("accuracy", r["robust"]["accuracy"]),
             "suite": f"{r['suite']['name']} v{r['suite']['version']} {budget_name(r['suite']['budget'])}", "n": r["subset"]["n"],
             "seconds_per_image": cost, "passes_per_image": passes,
+            # None where the suite stopped refining points at their verdict (rule 8: no mean from such attacks)
+            "mean": r.get("robust_mean"), "majority": (r.get("robust_majority") or {}).get("accuracy"),
         })
     rows.sort(key=lambda row: (-row["headline"], -row["clean"], row["defense"], row["classifier"]))
     for rank, row in enumerate(rows, 1):
@@ -325,20 +327,31 @@ def versus_bare(row: Dict[str, Any], bare: Dict[str, Dict[str, Any]]) -> str:
     return f"{100 * (row['clean'] - ref['clean']):+.1f} / {100 * (row['robust'] - ref['robust']):+.1f}"
 
 
+def shows_means(rows: Sequence[Dict[str, Any]]) -> bool:
+    """A board shows the mean over the draws and the majority vote when a stochastic row has them, i.e. when one of
+    its records ran every attack to completion (PROTOCOL rule 8); for deterministic rows they equal the worst case."""
+    return any(r["draws"] > 1 and r["mean"] is not None for r in rows)
+
+
 def render_board(board: Board, records: Sequence[Dict[str, Any]]) -> str:
     rows = board_rows(records)
     bare = {r["classifier"]: r for r in rows if r["record"]["defense"]["name"] == "none"}
+    means = shows_means(rows)
     table = _table([[str(r["rank"]), r["defense"] + what_it_is(r["record"]), r["classifier"], pct(r["clean"]),
                      pct(r["floor"]) + (f" ({r['draws']} draws)" if r["draws"] > 1 else ""), pct(r["robust"]),
-                     f"[{100 * r['ci'][0]:.1f}, {100 * r['ci'][1]:.1f}]", versus_bare(r, bare), r["suite"], str(r["n"]),
-                     f"{r['seconds_per_image']:.2f}", f"{r['passes_per_image']:.0f}"] for r in rows],
+                     f"[{100 * r['ci'][0]:.1f}, {100 * r['ci'][1]:.1f}]"]
+                    + ([pct(r["mean"]), pct(r["majority"])] if means else [])
+                    + [versus_bare(r, bare), r["suite"], str(r["n"]),
+                       f"{r['seconds_per_image']:.2f}", f"{r['passes_per_image']:.0f}"] for r in rows],
                    ["rank", "defense", "classifier", "clean % (one draw)", "no attack % (every draw right)",
-                    "robust % (worst case)", "95% CI", "vs bare classifier (clean / robust, points)", "suite", "n",
-                    "attack s / image", "image-passes / image"])
+                    "robust % (worst case)", "95% CI"]
+                   + (["robust % (mean of draws)", "robust % (majority vote)"] if means else [])
+                   + ["vs bare classifier (clean / robust, points)", "suite", "n",
+                      "attack s / image", "image-passes / image"])
     labelled = [(f"{r['record']['defense']['name']} on {r['record']['classifier']['name']}", r["record"]) for r in rows]
     return _env().get_template("board.md.j2").render(
         board=board, table=table, setting=subset_line(records) if records else None, notes=footnotes(labelled),
-        png=f"{board.name}.png" if records else None)
+        png=f"{board.name}.png" if records else None, means=means)
 
 
 def plot_board(board: Board, records: Sequence[Dict[str, Any]]) -> Optional[bytes]:
