@@ -529,3 +529,20 @@ def test_a_board_row_names_the_gradient_route_of_its_record():
     assert what_it_is({"defense": {"name": "atop", "config": {}}}) == ""
     text = (REPO / "leaderboards" / "diffpure-routes.md").read_text()
     assert "(gradient route: exact)" in text and "(gradient route: bpda)" in text
+
+
+def test_every_committed_record_prints_its_summary():
+    """`bench run` prints the record it wrote; a correction attack appended to an independent suite has no
+    run-alone reading (the diffpure adjoint record has two) and must print as such, not crash."""
+    from bench.reports.summary import format_result
+
+    paths = sorted((REPO / "leaderboards" / "results").glob("*/*.json"))
+    corrected = 0
+    for path in paths:
+        record = json.loads(path.read_text())
+        text = format_result(record)
+        assert record["defense"]["name"] in text
+        if record["suite"].get("independent") and any(a.get("stage") == "correction" for a in record["attacks"]):
+            corrected += 1
+            assert "(correction)" in text
+    assert corrected >= 1

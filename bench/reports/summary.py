@@ -21,7 +21,9 @@ def format_result(record: Dict) -> str:
     for a in record["attacks"]:
         c = a["cost"]
         mean = a.get("robust_alone_mean")
-        alone = [_pct(a["robust_alone"]), "—" if mean is None else f"{100 * mean:.2f}%"] if independent else []
+        # a correction attack runs only on the points the suite left: it has no run-alone reading
+        alone = ([_pct(a["robust_alone"]) if "robust_alone" in a else "—", "—" if mean is None else f"{100 * mean:.2f}%"]
+                 if independent else [])
         label = a["label"] + (" (correction)" if a.get("stage") == "correction" else "")
         rows.append([label, a["attacked"], a["broken"], *alone, _pct(a["robust_after"]), c["forward"], c["backward"],
                      f"{c['seconds']:.1f}"])
