@@ -112,9 +112,32 @@ class AToP(Defense):
         }
 
 
+# The paper's row for each variant, printed by `bench run` after the result ("where this stands"): Table 7 (GAN,
+# ResNet-18, linf 8/255, BPDA through the purifier with EOT-20) gives every transform without (pre-trained) and with
+# (fine-tuned) AToP; Table 5 (WRN-28-10, AutoAttack linf 8/255) gives the AE only with RT2.
+_TABLE7 = {("rt1", "pretrain"): (93.36, 0.0), ("rt1", "finetune"): (93.36, 36.72), ("rt2", "pretrain"): (84.18, 70.9),
+           ("rt2", "finetune"): (90.04, 84.57), ("rt3", "pretrain"): (75.98, 70.7), ("rt3", "finetune"): (80.02, 72.07)}
+_TABLE5_AE = {"pretrain": 44.73, "finetune": 59.18}
+
+
+def _variant_reference(transform: str, purifier: str, stage: str) -> str:
+    mark = "with AToP" if stage.startswith("finetune") else "without AToP"
+    if purifier == "gan" and (transform, stage) in _TABLE7:
+        clean, pgd20 = _TABLE7[transform, stage]
+        return (f"AToP paper Table 7, {transform.upper()} {mark} (GAN purifier): {clean:.2f}% clean, {pgd20:.2f}% under "
+                f"PGD-20 linf 8/255 (ResNet-18, BPDA through the purifier, EOT-20); the checkpoints shipped here are small "
+                f"and trained on a CPU")
+    if purifier == "ae" and transform == "rt2":
+        return (f"AToP paper Table 5, AE purifier {mark} (Wu et al. 2023): {_TABLE5_AE[stage.split('-')[0]]:.2f}% "
+                f"robust (AutoAttack linf 8/255, WRN-28-10, CIFAR-10); the checkpoints shipped here are small and "
+                f"trained on a CPU")
+    return f"no paper row: the AToP paper reports the AE purifier with RT2 only (Table 5), not {transform.upper()}"
+
+
 def _variant(transform: str, purifier: str, short: str, stage: str, what: str) -> type:
     name = f"atop-{transform}-{purifier}-{short}"
     attrs = {"default_transform": transform, "default_purifier": purifier, "default_stage": stage,
+             "paper_reference": _variant_reference(transform, purifier, stage),
              "__doc__": f"AToP with {transform.upper()} and the {purifier.upper()} purifier, {what}."}
     return register_defense(name)(type(name.replace("-", "_"), (AToP,), attrs))
 

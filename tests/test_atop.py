@@ -312,3 +312,21 @@ def test_training_refuses_an_autocast_it_does_not_offer():
 
     with pytest.raises(BenchError, match="--autocast must be bf16"):
         train_epochs(TrainOptions(defense="atop", autocast="fp16"), None, Path("unused"), "x", {}, 1, None, None)
+
+
+def test_each_variant_prints_its_own_paper_row():
+    """`bench run` prints "where this stands" from the defense's paper_reference: a variant must quote its own
+    transform's row of Table 7 (the numbers of leaderboards/papers/atop.json), not the default's Table 2 headline."""
+    from defenses.base import DEFENSES
+
+    paper = json.loads((Path(__file__).resolve().parents[1] / "leaderboards" / "papers" / "atop.json").read_text())
+    table7 = next(t for t in paper["tables"] if str(t["table"]) == "7")
+    clean, pgd20 = table7["columns"].index("clean"), table7["columns"].index("PGD-20")
+    for row in table7["rows"]:
+        name = f"atop-{row['transform']}-gan-{'ft' if row['atop'] else 'pre'}"
+        reference = DEFENSES.get(name).paper_reference
+        assert f"Table 7, {row['transform'].upper()} {'with' if row['atop'] else 'without'} AToP" in reference
+        assert f"{row['values'][clean]:.2f}% clean, {row['values'][pgd20]:.2f}% under PGD-20" in reference
+    assert "Table 5" in DEFENSES.get("atop-rt2-ae-ft").paper_reference
+    assert DEFENSES.get("atop-rt3-ae-ft").paper_reference.startswith("no paper row")
+    assert "Table 2" in DEFENSES.get("atop").paper_reference  # the default keeps the paper's headline
