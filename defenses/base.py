@@ -80,6 +80,15 @@ class Defense(nn.Module):
         """True when exact gradients flow through every stage (no BPDA needed)."""
         return all(getattr(stage, "differentiable", True) for stage in (self.transform, self.purifier))
 
+    @property
+    def gradient_route(self) -> str:
+        """How the input gradient crosses the pipeline when it is differentiated as is: ``exact`` unless a stage
+        declares its own ``gradient_route`` (DiffPure's purification: exact, adjoint or bpda). Integrity messages
+        name it, so a flagged gradient says which route produced it."""
+        routes = [getattr(stage, "gradient_route", "exact") for stage in (self.transform, self.purifier)]
+        named = [route for route in routes if route != "exact"]
+        return "+".join(named) if named else "exact"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.purifier(self.transform(x)))
 

@@ -106,6 +106,10 @@ class DiffPurification(nn.Module):
         self.surrogate = nn.Identity()  # the stand-in of a suite's "bpda": ["purifier"] spec
         # every route passes a gradient (bpda: the identity, straight through), so suites add no BPDA variant
 
+    @property
+    def gradient_route(self) -> str:
+        return self.gradient
+
     def _step(self, y: torch.Tensor, tau: float, dt: float, dw: torch.Tensor, sde: ReverseSDE) -> torch.Tensor:
         return y + sde.drift(tau, y) * dt + math.sqrt(beta(self.t_star - tau)) * dw
 

@@ -103,6 +103,7 @@ def test_the_attacker_surrogate_is_the_same_process_with_fewer_steps():
     assert cheap.purifier.score is defense.purifier.score and cheap.stochastic
     assert (cheap.purifier.steps, cheap.purifier.t_star, cheap.purifier.gradient) == (1, 0.1, "adjoint")
     assert defense.describe()["surrogate_config"]["steps"] == 1
+    assert defense.gradient_route == cheap.gradient_route == "adjoint"  # integrity messages name it
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert cheap(x).shape == defense(x).shape == (2, 10)

@@ -71,6 +71,19 @@ def test_zero_gradients_of_a_quantizer_are_flagged():
     assert check_gradients(NearestColor(), x, y, differentiable=True) == []
 
 
+class QuantizeByAdjoint(Quantize):
+    """A quantizer whose gradient claims to come from an adjoint solve, as DiffPure's ``gradient=adjoint`` does."""
+
+    gradient_route = "adjoint"
+
+
+def test_gradient_messages_name_the_route_a_stage_declares():
+    x, defense = torch.rand(6, 3, 8, 8), Defense(NearestColor(), purifier=QuantizeByAdjoint())
+    assert defense.gradient_route == "adjoint" and Defense(NearestColor(), purifier=Quantize()).gradient_route == "exact"
+    reasons = check_gradients(defense, x, defense(x).argmax(1), differentiable=True)
+    assert reasons and "zero input gradients (adjoint) on 6 of 6 points" in reasons[0]
+
+
 def test_probability_outputs_are_flagged():
     x = torch.rand(5, 3, 8, 8)
     assert "probabilities" in check_probabilities(Softmaxed(NearestColor())(x))[0]

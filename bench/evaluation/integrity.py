@@ -131,7 +131,7 @@ def check_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, differen
                     threat: Optional[Threat] = None, draws: int = 1, seed: int = 0,
                     measurements: Optional[Dict[str, object]] = None) -> List[str]:
     view = _view(model, differentiable)
-    how = "exact" if differentiable else "BPDA"
+    how = getattr(model, "gradient_route", "exact") if differentiable else "BPDA"
     loss, grad = _loss_and_grad(view, x, y, draws, seed)
     if not torch.isfinite(grad).all():
         return [f"NaN or infinite input gradients ({how})"]
