@@ -35,6 +35,7 @@ from bench.core.errors import BenchError
 from bench.core.record import configuration_key, validate_record
 
 ROOT = Path(__file__).resolve().parent
+REPO = ROOT.parent  # shipped checkpoints named in records are relative to it
 PAPERS = ROOT / "papers"
 TEMPLATES = ROOT / "templates"
 BUDGET_ORDER = ("smoke", "cpu", "full")
@@ -132,6 +133,48 @@ def accept_problems(board: Board, record: Dict[str, Any]) -> List[str]:
     if board.threat and (record["threat"]["norm"] != board.threat["norm"] or abs(record["threat"]["eps"] - board.threat["eps"]) > 1e-9):
         problems.append(f"threat {record['threat']['norm']} {record['threat']['eps']:.6g} is not "
                         f"{board.threat['norm']} {board.threat['eps']:.6g}")
+    return problems + checkpoint_problems(record)
+
+
+def _named_checkpoints(config: Any) -> List[Tuple[str, str]]:
+    """(path, sha256) of every shipped checkpoint a defense config names, nested stages included."""
+    found: List[Tuple[str, str]] = []
+    if isinstance(config, dict):
+        if config.get("checkpoint_source") == "shipped" and config.get("checkpoint") and config.get("checkpoint_sha256"):
+            found.append((config["checkpoint"], config["checkpoint_sha256"]))
+        for value in config.values():
+            found += _named_checkpoints(value)
+    elif isinstance(config, list):
+        for value in config:
+            found += _named_checkpoints(value)
+    return found
+
+
+_SHA256: Dict[Tuple[str, int, int], str] = {}
+
+
+def _current_sha256(path: Path) -> str:
+    from bench.training import sha256_file
+
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256:
+        _SHA256[key] = sha256_file(path)
+    return _SHA256[key]
+
+
+def checkpoint_problems(record: Dict[str, Any]) -> List[str]:
+    """A record made with a shipped checkpoint describes that file only: once the checkpoint is replaced (or
+    removed) the record's numbers no longer belong to what the repository ships, and it must be rerun or removed."""
+    problems = []
+    for name, sha in _named_checkpoints(record.get("defense", {}).get("config", {})):
+        path = REPO / name
+        if not path.is_file():
+            problems.append(f"made with the shipped checkpoint {name}, which is no longer in the repository (rerun or "
+                            "git rm the record)")
+        elif _current_sha256(path) != sha:
+            problems.append(f"made with {name} sha256 {sha[:12]}, but the shipped file is now {_current_sha256(path)[:12]}"
+                            " (the checkpoint was replaced: rerun or git rm the record)")
     return problems
 
 

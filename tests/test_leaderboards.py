@@ -305,6 +305,25 @@ def test_a_hand_edited_accuracy_is_refused(tmp_path):
         load_records(board, root)
 
 
+def test_a_record_of_a_replaced_checkpoint_is_refused(tmp_path):
+    from leaderboards.render import load_boards, load_records
+
+    root = _copy_leaderboards(tmp_path)
+    board = next(b for b in load_boards(root) if b.name == "ci-smoke")
+    path = next(p for p in (root / board.results).glob("*.json") if json.loads(p.read_text())["defense"]["name"] == "atop")
+    record = json.loads(path.read_text())
+    assert record["defense"]["config"]["checkpoint_source"] == "shipped"
+    load_records(board, root)  # the committed record names the file that ships now
+    record["defense"]["config"]["checkpoint_sha256"] = "0" * 64  # as if the file had been replaced since
+    path.write_text(json.dumps(record))
+    with pytest.raises(BenchError, match="sha256 000000000000, but the shipped file is now .* rerun or git rm"):
+        load_records(board, root)
+    record["defense"]["config"]["checkpoint"] = "defenses/checkpoints/atop/resnet20/rt9-gan/finetune.pt"
+    path.write_text(json.dumps(record))
+    with pytest.raises(BenchError, match="no longer in the repository"):
+        load_records(board, root)
+
+
 def test_without_a_stated_tolerance_a_number_may_move_by_the_combined_interval():
     from bench.check import allowed_difference, compare
 
