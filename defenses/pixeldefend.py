@@ -1,21 +1,27 @@
 """PixelDefend (Song et al. 2018): purify an image towards the high-density region of a PixelCNN, pixel by pixel.
 
 The density model (``PixelCNN``) is a small PixelCNN (van den Oord et al. 2016) over 8-bit values:
-``layers`` masked 3x3 convolutions (the first excludes the current pixel, mask A; the others include it, mask B),
-then two 1x1 convolutions to 256 logits for each of R, G and B. The three channels of one pixel are ordered
-R -> G -> B through learned tables added to the logits (``logits_G += E_RG[R]``, ``logits_B += E_RB[R] + E_GB[G]``),
-an exact autoregressive factorisation p(R|<i) p(G|R,<i) p(B|R,G,<i) that needs one network pass per pixel, not
-three. Deviations from the paper (PixelCNN++ with a discretised logistic mixture, 3.0 bits/dim on CIFAR-10): a
-256-way softmax, a much smaller network (trainable on a CPU) and a worse density (its test bits/dim is in the
-checkpoint manifest and ``docs/aid-purifier.md``).
+``layers`` masked 3x3 convolutions (the first excludes the current pixel, mask A; the others include it, mask B;
+optionally residual), then two 1x1 convolutions to the pixel's ``context``. Two outputs read it:
+
+- ``softmax`` (the shipped network): 256 logits for each of R, G and B, the three channels of one pixel ordered
+  R -> G -> B through learned tables added to the logits (``logits_G += E_RG[R]``, ``logits_B += E_RB[R] +
+  E_GB[G]``);
+- ``logistic``: PixelCNN++'s discretised logistic mixture (the paper's output), G's and B's means shifted by the
+  pixel's R (and G).
+
+Either is an exact autoregressive factorisation p(R|<i) p(G|R,<i) p(B|R,G,<i) that needs one network pass per
+pixel, not three. Deviations from the paper (PixelCNN++, 3.0 bits/dim on CIFAR-10): a much smaller network
+(trainable on a CPU) and a worse density (its test bits/dim is in the checkpoint manifest and
+``docs/pixeldefend.md``).
 
 Purification (the paper's Algorithm 1): in raster order, each channel of each pixel is set to its most likely value
 under the PixelCNN, given the pixels already purified, among the values within ``eps_defend`` (16/255) of the
 input's. Each step reads only the PixelCNN's output at one pixel, whose receptive field is the ``layers`` rows
-above and ``layers`` columns on either side: ``PixelCNN.window_logits`` computes exactly that window (values
+above and ``layers`` columns on either side: ``PixelCNN.window_context`` computes exactly that window (values
 outside the image masked to zero after every layer, as zero padding does on the full image), so one pixel costs
-a pass over a (layers+1) x (2 layers+1) window instead of the whole image. A test checks the windowed logits
-equal the full-image ones.
+a pass over a (layers+1) x (2 layers+1) window instead of the whole image. A test checks the windowed context
+equals the full-image one.
 
 The purification is a discrete search: it has no useful gradient (``differentiable = False``); attacks use
 BPDA with the identity.
@@ -51,51 +57,118 @@ def to_levels(x: torch.Tensor) -> torch.Tensor:
     return (x.clamp(0, 1) * 255).round().long()
 
 
-class PixelCNN(nn.Module):
-    """p(x) = prod_i p(R_i | x_<i) p(G_i | R_i, x_<i) p(B_i | R_i, G_i, x_<i) over 8-bit values."""
+OUTPUTS = ("softmax", "logistic")
 
-    def __init__(self, channels: int = 32, layers: int = 5) -> None:
+
+class PixelCNN(nn.Module):
+    """p(x) = prod_i p(R_i | x_<i) p(G_i | R_i, x_<i) p(B_i | R_i, G_i, x_<i) over 8-bit values.
+
+    ``output`` chooses how each pixel's three conditionals come from the network's ``context`` at that pixel:
+
+    - ``softmax``: 3 x 256 logits, plus learned 256 x 256 tables for the R -> G -> B terms (see the module docstring);
+    - ``logistic``: PixelCNN++'s discretised logistic mixture (Salimans et al. 2017), the paper's output: ``mixtures``
+      components shared by the three channels, each with a mean and a log-scale per channel, the means of G and B
+      shifted linearly by the pixel's R (and G) values. 10 numbers per component instead of 768 logits, so training
+      costs far less per step; the conditionals of G and B follow exactly from the joint (the component weights
+      given the earlier channels' values).
+
+    ``residual``: every layer after the first adds its input (``h + conv(relu(h))``), which lets deeper stacks train.
+    """
+
+    def __init__(self, channels: int = 32, layers: int = 5, output: str = "softmax", mixtures: int = 10,
+                 residual: bool = False) -> None:
         super().__init__()
-        self.channels, self.layers = channels, layers
+        if output not in OUTPUTS:
+            raise ValueError(f"PixelCNN output must be one of {OUTPUTS}, got {output!r}")
+        self.channels, self.layers, self.output, self.mixtures, self.residual = channels, layers, output, mixtures, residual
         self.convs = nn.ModuleList([MaskedConv2d(3, channels, "A")] +
                                    [MaskedConv2d(channels, channels, "B") for _ in range(layers - 1)])
-        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(), nn.Conv2d(channels, 3 * 256, 1))
-        self.rg, self.rb, self.gb = (nn.Embedding(256, 256) for _ in range(3))
-        for table in (self.rg, self.rb, self.gb):
-            nn.init.zeros_(table.weight)
+        width = 3 * 256 if output == "softmax" else 10 * mixtures
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(), nn.Conv2d(channels, width, 1))
+        if output == "softmax":
+            self.rg, self.rb, self.gb = (nn.Embedding(256, 256) for _ in range(3))
+            for table in (self.rg, self.rb, self.gb):
+                nn.init.zeros_(table.weight)
 
     @staticmethod
     def scale(levels: torch.Tensor) -> torch.Tensor:
         return levels.float() / 127.5 - 1
 
+    def _layer(self, i: int, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Layer ``i``'s output ``out`` (its convolution of ``h``) with the residual added where it applies; ``h`` is
+        cropped to ``out``'s window (the windowed pass shrinks it by one row on top and one column on each side)."""
+        if not self.residual or i == 0:
+            return out
+        dr, dc = h.shape[2] - out.shape[2], (h.shape[3] - out.shape[3]) // 2
+        return out + h[:, :, dr:, dc:h.shape[3] - dc]
+
     def trunk(self, h: torch.Tensor, inside: Optional[torch.Tensor] = None) -> torch.Tensor:
         for i, conv in enumerate(self.convs):
-            h = conv(h if i == 0 else F.relu(h))
+            h = self._layer(i, h, conv(h if i == 0 else F.relu(h)))
             if inside is not None:
                 h = h * inside
         return self.head(h)
 
-    def context_logits(self, levels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, 256, H, W): each channel's logits from the pixels before it in raster order (no intra-pixel term)."""
-        out = self.trunk(self.scale(levels))
-        b, _, h, w = out.shape
-        return out.view(b, 3, 256, h, w)
+    def context(self, levels: torch.Tensor) -> torch.Tensor:
+        """(B, D, H, W): what the network says at each pixel from the pixels before it in raster order."""
+        return self.trunk(self.scale(levels))
+
+    def conditional_logits(self, context: torch.Tensor, pixel: torch.Tensor) -> torch.Tensor:
+        """(N, 3, 256) logits of R, G and B at N pixels from their ``context`` (N, D) and their values ``pixel`` (N, 3),
+        each channel given the channels before it (``channel_logits``); ``logistic`` gives log-probabilities."""
+        return torch.stack([self.channel_logits(context, pixel, k) for k in range(3)], dim=1)
+
+    def channel_logits(self, context: torch.Tensor, pixel: torch.Tensor, k: int,
+                       values: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(N, 256) logits of channel ``k`` at N pixels, or (N, V) at the levels ``values`` (N, V) only (what a
+        purifier searching a window of levels needs). They read only ``pixel[:, :k]`` (the channels before it), so
+        a purifier may pass zeros for the channels it has not chosen yet."""
+        if self.output == "softmax":
+            out = context.view(-1, 3, 256)[:, k]
+            if k == 1:
+                out = out + self.rg(pixel[:, 0])
+            elif k == 2:
+                out = out + self.rb(pixel[:, 0]) + self.gb(pixel[:, 1])
+            return out if values is None else out.gather(1, values)
+        log_weights, means, log_scales = self._mixture(context, pixel)
+        if k:  # each component's weight given the values of the channels before k
+            log_weights = log_weights + _discretised_logistic(pixel[:, None, :k], means[..., :k], log_scales[..., :k]).sum(-1)
+        if values is None:
+            values = torch.arange(256, device=context.device).expand(len(context), 256)
+        per_component = _discretised_logistic(values[:, None, :], means[..., k, None], log_scales[..., k, None])  # (N, K, V)
+        return torch.logsumexp(F.log_softmax(log_weights, dim=1)[..., None] + per_component, dim=1)
+
+    def _mixture(self, context: torch.Tensor, pixel: torch.Tensor):
+        """Component log-weights (N, K), means and log-scales (N, K, 3) with the channel coupling applied."""
+        k = self.mixtures
+        weights, means, log_scales, coupling = context.split([k, 3 * k, 3 * k, 3 * k], dim=1)
+        means, log_scales = means.view(-1, 3, k).transpose(1, 2), log_scales.view(-1, 3, k).transpose(1, 2).clamp(min=-7)
+        a, b, c = torch.tanh(coupling).view(-1, 3, k).unbind(1)
+        x = self.scale(pixel)
+        means = torch.stack([means[..., 0], means[..., 1] + a * x[:, :1], means[..., 2] + b * x[:, :1] + c * x[:, 1:2]], -1)
+        return F.log_softmax(weights, dim=1), means, log_scales
 
     def logits(self, levels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, 256, H, W): the full conditional logits, with the R -> G -> B terms of the pixel's own values."""
-        out = self.context_logits(levels)
-        r, g = levels[:, 0], levels[:, 1]
-        extra_g = self.rg(r).permute(0, 3, 1, 2)
-        extra_b = (self.rb(r) + self.gb(g)).permute(0, 3, 1, 2)
-        return torch.stack([out[:, 0], out[:, 1] + extra_g, out[:, 2] + extra_b], dim=1)
+        """(B, 3, 256, H, W): the full conditional logits at every pixel, given its own earlier channels."""
+        ctx = self.context(levels)
+        b, d, h, w = ctx.shape
+        out = self.conditional_logits(ctx.permute(0, 2, 3, 1).reshape(-1, d), levels.permute(0, 2, 3, 1).reshape(-1, 3))
+        return out.view(b, h, w, 3, 256).permute(0, 3, 4, 1, 2)
 
     def nll(self, levels: torch.Tensor) -> torch.Tensor:
         """Mean negative log-likelihood per sub-pixel, in nats."""
-        return F.cross_entropy(self.logits(levels).flatten(3).transpose(2, 3).reshape(-1, 256),
-                               levels.flatten(2).reshape(-1))
+        if self.output == "softmax":
+            return F.cross_entropy(self.logits(levels).flatten(3).transpose(2, 3).reshape(-1, 256),
+                                   levels.flatten(2).reshape(-1))
+        ctx = self.context(levels)
+        d = ctx.shape[1]
+        pixel = levels.permute(0, 2, 3, 1).reshape(-1, 3)
+        log_weights, means, log_scales = self._mixture(ctx.permute(0, 2, 3, 1).reshape(-1, d), pixel)
+        per_channel = _discretised_logistic(pixel[:, None, :], means, log_scales)  # (N, K, 3)
+        return -torch.logsumexp(log_weights + per_channel.sum(-1), dim=1).mean() / 3
 
-    def window_logits(self, padded: torch.Tensor, inside: torch.Tensor, row: int, col: int) -> torch.Tensor:
-        """(B, 3, 256) context logits at image pixel (row, col), from the window of its receptive field.
+    def window_context(self, padded: torch.Tensor, inside: torch.Tensor, row: int, col: int) -> torch.Tensor:
+        """(B, D): ``context`` at image pixel (row, col), from the window of its receptive field.
 
         ``padded`` is the scaled image zero-padded by ``layers`` on the top, left and right, ``inside`` the
         matching 0/1 map of real pixels (both from ``pad``). Each layer is computed only where the next one reads
@@ -105,11 +178,10 @@ class PixelCNN(nn.Module):
         h = padded[:, :, row:row + k + 1, col:col + 2 * k + 1]
         mask = inside[:, :, row:row + k + 1, col:col + 2 * k + 1]
         for i, conv in enumerate(self.convs):
-            h = h if i == 0 else F.relu(h)
             # the kernel's bottom row is masked out: the zero row below only keeps the output's height
-            h = F.conv2d(F.pad(h, (0, 0, 0, 1)), conv.weight * conv.mask, conv.bias)
-            h = h * mask[:, :, i + 1:, i + 1:mask.shape[3] - i - 1]
-        return self.head(h).view(-1, 3, 256)
+            out = F.conv2d(F.pad(h if i == 0 else F.relu(h), (0, 0, 0, 1)), conv.weight * conv.mask, conv.bias)
+            h = self._layer(i, h, out) * mask[:, :, i + 1:, i + 1:mask.shape[3] - i - 1]
+        return self.head(h).flatten(1)
 
     def pad(self, levels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         k = self.layers
@@ -117,8 +189,35 @@ class PixelCNN(nn.Module):
         inside = F.pad(torch.ones_like(levels[:, :1], dtype=padded.dtype), (k, k, k, 0))
         return padded, inside
 
+    def architecture(self) -> Dict[str, Any]:
+        """The constructor's arguments (what a weights file stores to rebuild the network); the original softmax
+        network's keeps its two keys, so files written before the other options existed still load and compare."""
+        arch: Dict[str, Any] = {"channels": self.channels, "layers": self.layers}
+        if self.output != "softmax" or self.residual:
+            arch.update(output=self.output, mixtures=self.mixtures, residual=self.residual)
+        return arch
+
     def config(self) -> Dict[str, Any]:
-        return {"channels": self.channels, "layers": self.layers, "parameters": sum(p.numel() for p in self.parameters())}
+        return {**self.architecture(), "parameters": sum(p.numel() for p in self.parameters())}
+
+
+_HALF_BIN = 1 / 255  # half the width of one 8-bit level on the [-1, 1] scale
+
+
+def _discretised_logistic(levels: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+    """log P(level) under a logistic(mean, exp(log_scale)) discretised to the 256 levels on [-1, 1], the two end
+    levels taking the tails; ``levels`` broadcasts against ``means`` and ``log_scales``."""
+    centred = levels.float() / 127.5 - 1 - means
+    inv_scale = torch.exp(-log_scales)
+    upper, lower = inv_scale * (centred + _HALF_BIN), inv_scale * (centred - _HALF_BIN)
+    log_cdf_upper = upper - F.softplus(upper)  # log sigmoid(upper): level 0 takes everything below
+    log_survival_lower = -F.softplus(lower)  # log (1 - sigmoid(lower)): level 255 takes everything above
+    mass = torch.sigmoid(upper) - torch.sigmoid(lower)
+    # where the bin's mass underflows, its density at the centre times the bin width
+    mid = inv_scale * centred
+    log_density_mid = mid - log_scales - 2 * F.softplus(mid)
+    middle = torch.where(mass > 1e-5, torch.log(mass.clamp(min=1e-12)), log_density_mid + math.log(2 * _HALF_BIN))
+    return torch.where(levels == 0, log_cdf_upper, torch.where(levels == 255, log_survival_lower, middle))
 
 
 def bits_per_dim(nll_nats: float) -> float:
@@ -138,24 +237,22 @@ class PixelDefendPurification(nn.Module):
     @torch.no_grad()
     def purify_levels(self, levels: torch.Tensor) -> torch.Tensor:
         net, k = self.pixelcnn, self.pixelcnn.layers
-        values = torch.arange(256, device=levels.device)
         low, high = (levels - self.radius).clamp(0, 255), (levels + self.radius).clamp(0, 255)
         out = levels.clone()
         padded, inside = net.pad(out)
         _, _, height, width = levels.shape
-
-        def choose(logit: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-            allowed = (values[None] >= lo[:, None]) & (values[None] <= hi[:, None])
-            return logit.masked_fill(~allowed, float("-inf")).argmax(1)
+        window = torch.arange(2 * self.radius + 1, device=levels.device)
 
         for r in range(height):
             for c in range(width):
-                base = net.window_logits(padded, inside, r, c)
-                lo, hi = low[:, :, r, c], high[:, :, r, c]
-                red = choose(base[:, 0], lo[:, 0], hi[:, 0])
-                green = choose(base[:, 1] + net.rg(red), lo[:, 1], hi[:, 1])
-                blue = choose(base[:, 2] + net.rb(red) + net.gb(green), lo[:, 2], hi[:, 2])
-                pixel = torch.stack([red, green, blue], 1)
+                context = net.window_context(padded, inside, r, c)
+                pixel = torch.zeros_like(levels[:, :, r, c])  # channel k's logits read only the channels chosen before it
+                for channel in range(3):
+                    # the allowed levels in ascending order (repeats of the top one where [0, 255] cuts the window):
+                    # the first best is the lowest most likely level, as an argmax over all 256 would pick
+                    allowed = (low[:, channel, r, c, None] + window).clamp(max=high[:, channel, r, c, None])
+                    best = net.channel_logits(context, pixel, channel, allowed).argmax(1, keepdim=True)
+                    pixel[:, channel] = allowed.gather(1, best).squeeze(1)
                 out[:, :, r, c] = pixel
                 padded[:, :, r + k, c + k] = net.scale(pixel)
         return out
@@ -204,11 +301,12 @@ class PixelDefend(Defense):
                        "the PixelCNN shipped here is small (6.13 bits/dim, PixelCNN++ reports 2.92)")
 
     def __init__(self, classifier: nn.Module, checkpoint: Optional[str] = None, eps_defend: float = 16 / 255,
-                 dataset: str = "cifar10-jpeg", untrained: bool = False, channels: int = 32, layers: int = 5) -> None:
+                 dataset: str = "cifar10-jpeg", untrained: bool = False, channels: int = 32, layers: int = 5,
+                 output: str = "softmax") -> None:
         self.checkpoint_path: Optional[Path] = None
         self.checkpoint_source, self.checkpoint_sha256, self.test_bits_per_dim = "untrained", None, None
         if untrained:
-            pixelcnn = PixelCNN(int(channels), int(layers))
+            pixelcnn = PixelCNN(int(channels), int(layers), output)
         else:
             candidates = [(pixelcnn_folder(dataset) / WEIGHTS_FILE, "trained"),
                           (pixelcnn_folder(dataset, SHIPPED_DIR) / WEIGHTS_FILE, "shipped")]

@@ -25,6 +25,9 @@ class PixelCNNSettings:
     epochs: int = 3
     channels: int = 32
     layers: int = 5
+    output: str = "softmax"  # or "logistic": PixelCNN++'s discretised logistic mixture (see PixelCNN)
+    mixtures: int = 10
+    residual: bool = False
     lr: float = 1e-3
     test_images: int = 2000
 
@@ -47,7 +50,8 @@ def test_bits_per_dim(model: PixelCNN, images, device: torch.device, batch_size:
 class PixelCNNTrainer:
     def __init__(self, settings: PixelCNNSettings, device: torch.device, test_images) -> None:
         self.s, self.device, self.test_images = settings, device, test_images
-        self.model = PixelCNN(settings.channels, settings.layers).to(device)
+        self.model = PixelCNN(settings.channels, settings.layers, settings.output, settings.mixtures,
+                              settings.residual).to(device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=settings.lr)
         self.test_bpd: float | None = None
 
@@ -70,7 +74,7 @@ class PixelCNNTrainer:
         """The inference weights, with the architecture and the test bits/dim measured now."""
         self.test_bpd = test_bits_per_dim(self.model, self.test_images, self.device)
         return {"pixelcnn": self.model.state_dict(),
-                "architecture": {"channels": self.s.channels, "layers": self.s.layers},
+                "architecture": self.model.architecture(),
                 "test_bits_per_dim": self.test_bpd, "test_images": len(self.test_images)}
 
 

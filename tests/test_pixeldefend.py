@@ -3,6 +3,7 @@ greedy per-channel argmax within eps_defend, on the 8-bit grid."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from defenses.pixeldefend import PixelCNN, PixelDefend, PixelDefendPurification, to_levels
@@ -10,17 +11,25 @@ from defenses.pixeldefend_training import PixelCNNTrainer, PixelCNNSettings
 from tests.helpers import TinyNet
 
 
-def _net(channels: int = 8, layers: int = 3) -> PixelCNN:
+NETWORKS = [{}, {"output": "logistic", "mixtures": 3}, {"output": "logistic", "mixtures": 3, "residual": True}]
+
+
+def _net(channels: int = 8, layers: int = 3, **options) -> PixelCNN:
     torch.manual_seed(0)
-    net = PixelCNN(channels, layers).eval()
+    net = PixelCNN(channels, layers, **options).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0, 0.3)  # every weight nonzero, the R -> G -> B tables included
+        if net.output == "logistic":  # narrow components (scale 0.05, about 6 levels): no near-ties between levels
+            k, last = net.mixtures, net.head[-1]
+            last.weight[4 * k:7 * k] = 0
+            last.bias[4 * k:7 * k] = -3
     return net
 
 
-def test_the_pixelcnn_is_causal_in_raster_and_channel_order():
-    net = _net()
+@pytest.mark.parametrize("options", NETWORKS)
+def test_the_pixelcnn_is_causal_in_raster_and_channel_order(options):
+    net = _net(**options)
     levels = torch.randint(0, 256, (2, 3, 7, 7))
     with torch.no_grad():
         before = net.logits(levels)
@@ -43,15 +52,27 @@ def test_the_pixelcnn_is_causal_in_raster_and_channel_order():
         assert not torch.allclose(after[:, k, :, r, c], before[:, k, :, r, c]), (r, c, k, src)
 
 
-def test_windowed_logits_equal_the_full_image_logits():
-    net = _net(layers=3)
+@pytest.mark.parametrize("options", NETWORKS)
+def test_windowed_context_equals_the_full_image_context(options):
+    net = _net(layers=3, **options)
     levels = torch.randint(0, 256, (2, 3, 9, 9))
     with torch.no_grad():
-        full = net.context_logits(levels)
+        full = net.context(levels)
         padded, inside = net.pad(levels)
         for r in range(9):
             for c in range(9):
-                assert torch.allclose(net.window_logits(padded, inside, r, c), full[:, :, :, r, c], atol=1e-5), (r, c)
+                assert torch.allclose(net.window_context(padded, inside, r, c), full[:, :, r, c], atol=1e-5), (r, c)
+
+
+def test_the_logistic_mixture_is_a_normalised_distribution_whose_conditionals_give_its_likelihood():
+    net = _net(output="logistic", mixtures=4)
+    levels = torch.randint(0, 256, (2, 3, 6, 6))
+    levels[0, :, 0, 0], levels[1, :, 0, 0] = 0, 255  # the two tail levels
+    with torch.no_grad():
+        conditionals = net.logits(levels)  # (B, 3, 256, H, W) log-probabilities
+        assert torch.allclose(conditionals.logsumexp(dim=2), torch.zeros(2, 3, 6, 6), atol=1e-4)
+        chosen = conditionals.gather(2, levels[:, :, None]).squeeze(2)  # log p(R) + log p(G|R) + log p(B|R,G)
+        assert torch.allclose(-chosen.mean(), net.nll(levels), atol=1e-4)  # = the joint the training minimises
 
 
 def _reference_purify(net: PixelCNN, levels: torch.Tensor, radius: int) -> torch.Tensor:
@@ -69,8 +90,9 @@ def _reference_purify(net: PixelCNN, levels: torch.Tensor, radius: int) -> torch
     return out
 
 
-def test_purification_is_the_greedy_argmax_within_eps_defend():
-    net = _net(layers=2)
+@pytest.mark.parametrize("options", NETWORKS)
+def test_purification_is_the_greedy_argmax_within_eps_defend(options):
+    net = _net(layers=3, **options)
     purify = PixelDefendPurification(net, eps_defend=16 / 255)
     x = torch.rand(3, 3, 5, 5)
     x[0, :, 0, 0] = 0.0  # clipped at the bottom of the range
@@ -102,3 +124,22 @@ def test_a_few_training_steps_lower_the_bits_per_dim():
     assert first > 7.5 and last < first - 1.5
     weights = trainer.weights()
     assert weights["architecture"] == {"channels": 8, "layers": 2} and weights["test_bits_per_dim"] < first
+
+
+def test_the_logistic_mixture_trains_and_its_weights_name_the_architecture():
+    torch.manual_seed(0)
+    images = (torch.rand(16, 8, 8, 3) * 64).to(torch.uint8).numpy()
+    settings = PixelCNNSettings(channels=8, layers=2, lr=1e-2, output="logistic", mixtures=3, residual=True)
+    trainer = PixelCNNTrainer(settings, torch.device("cpu"), images)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)
+    first = trainer.step(x, None)["bits_per_dim"]
+    for _ in range(30):
+        last = trainer.step(x, None)["bits_per_dim"]
+    assert last < first - 1.5
+    weights = trainer.weights()
+    assert weights["architecture"] == {"channels": 8, "layers": 2, "output": "logistic", "mixtures": 3, "residual": True}
+    rebuilt = PixelCNN(**weights["architecture"])
+    rebuilt.load_state_dict(weights["pixelcnn"])  # what PixelDefend does with a weights file
+    levels = torch.from_numpy(images[:2]).permute(0, 3, 1, 2).long()
+    with torch.no_grad():
+        assert torch.allclose(rebuilt.nll(levels), trainer.model.eval().nll(levels))
