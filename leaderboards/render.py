@@ -19,6 +19,7 @@ compares them with what is committed.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from dataclasses import dataclass, field
@@ -150,17 +151,17 @@ def _named_checkpoints(config: Any) -> List[Tuple[str, str]]:
     return found
 
 
-_SHA256: Dict[Tuple[str, int, int], str] = {}
-
-
 def _current_sha256(path: Path) -> str:
+    stat = path.stat()
+    return _sha256_of(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    """Once per file version (size and mtime are the key): every board's records name the same few checkpoints."""
     from bench.training import sha256_file
 
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _SHA256:
-        _SHA256[key] = sha256_file(path)
-    return _SHA256[key]
+    return sha256_file(Path(path))
 
 
 def checkpoint_problems(record: Dict[str, Any]) -> List[str]:
