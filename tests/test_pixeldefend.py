@@ -1,12 +1,13 @@
-"""PixelDefend: the PixelCNN is causal, the windowed logits equal the full-image ones, and the purification is the
-greedy per-channel argmax within eps_defend, on the 8-bit grid."""
+"""PixelDefend: the PixelCNN is causal, the context computed one pixel at a time equals the full-image one, and the
+purification is the greedy per-channel argmax within eps_defend, on the 8-bit grid."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from defenses.pixeldefend import PixelCNN, PixelDefend, PixelDefendPurification, to_levels
+from defenses.pixeldefend import (
+    IncrementalContext, PixelCNN, PixelDefend, PixelDefendPurification, _softplus, to_levels)
 from defenses.pixeldefend_training import PixelCNNTrainer, PixelCNNSettings
 from tests.helpers import TinyNet
 
@@ -53,15 +54,17 @@ def test_the_pixelcnn_is_causal_in_raster_and_channel_order(options):
 
 
 @pytest.mark.parametrize("options", NETWORKS)
-def test_windowed_context_equals_the_full_image_context(options):
+def test_the_incremental_context_equals_the_full_image_context_as_pixels_change(options):
     net = _net(layers=3, **options)
     levels = torch.randint(0, 256, (2, 3, 9, 9))
+    final = torch.randint(0, 256, levels.shape)  # what each pixel becomes once its turn has passed
     with torch.no_grad():
-        full = net.context(levels)
-        padded, inside = net.pad(levels)
+        full = net.context(final)
+        cache = IncrementalContext(net, levels)  # starts from the other image: only pixels already set may count
         for r in range(9):
             for c in range(9):
-                assert torch.allclose(net.window_context(padded, inside, r, c), full[:, :, r, c], atol=1e-5), (r, c)
+                assert torch.allclose(cache.at(r, c), full[:, :, r, c], atol=1e-5), (r, c)
+                cache.set(r, c, final[:, :, r, c])
 
 
 def test_the_logistic_mixture_is_a_normalised_distribution_whose_conditionals_give_its_likelihood():
@@ -73,6 +76,12 @@ def test_the_logistic_mixture_is_a_normalised_distribution_whose_conditionals_gi
         assert torch.allclose(conditionals.logsumexp(dim=2), torch.zeros(2, 3, 6, 6), atol=1e-4)
         chosen = conditionals.gather(2, levels[:, :, None]).squeeze(2)  # log p(R) + log p(G|R) + log p(B|R,G)
         assert torch.allclose(-chosen.mean(), net.nll(levels), atol=1e-4)  # = the joint the training minimises
+
+
+def test_the_fast_softplus_matches_torch():
+    x = torch.cat([torch.linspace(-100, 100, 20001), torch.tensor([-1e4, 1e4, 0.0])])
+    assert torch.allclose(_softplus(x), torch.nn.functional.softplus(x), rtol=1e-6, atol=2e-7)
+    assert torch.isfinite(_softplus(x)).all()
 
 
 def _reference_purify(net: PixelCNN, levels: torch.Tensor, radius: int) -> torch.Tensor:
