@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from bench.core.errors import BenchError
-from bench.core.record import environment, write_json_atomic
+from bench.core.record import environment, sha256_file, write_json_atomic  # noqa: F401 (sha256_file: re-exported)
 from bench.core.registry import Registry
 
 TRAINERS: Registry[Callable[["TrainOptions"], Path]] = Registry("trainer", packages=["defenses", "bench.classifiers"])
@@ -207,14 +207,6 @@ def write_curve(folder: Path, name: str, history: List[Dict[str, Any]]) -> None:
     fig.tight_layout()
     fig.savefig(folder / f"{name}.curve.png", dpi=80, metadata={"Software": None})
     plt.close(fig)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Checkpointer:

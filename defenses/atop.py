@@ -23,7 +23,7 @@ from torch import nn
 from bench.classifiers.base import load_state_dict
 from bench.core.errors import BenchError
 from bench.core.paths import checkpoint_dir
-from bench.training import sha256_file
+from bench.core.record import sha256_file
 from defenses.base import SHIPPED_DIR, Card, Defense, checkpoint_display, register_defense, resolve_checkpoint
 from defenses.purifiers import PURIFIERS, purifier_from_state
 from defenses.transforms import RT1, RT2, RT3, MaskedEnsemble, MaskedInpainting

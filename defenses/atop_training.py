@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.core.errors import BenchError
-from bench.core.record import write_json_atomic
-from bench.training import TRAINERS, data_config, sha256_file
+from bench.core.record import sha256_file, write_json_atomic
+from bench.training import TRAINERS, data_config
 from defenses.purifiers import PURIFIERS, PatchDiscriminator
 from defenses.transforms import RT2, RT3
 

@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from bench.classifiers.base import load_state_dict
 from bench.core.errors import BenchError
-from bench.training import sha256_file
+from bench.core.record import sha256_file
 from defenses.base import SHIPPED_DIR, Card, Defense, checkpoint_display, manifest_training, register_defense, resolve_checkpoint
 from defenses.score_network import ScoreUNet
 

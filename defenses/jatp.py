@@ -25,7 +25,7 @@ from torch import nn
 
 from bench.classifiers.base import load_state_dict
 from bench.core.errors import BenchError
-from bench.training import sha256_file
+from bench.core.record import sha256_file
 from defenses.base import SHIPPED_DIR, Card, Defense, checkpoint_display, register_defense, resolve_checkpoint
 from defenses.jatp_training import preprocessing_checkpoint_folder
 from defenses.nrp_network import NRPGenerator

@@ -287,7 +287,7 @@ class PixelDefendPurification(nn.Module):
 from pathlib import Path  # noqa: E402
 
 from bench.classifiers.base import load_state_dict  # noqa: E402
-from bench.training import sha256_file  # noqa: E402
+from bench.core.record import sha256_file  # noqa: E402
 from defenses.base import (  # noqa: E402
     SHIPPED_DIR, Card, Defense, checkpoint_display, manifest_training, register_defense, resolve_checkpoint)
 

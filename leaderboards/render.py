@@ -159,7 +159,7 @@ def _current_sha256(path: Path) -> str:
 @functools.lru_cache(maxsize=None)
 def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     """Once per file version (size and mtime are the key): every board's records name the same few checkpoints."""
-    from bench.training import sha256_file
+    from bench.core.record import sha256_file
 
     return sha256_file(Path(path))
 

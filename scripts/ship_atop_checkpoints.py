@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from bench.core.record import write_json_atomic
-from bench.training import sha256_file
+from bench.core.record import sha256_file
 from defenses.atop import BUNDLED_DIR, PIPELINE_STAGE, STAGES
 
 

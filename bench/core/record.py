@@ -110,6 +110,15 @@ def _git(*args: str) -> Optional[str]:
 
 
 @lru_cache(maxsize=1)
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes (checkpoints and weights named in manifests and records)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def source_hash() -> str:
     """sha256 over the project's Python sources and suite files (paths and contents): the code that makes a result,
     whether or not the checkout is a git repository. Resume state is keyed by it, so a run killed before a fix
