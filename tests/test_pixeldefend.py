@@ -152,3 +152,17 @@ def test_the_logistic_mixture_trains_and_its_weights_name_the_architecture():
     levels = torch.from_numpy(images[:2]).permute(0, 3, 1, 2).long()
     with torch.no_grad():
         assert torch.allclose(rebuilt.nll(levels), trainer.model.eval().nll(levels))
+
+
+def test_the_logistic_fast_path_chooses_the_same_levels_as_the_per_channel_logits():
+    """The mixture split once per pixel is the same arithmetic as ``channel_logits`` per channel: the same levels,
+    near-ties included (wide components, random contexts)."""
+    torch.manual_seed(1)
+    net = PixelCNN(8, 2, output="logistic", mixtures=5).eval()
+    purify = PixelDefendPurification(net, eps_defend=16 / 255)
+    context = torch.randn(256, net.head[-1].out_channels)
+    low = torch.randint(0, 256, (256, 3, 1)).clamp(max=255 - 32)
+    allowed = low + torch.arange(33)
+    fast = purify._choose_logistic(context, allowed)
+    assert torch.equal(fast, purify._choose_per_channel(context, allowed))
+    assert len(fast.unique()) > 50  # the levels chosen differ from pixel to pixel
