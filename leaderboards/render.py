@@ -504,8 +504,12 @@ def transform_rows(board: Board, table: Dict[str, Any], records: Sequence[Dict[s
     columns = [c for c in table["columns"] if c != "clean"]
     skipped = [c for c in columns if any(f"{board.columns.get(c)}+skip" in per_attack(r, field_name) for r in records)]
     also = [c for c, key in board.also.items() if any(key in per_attack(r, field_name) for r in records)]
-    keys = ([board.columns.get(c, "") for c in columns] + [f"{board.columns[c]}+skip" for c in skipped]
-            + [board.also[c] for c in also])  # the attack each column reads, in column order
+    # each paper column, then beside it the same attack with the purifier skipped (the paper's BPDA protocol), then
+    # the board's other readings: (header, the attack it reads, the paper's column or None)
+    layout = [entry for c in columns for entry in [(c, board.columns.get(c, ""), c)]
+              + ([(f"{c}, purifier skipped", f"{board.columns[c]}+skip", None)] if c in skipped else [])]
+    layout += [(c, board.also[c], None) for c in also]
+    keys = [key for _, key, _ in layout]  # the attack each column reads, in column order
     rows: List[List[str]] = []
     intervals: List[List[str]] = []  # the worst-case reading's cells as counts of images: their 95% intervals
 
@@ -533,11 +537,10 @@ def transform_rows(board: Board, table: Dict[str, Any], records: Sequence[Dict[s
             rows.append([transform.upper() + mark(record), "✓" if atop else "✗",
                          _cell(None if clean is None else 100 * clean, theirs["clean"]),
                          *([_cell(None if no_attack is None else 100 * no_attack, None)] if floor else []),
-                         *(_cell(measured.get(key), paper) + single_draw_mark(record, key)
-                           for key, paper in zip(keys, [theirs[c] for c in columns] + [None] * (len(skipped) + len(also))))])
+                         *(_cell(measured.get(key), None if column is None else theirs[column])
+                           + single_draw_mark(record, key) for _, key, column in layout)])
             intervals.append(interval_row(transform.upper(), "✓" if atop else "✗", record))
-    headers = ["transform", "AToP", "clean", *(["no attack"] if floor else []), *columns,
-               *(f"{c}, purifier skipped" for c in skipped), *also]
+    headers = ["transform", "AToP", "clean", *(["no attack"] if floor else []), *(header for header, _, _ in layout)]
     labelled = ([("none", bare)] if bare is not None else []) + [
         (f"{t.upper()} {'✓' if a else '✗'}", ours[(t, a)]) for t in ("rt1", "rt2", "rt3") for a in (False, True) if (t, a) in ours]
     if field_name != "robust_alone" or not records:
