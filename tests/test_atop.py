@@ -73,6 +73,21 @@ def test_bench_train_writes_manifest_resumes_and_loads(tmp_path, capsys):
     assert record["settings"]["success_draws"] == 10
 
 
+def test_each_epochs_manifest_names_the_checkpoint_it_wrote(tmp_path):
+    """A training run rewrites its checkpoint at the same path every epoch: the manifest's sha256 must be the bytes
+    on disk after each save, not a hash remembered from an earlier epoch."""
+    import hashlib
+
+    from bench.training import Checkpointer, TrainOptions
+
+    checkpointer = Checkpointer(tmp_path, "pretrain", TrainOptions(defense="atop"), {"settings": {}})
+    for epoch in (1, 2):
+        checkpointer.save({"weights": torch.full((4,), float(epoch))}, {"epoch": epoch}, finished=epoch == 2)
+        manifest = json.loads((tmp_path / "pretrain.manifest.json").read_text())
+        assert manifest["sha256"] == hashlib.sha256((tmp_path / "pretrain.pt").read_bytes()).hexdigest()
+        assert len(manifest["history"]) == epoch
+
+
 def test_missing_checkpoint_says_how_to_train(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("BENCH_CHECKPOINT_DIR", str(tmp_path))
     code = main(["--plugin", PLUGIN, "run", "--defense", "atop", "--classifier", "tiny", "--dataset", "tiny-test",

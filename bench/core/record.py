@@ -109,9 +109,9 @@ def _git(*args: str) -> Optional[str]:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-@lru_cache(maxsize=1)
 def sha256_file(path: Path) -> str:
-    """The sha256 of a file's bytes (checkpoints and weights named in manifests and records)."""
+    """The sha256 of a file's bytes (checkpoints and weights named in manifests and records), read afresh each call:
+    a training run rewrites its checkpoint at the same path every epoch."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -119,6 +119,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+@lru_cache(maxsize=1)
 def source_hash() -> str:
     """sha256 over the project's Python sources and suite files (paths and contents): the code that makes a result,
     whether or not the checkout is a git repository. Resume state is keyed by it, so a run killed before a fix
