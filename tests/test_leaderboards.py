@@ -60,6 +60,17 @@ def test_table7_puts_measured_beside_paper():
     assert "50.0 (84.2) | 25.0 (55.1) | 8.1 (72.3)" in majority  # majority of the clean draws, and of the attacks' draws
 
 
+def test_the_purifier_skipped_column_sits_beside_its_exact_gradient_column():
+    """The paper's number (on the exact-gradient column), ours under its BPDA protocol and ours under exact gradients
+    read side by side: each "X, purifier skipped" column follows X, not the end of the table."""
+    text = atop_table7([_record("pretrain", 0.383, 0.031)])
+    header = next(line for line in text.splitlines() if line.startswith("| transform"))
+    names = [cell.strip() for cell in header.strip("|").split("|")]
+    assert names[names.index("PGD-10") + 1] == "PGD-10, purifier skipped"
+    assert names[names.index("PGD-10, purifier skipped") + 1] == "PGD-20"
+    assert "| 3.1 (72.3) | 8.1                        | — (70.9)" in text  # exact (paper), skipped, next column
+
+
 def test_flagged_and_unchecked_records_carry_a_mark_and_a_footnote():
     text = atop_table7([_record("pretrain", 0.383, 0.031, reasons=("zero input gradients (exact) on 3 of 16 points",)),
                         _record("finetune", 0.438, 0.012, checks=False)])
