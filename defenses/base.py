@@ -64,6 +64,9 @@ class Defense(nn.Module):
     #: The paper's headline for this defense, printed beside a run's numbers so that a reader of a CPU-scale run knows
     #: where it stands (empty for defenses without one). Not part of the record: it describes the paper, not the run.
     paper_reference: ClassVar[str] = ""
+    #: The paper's row for a run under another threat norm than the headline's (``{"l2": "..."}``): a run at l2 quotes
+    #: the paper's l2 table, not its linf headline. Norms not listed fall back to ``paper_reference``.
+    paper_references: ClassVar[Dict[str, str]] = {}
     #: The defense's card (``Card``); a plug-in may have none, and its records say so.
     card: ClassVar[Optional[Card]] = None
 
@@ -74,6 +77,11 @@ class Defense(nn.Module):
         self.transform = transform if transform is not None else nn.Identity()
         self.purifier = purifier if purifier is not None else nn.Identity()
         self.classifier = classifier
+
+    @classmethod
+    def reference_for(cls, norm: Optional[str] = None) -> str:
+        """The paper's row for a run under ``norm`` (``paper_references``), else its headline (``paper_reference``)."""
+        return cls.paper_references.get(norm, cls.paper_reference) if norm else cls.paper_reference
 
     @property
     def differentiable(self) -> bool:

@@ -345,3 +345,22 @@ def test_each_variant_prints_its_own_paper_row():
     assert "Table 5" in DEFENSES.get("atop-rt2-ae-ft").paper_reference
     assert DEFENSES.get("atop-rt3-ae-ft").paper_reference.startswith("no paper row")
     assert "Table 2" in DEFENSES.get("atop").paper_reference  # the default keeps the paper's headline
+
+
+def test_a_run_at_l2_quotes_the_papers_l2_table():
+    """A Table 8 (l2 1.0) run of a variant prints that table's row (leaderboards/papers/atop.json), not Table 7's linf
+    one; the default quotes Table 6's l2 and StAdv cells; a run at linf keeps Table 7, and the AE has no l2 row."""
+    from bench.reports.summary import paper_reference
+
+    paper = json.loads((Path(__file__).resolve().parents[1] / "leaderboards" / "papers" / "atop.json").read_text())
+    table8 = next(t for t in paper["tables"] if str(t["table"]) == "8")
+    for row in table8["rows"]:
+        name = f"atop-{row['transform']}-gan-{'ft' if row['atop'] else 'pre'}"
+        clean, pgd10, pgd20 = row["values"]
+        reference = paper_reference(name, "l2")
+        assert f"Table 8, {row['transform'].upper()} {'with' if row['atop'] else 'without'} AToP" in reference
+        assert f"{clean:.2f}% clean, {pgd10:.2f}% / {pgd20:.2f}% under PGD-10 / PGD-20" in reference
+        assert "Table 7" in paper_reference(name, "linf") and "Table 7" in paper_reference(name)
+    assert "Table 6" in paper_reference("atop", "l2") and "73.4%" in paper_reference("atop", "l2")
+    assert "56.4%" in paper_reference("atop", "stadv") and "Table 2" in paper_reference("atop", "linf")
+    assert paper_reference("atop-rt2-ae-ft", "l2") == paper_reference("atop-rt2-ae-ft")  # Table 5 is its only row

@@ -47,7 +47,7 @@ def format_result(record: Dict) -> str:
         lines.append(f"  no mean or majority: {record.get('mean_omitted', 'not measured')}")
     h = record["headline"]
     lines.append(f"headline ({h['metric']}): {100 * h['accuracy']:.2f}% in {record['timing']['seconds']:.1f} s")
-    reference = paper_reference(record["defense"]["name"])
+    reference = paper_reference(record["defense"]["name"], record["threat"]["norm"])
     if reference:
         lines.append(f"where this stands: {reference}")
     fixed = record.get("corrections")
@@ -67,14 +67,16 @@ def format_result(record: Dict) -> str:
     return "\n".join(lines)
 
 
-def paper_reference(name: str) -> str:
-    """The registered defense's paper headline (``Defense.paper_reference``), or "" (stacks: their stages')."""
+def paper_reference(name: str, norm: Optional[str] = None) -> str:
+    """The registered defense's paper row for a run under ``norm`` (``Defense.reference_for``: its own table for
+    that norm, else the headline), or "" (stacks: their stages')."""
     from defenses.base import DEFENSES
 
     parts = []
     for stage in name.split("+"):
         try:
-            reference = getattr(DEFENSES.get(stage), "paper_reference", "")
+            defense = DEFENSES.get(stage)
+            reference = defense.reference_for(norm) if hasattr(defense, "reference_for") else getattr(defense, "paper_reference", "")
         except Exception:  # a plug-in that is not loaded, or a name the registry does not know
             reference = ""
         if reference:
