@@ -576,3 +576,16 @@ def test_every_committed_record_prints_its_summary():
             corrected += 1
             assert "(correction)" in text
     assert corrected >= 1
+
+
+def test_a_resumed_runs_summary_says_what_its_seconds_cover():
+    """A resumed run's own clock covers only its last part (the committed Table 7 RT1 record: 65 s of a 102-minute
+    run); the summary must say so and give the attacks' time over every part."""
+    from bench.reports.summary import format_result
+
+    path = next((REPO / "leaderboards" / "results" / "atop-table7").glob("*atop-rt1-gan-ft*.json"))
+    record = json.loads(path.read_text())
+    record["timing"].update(seconds=64.5, attack_seconds=6123.9)
+    assert "the attacks took 6123.9 s over every part" in format_result(record)
+    record["timing"].update(seconds=7000.0)
+    assert "in 7000.0 s" in format_result(record) and "every part" not in format_result(record)

@@ -46,7 +46,11 @@ def format_result(record: Dict) -> str:
     elif draws > 1:
         lines.append(f"  no mean or majority: {record.get('mean_omitted', 'not measured')}")
     h = record["headline"]
-    lines.append(f"headline ({h['metric']}): {100 * h['accuracy']:.2f}% in {record['timing']['seconds']:.1f} s")
+    timing = record["timing"]
+    resumed = timing.get("attack_seconds", 0.0) > timing["seconds"]  # earlier parts of a resumed run ran the attacks
+    took = (f"in {timing['seconds']:.1f} s (this part of a resumed run; the attacks took {timing['attack_seconds']:.1f} s "
+            f"over every part)" if resumed else f"in {timing['seconds']:.1f} s")
+    lines.append(f"headline ({h['metric']}): {100 * h['accuracy']:.2f}% {took}")
     reference = paper_reference(record["defense"]["name"], record["threat"]["norm"])
     if reference:
         lines.append(f"where this stands: {reference}")
