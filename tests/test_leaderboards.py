@@ -589,3 +589,5 @@ def test_a_resumed_runs_summary_says_what_its_seconds_cover():
     assert "the attacks took 6123.9 s over every part" in format_result(record)
     record["timing"].update(seconds=7000.0)
     assert "in 7000.0 s" in format_result(record) and "every part" not in format_result(record)
+    record["timing"].update(seconds=64.5, parts=3)
+    assert "the attacks took 6123.9 s over 3 parts" in format_result(record)

@@ -89,6 +89,10 @@ def test_killed_run_resumes_from_its_saved_batches(tmp_path):
     # the first attack ran wholly in the killed process: its time comes from the state into the resumed record
     assert resumed["timing"]["attack_seconds"] == sum(x["cost"]["seconds"] for x in resumed["attacks"])
     assert resumed["attacks"][0]["cost"]["seconds"] > 0
+    # the record says it ran in two processes and began when the killed one did, before the resumed one started
+    assert (resumed["timing"]["parts"], full["timing"]["parts"]) == (2, 1)
+    assert resumed["timing"]["first_started"] < resumed["timing"]["started"]
+    assert full["timing"]["first_started"] == full["timing"]["started"]
     assert 0 < full["robust"]["correct"] < full["clean"]["correct"]  # some points break, some resist
 
     batch = next(p for p in sorted((tmp_path / "altered" / ".state").glob("*/attack0-*.json"))

@@ -47,9 +47,11 @@ def format_result(record: Dict) -> str:
         lines.append(f"  no mean or majority: {record.get('mean_omitted', 'not measured')}")
     h = record["headline"]
     timing = record["timing"]
-    resumed = timing.get("attack_seconds", 0.0) > timing["seconds"]  # earlier parts of a resumed run ran the attacks
-    took = (f"in {timing['seconds']:.1f} s (this part of a resumed run; the attacks took {timing['attack_seconds']:.1f} s "
-            f"over every part)" if resumed else f"in {timing['seconds']:.1f} s")
+    # a resumed run: more than one part (older records: the attacks' time exceeds the last part's)
+    resumed = timing.get("parts", 1) > 1 or timing.get("attack_seconds", 0.0) > timing["seconds"]
+    parts = f"{timing['parts']} parts" if "parts" in timing else "every part"
+    took = (f"in {timing['seconds']:.1f} s (the last part of a resumed run; the attacks took "
+            f"{timing['attack_seconds']:.1f} s over {parts})" if resumed else f"in {timing['seconds']:.1f} s")
     lines.append(f"headline ({h['metric']}): {100 * h['accuracy']:.2f}% {took}")
     reference = paper_reference(record["defense"]["name"], record["threat"]["norm"])
     if reference:
