@@ -356,6 +356,13 @@ def _add_part(state_dir: Path, started: datetime) -> list:
     return parts
 
 
+def _drop_empty_state(state_dir: Path) -> None:
+    """A run that stops before any batch is saved (a defense that fails at once) leaves no state: the parts file
+    alone is removed with its folder, so the output folder stays as empty as it was."""
+    if is_main() and state_dir.is_dir() and [p.name for p in state_dir.iterdir()] == ["parts.json"]:
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
 def _evaluate_locked(defense: Defense, subset, suite, threat: Threat, config: RunConfig, device, plans, described,
                      draws: int, execution, model, batch_size: int, run_id: str, state_dir: Path, complete: bool):
     """The evaluation proper, under the run's lock: attacks, checks, record."""
@@ -364,9 +371,13 @@ def _evaluate_locked(defense: Defense, subset, suite, threat: Threat, config: Ru
     env = environment()  # the code as it was when the run started (a commit made during a long run is not this run's)
     log.info("run %s: %s on %s (%s, n=%d), suite %s (%s budget)", run_id, config.defense, config.classifier,
              subset.dataset, subset.n, suite.name, suite.budget)
-    result = evaluate(model, subset, plans, threat, who=config.defense, batch_size=batch_size,
-                      device=device, seed=config.seed, state_dir=state_dir, success_draws=draws,
-                      independent=suite.independent, complete=complete)
+    try:
+        result = evaluate(model, subset, plans, threat, who=config.defense, batch_size=batch_size,
+                          device=device, seed=config.seed, state_dir=state_dir, success_draws=draws,
+                          independent=suite.independent, complete=complete)
+    except BaseException:
+        _drop_empty_state(state_dir)
+        raise
     findings, checks, corrections = None, {"ran": False}, None
     known = defense.known_problems()
     for problem in known:
