@@ -81,8 +81,7 @@ def paper_reference(name: str, norm: Optional[str] = None) -> str:
     parts = []
     for stage in name.split("+"):
         try:
-            defense = DEFENSES.get(stage)
-            reference = defense.reference_for(norm) if hasattr(defense, "reference_for") else getattr(defense, "paper_reference", "")
+            reference = DEFENSES.get(stage).reference_for(norm)  # the registry holds only Defense subclasses
         except Exception:  # a plug-in that is not loaded, or a name the registry does not know
             reference = ""
         if reference:
