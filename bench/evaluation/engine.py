@@ -38,7 +38,7 @@ from bench.core.errors import BenchError
 from bench.core.record import write_json_atomic
 from bench.core.stats import accuracy_summary
 from bench.data.subset import Subset
-from bench.evaluation.distributed import mine, share
+from bench.evaluation.distributed import is_main, mine, share
 from bench.evaluation.execution import split_on_oom
 
 log = logging.getLogger(__name__)
@@ -63,10 +63,20 @@ def progress_enabled() -> bool:
 
 
 class BatchState:
-    """One JSON file per finished batch under ``root`` (or nothing at all when ``root`` is None)."""
+    """One JSON file per finished batch under ``root`` (or nothing at all when ``root`` is None).
 
-    def __init__(self, root: Optional[Path]) -> None:
-        self.root = root
+    With ``started`` (this process's start time), the first batch it saves also adds that time to ``parts.json``:
+    the start of every process that has saved work for the run, so a record resumed across sessions says when it
+    began and in how many parts it ran. A process that fails before saving anything leaves no trace."""
+
+    def __init__(self, root: Optional[Path], started: Optional[str] = None) -> None:
+        self.root, self.started = root, started
+        self._part_written = started is None
+
+    def parts(self) -> List[str]:
+        """Start times of the processes that have worked on this run, this one last."""
+        earlier = (self.load("parts") or {"started": []})["started"]
+        return earlier if self.started is None or self.started in earlier else [*earlier, self.started]
 
     def load(self, key: str) -> Optional[Dict[str, Any]]:
         if self.root is None or not (self.root / f"{key}.json").is_file():
@@ -74,8 +84,12 @@ class BatchState:
         return json.loads((self.root / f"{key}.json").read_text())
 
     def save(self, key: str, data: Dict[str, Any]) -> None:
-        if self.root is not None:
-            write_json_atomic(self.root / f"{key}.json", data)
+        if self.root is None:
+            return
+        if not self._part_written and is_main():
+            write_json_atomic(self.root / "parts.json", {"started": self.parts()})
+            self._part_written = True
+        write_json_atomic(self.root / f"{key}.json", data)
 
 
 def check_logits(logits: torch.Tensor, batch: int, num_classes: int, who: str) -> None:
@@ -116,6 +130,7 @@ class Evaluation:
     complete: bool = False  # attacks run to completion on every point with a right clean draw (mean is meaningful)
     # attack label -> positions it broke decisively: most draws wrong (every broken point of a deterministic defense)
     decisive_points: Dict[str, set] = field(default_factory=dict)
+    parts: List[str] = field(default_factory=list)  # start times of the processes that worked on it (BatchState.parts)
 
     @property
     def clean_worst(self) -> np.ndarray:
@@ -210,7 +225,7 @@ def attack_batch(
 def evaluate(
     model: nn.Module, subset: Subset, plans: Sequence[Tuple[str, Attack]], threat: Threat, *, who: str,
     batch_size: int = 128, device: str | torch.device = "cpu", seed: int = 0, state_dir: Optional[Path] = None,
-    success_draws: int = 1, independent: bool = False, complete: bool = False,
+    success_draws: int = 1, independent: bool = False, complete: bool = False, started: Optional[str] = None,
 ) -> Evaluation:
     """Clean accuracy, then every attack in ``plans`` on the points still robust.
 
@@ -220,8 +235,9 @@ def evaluate(
     point (each attack's own accuracy is then ``robust_alone``); with ``complete`` (an independent suite on a
     stochastic defense, attacks built without early stop) on every point with at least one right clean draw, so each
     attack also gets a mean and a majority over the draws. The overall result is the per-sample worst case.
+    ``started`` (ISO time) is this process's start, counted in ``Evaluation.parts`` (see ``BatchState``).
     """
-    state = BatchState(state_dir)
+    state = BatchState(state_dir, started)
     counting = CountingModule(model, PassCounter())
     clean_pred, clean_draws = _clean_pass(counting, subset, batch_size, device, seed, who, state, success_draws)
     labels = subset.y.numpy()
@@ -231,8 +247,10 @@ def evaluate(
     clean_mean = float(clean_draws.sum()) / (success_draws * subset.n)
     result = Evaluation(clean_pred, first_right, robust, broken_by, [], clean_mean, clean_draws.copy(), success_draws, {},
                         clean_draws_right=clean_draws, complete=complete and independent)
-    return run_attacks(result, model, subset, plans, threat, batch_size=batch_size, device=device, seed=seed,
-                       state=state, independent=independent)
+    result = run_attacks(result, model, subset, plans, threat, batch_size=batch_size, device=device, seed=seed,
+                         state=state, independent=independent)
+    result.parts = state.parts()
+    return result
 
 
 def _targets(result: Evaluation, independent: bool) -> np.ndarray:

@@ -346,38 +346,16 @@ def _written_meanwhile(target: Path, run_id: str, since: float) -> Optional[Dict
     return record if record.get("run_id") == run_id else None
 
 
-def _add_part(state_dir: Path, started: datetime) -> list:
-    """The start times of every process that has worked on this run, this one last: kept in the run's resume state
-    (``parts.json``), so a record resumed across sessions says when it began and in how many parts it ran."""
-    state = BatchState(state_dir)
-    parts = [*(state.load("parts") or {"started": []})["started"], started.isoformat()]
-    if is_main():
-        state.save("parts", {"started": parts})
-    return parts
-
-
-def _drop_empty_state(state_dir: Path) -> None:
-    """A run that stops before any batch is saved (a defense that fails at once) leaves no state: the parts file
-    alone is removed with its folder, so the output folder stays as empty as it was."""
-    if is_main() and state_dir.is_dir() and [p.name for p in state_dir.iterdir()] == ["parts.json"]:
-        shutil.rmtree(state_dir, ignore_errors=True)
-
-
 def _evaluate_locked(defense: Defense, subset, suite, threat: Threat, config: RunConfig, device, plans, described,
                      draws: int, execution, model, batch_size: int, run_id: str, state_dir: Path, complete: bool):
     """The evaluation proper, under the run's lock: attacks, checks, record."""
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
-    parts = _add_part(state_dir, started)
     env = environment()  # the code as it was when the run started (a commit made during a long run is not this run's)
     log.info("run %s: %s on %s (%s, n=%d), suite %s (%s budget)", run_id, config.defense, config.classifier,
              subset.dataset, subset.n, suite.name, suite.budget)
-    try:
-        result = evaluate(model, subset, plans, threat, who=config.defense, batch_size=batch_size,
-                          device=device, seed=config.seed, state_dir=state_dir, success_draws=draws,
-                          independent=suite.independent, complete=complete)
-    except BaseException:
-        _drop_empty_state(state_dir)
-        raise
+    result = evaluate(model, subset, plans, threat, who=config.defense, batch_size=batch_size, device=device,
+                      seed=config.seed, state_dir=state_dir, success_draws=draws, independent=suite.independent,
+                      complete=complete, started=started.isoformat())
     findings, checks, corrections = None, {"ran": False}, None
     known = defense.known_problems()
     for problem in known:
@@ -432,7 +410,7 @@ def _evaluate_locked(defense: Defense, subset, suite, threat: Threat, config: Ru
         "timing": {"started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
                    "seconds": time.perf_counter() - t0,
                    # how many processes worked on the run (a resumed run: more than one) and when the first began
-                   "parts": len(parts), "first_started": parts[0],
+                   "parts": len(result.parts), "first_started": result.parts[0],
                    # the attacks' own clocks, kept per batch in the resume state: a resumed run counts its earlier parts
                    "attack_seconds": sum(float(a["cost"]["seconds"]) for a in result.attacks)},
     }
