@@ -364,3 +364,24 @@ def test_a_run_at_l2_quotes_the_papers_l2_table():
     assert "Table 6" in paper_reference("atop", "l2") and "73.4%" in paper_reference("atop", "l2")
     assert "56.4%" in paper_reference("atop", "stadv") and "Table 2" in paper_reference("atop", "linf")
     assert paper_reference("atop-rt2-ae-ft", "l2") == paper_reference("atop-rt2-ae-ft")  # Table 5 is its only row
+
+
+def test_the_laplace_fill_baseline_keeps_known_pixels_and_fills_holes_from_their_neighbours():
+    # scripts/atop_fill_baseline.py: the no-learning floor docs/atop.md sets beside the RT1 purifiers.
+    import importlib.util
+
+    from defenses.transforms import RT1
+
+    spec = importlib.util.spec_from_file_location("fill", Path(__file__).parent.parent / "scripts" / "atop_fill_baseline.py")
+    fill = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fill)
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32)
+    masked = RT1()(x)
+    known, mask = masked[:, :3], masked[:, 3:4]
+    assert 0.7 < mask.mean() < 0.8  # a quarter of the 4x4 patches removed
+    filled = fill.laplace_fill(known, mask, iters=200)
+    assert torch.equal(filled * mask, x * mask)  # the kept pixels pass unchanged
+    assert filled.min() >= 0 and filled.max() <= 1
+    flat = torch.full_like(x, 0.4)  # a flat image: every hole is filled with its value
+    assert torch.allclose(fill.laplace_fill(flat * mask, mask, iters=200), flat, atol=1e-3)
