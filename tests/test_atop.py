@@ -148,16 +148,21 @@ SHIPPED = sorted(p for p in (Path(__file__).resolve().parent.parent / "defenses"
 @pytest.mark.parametrize("path", SHIPPED, ids=[f"{p.parent.name}/{p.stem}" for p in SHIPPED])
 def test_shipped_checkpoints_are_small_match_their_manifest_and_load(path):
     from bench.training import sha256_file
-    from defenses.purifiers import PURIFIERS
+    from defenses.purifiers import purifier_from_state
 
     manifest = json.loads(path.with_suffix(".manifest.json").read_text())
-    assert path.stat().st_size <= 5 * 2**20
+    assert path.stat().st_size <= 8 * 2**20  # a width-64 GAN generator in fp16 is 6.6 MiB
     assert sha256_file(path) == manifest["shipped_sha256"]
     transform, purifier = path.parent.name.split("-")
     assert manifest["config"]["settings"]["purifier"] == purifier
     if path.stem != "pretrain":  # the file name says against what its FGSM examples were crafted
         assert manifest["config"]["settings"]["adv_target"] == ("pipeline" if path.stem == "finetune-pipeline" else "classifier")
-    PURIFIERS[purifier]().load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["generator"], strict=True)
+    state = torch.load(path, map_location="cpu", weights_only=True)["generator"]
+    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    assert dtypes == {torch.float16 if manifest.get("storage_dtype") == "float16" else torch.float32}
+    if dtypes == {torch.float16}:  # half precision ships only with its measurement beside it
+        assert min(manifest["fp16_check"]["prediction_agreement"]) >= 0.99
+    purifier_from_state(purifier, state).load_state_dict(state, strict=True)
 
 
 @pytest.mark.parametrize("stem, adv_target", [("finetune", "pipeline"), ("finetune-pipeline", "classifier")])
@@ -185,6 +190,39 @@ def test_shipping_refuses_a_fine_tuned_file_named_for_the_other_fgsm_target(tmp_
     ship_module.ship(source, target, 2**20)
     assert json.loads(target.with_suffix(".manifest.json").read_text())["shipped_sha256"]
     assert stem in (*STAGES.values(), PIPELINE_STAGE)
+
+
+def test_shipping_in_fp16_halves_the_file_and_the_defense_reads_the_same(tmp_path, monkeypatch):
+    import importlib.util
+
+    from bench.classifiers.base import ClassifierInfo
+    from defenses.purifiers import PURIFIERS
+
+    spec = importlib.util.spec_from_file_location("ship_atop", Path(__file__).parent.parent / "scripts" / "ship_atop_checkpoints.py")
+    ship_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship_module)
+    torch.manual_seed(0)
+    source = tmp_path / "root" / "pretrain.pt"
+    source.parent.mkdir(parents=True)
+    torch.save({"generator": PURIFIERS["gan"](width=8).state_dict()}, source)
+    source.with_suffix(".manifest.json").write_text(json.dumps({"config": {"settings": {"purifier": "gan"}}, "finished": True}))
+    full, half = tmp_path / "fp32" / "pretrain.pt", tmp_path / "fp16" / "pretrain.pt"
+    ship_module.ship(source, full, 2**22)
+    ship_module.ship(source, half, 2**22, fp16=True)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    assert json.loads(half.with_suffix(".manifest.json").read_text())["storage_dtype"] == "float16"
+    assert json.loads(full.with_suffix(".manifest.json").read_text())["storage_dtype"] == "float32"
+    classifier = NearestColor()
+    classifier.info = ClassifierInfo("tiny", "tiny", "cifar10", 10, None, None, "standard", None, "-", "-")
+    x = torch.rand(4, 3, 32, 32)
+    outputs = []
+    for path in (full, half):
+        defense = AToP(classifier, transform="rt1", purifier="gan", stage="pretrain", checkpoint=str(path)).eval()
+        assert all(p.dtype == torch.float32 for p in defense.purifier.parameters())  # loaded into float32 modules
+        torch.manual_seed(1)
+        with torch.no_grad():
+            outputs.append(defense.purifier(defense.transform(x)))
+    assert (outputs[0] - outputs[1]).abs().max() < 1e-2
 
 
 def test_the_pipeline_fine_tuned_variant_loads_its_own_shipped_file(monkeypatch, tmp_path):
