@@ -55,7 +55,8 @@ class AToP(Defense):
         title="Adversarial Training on Purification (AToP): Advancing Both Robustness and Generalization",
         authors="Guang Lin, Chao Li, Jianhai Zhang, Toshihisa Tanaka, Qibin Zhao", venue="ICLR", year=2024,
         paper="https://arxiv.org/abs/2401.16352", code="https://github.com/glin2022/atop",
-        weights=("GAN purifiers (a gated U-Net, 0.87M parameters, and a PatchGAN) and AE purifiers (a masked "
+        weights=("GAN purifiers (a gated U-Net, 0.87M parameters at width 32 for RT2 and RT3, 3.4M at width 64 for RT1, "
+                 "stored in fp16; and a PatchGAN) and AE purifiers (a masked "
                  "autoencoder, 0.48M parameters) trained here with bench train on the cifar10-jpeg training images in "
                  "front of the shared ResNet-20; manifests beside the weights; this project's own work, no upstream "
                  "weights"),
