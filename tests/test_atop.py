@@ -192,7 +192,7 @@ def test_shipping_refuses_a_fine_tuned_file_named_for_the_other_fgsm_target(tmp_
     assert stem in (*STAGES.values(), PIPELINE_STAGE)
 
 
-def test_shipping_in_fp16_halves_the_file_and_the_defense_reads_the_same(tmp_path, monkeypatch):
+def test_shipping_in_fp16_halves_the_file_and_the_defense_reads_the_same(tmp_path):
     import importlib.util
 
     from bench.classifiers.base import ClassifierInfo
