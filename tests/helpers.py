@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import torch
 from torch import nn
+
+
+def load_script(name: str) -> ModuleType:
+    """A module of ``scripts/`` (not a package) by its file name without ``.py``, for testing its functions."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class TinyNet(nn.Module):

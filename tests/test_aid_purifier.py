@@ -20,6 +20,7 @@ from defenses.aid_purifier import (
 from defenses.aid_training import AIDSettings, AIDTrainer
 from bench.errors import BenchError
 from tests.conftest import REPO, needs_resnet4b, shared_missing
+from tests.helpers import load_script
 from tests.test_jatp import Staged
 
 
@@ -157,11 +158,7 @@ def test_a_discriminator_near_chance_marks_its_records_unreliable_and_the_layers
 def test_the_tap_probe_separates_a_shifted_feature_and_stays_near_chance_without_one():
     # scripts/aid_tap_probe.py measures which classifier layers register an attack (docs/aid-purifier.md quotes it):
     # its probe must find a shift when there is one and report chance when there is none.
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("aid_tap_probe", REPO / "scripts" / "aid_tap_probe.py")
-    probe_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe_module)
+    probe_module = load_script("aid_tap_probe")
     g = torch.Generator().manual_seed(0)
     clean, same, shifted = (torch.randn(600, 20, generator=g) for _ in range(3))
     shifted[:, 3] += 2.0

@@ -14,7 +14,7 @@ from bench.core.errors import BenchError
 from defenses.atop import AToP
 from defenses.atop_training import AToPSettings, AToPTrainer
 from tests.conftest import needs_resnet20
-from tests.helpers import NearestColor
+from tests.helpers import NearestColor, load_script
 
 # Clean accuracy of the shipped RT2 purifiers before ResNet-20, 128 images, mean of 3 draws from seed 0 (measured).
 MEASURED_RT2 = {"pretrain": 0.370, "finetune": 0.435}
@@ -169,13 +169,9 @@ def test_shipped_checkpoints_are_small_match_their_manifest_and_load(path):
 def test_shipping_refuses_a_fine_tuned_file_named_for_the_other_fgsm_target(tmp_path, stem, adv_target):
     # `finetune-pipeline.pt` is what `atop-rt2-ae-ft-pipeline` loads: only a purifier whose FGSM examples were
     # crafted against the whole pipeline may ship under that name, and only the default one as `finetune.pt`.
-    import importlib.util
-
     from defenses.atop import PIPELINE_STAGE, STAGES
 
-    spec = importlib.util.spec_from_file_location("ship_atop", Path(__file__).parent.parent / "scripts" / "ship_atop_checkpoints.py")
-    ship_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ship_module)
+    ship_module = load_script("ship_atop_checkpoints")
     source = tmp_path / "root" / "atop" / "resnet20" / "rt2-ae" / f"{stem}.pt"
     source.parent.mkdir(parents=True)
     torch.save({"generator": {"w": torch.zeros(2)}}, source)
@@ -193,14 +189,10 @@ def test_shipping_refuses_a_fine_tuned_file_named_for_the_other_fgsm_target(tmp_
 
 
 def test_shipping_in_fp16_halves_the_file_and_the_defense_reads_the_same(tmp_path):
-    import importlib.util
-
     from bench.classifiers.base import ClassifierInfo
     from defenses.purifiers import PURIFIERS
 
-    spec = importlib.util.spec_from_file_location("ship_atop", Path(__file__).parent.parent / "scripts" / "ship_atop_checkpoints.py")
-    ship_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ship_module)
+    ship_module = load_script("ship_atop_checkpoints")
     torch.manual_seed(0)
     source = tmp_path / "root" / "pretrain.pt"
     source.parent.mkdir(parents=True)
@@ -406,13 +398,9 @@ def test_a_run_at_l2_quotes_the_papers_l2_table():
 
 def test_the_laplace_fill_baseline_keeps_known_pixels_and_fills_holes_from_their_neighbours():
     # scripts/atop_fill_baseline.py: the no-learning floor docs/atop.md sets beside the RT1 purifiers.
-    import importlib.util
-
     from defenses.transforms import RT1
 
-    spec = importlib.util.spec_from_file_location("fill", Path(__file__).parent.parent / "scripts" / "atop_fill_baseline.py")
-    fill = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fill)
+    fill = load_script("atop_fill_baseline")
     torch.manual_seed(0)
     x = torch.rand(2, 3, 32, 32)
     masked = RT1()(x)
