@@ -197,3 +197,28 @@ def test_shipped_discriminators_match_their_manifest_and_say_when_they_are_near_
     assert defense.checkpoint_sha256 == sha256_file(path)
     separation = manifest["history"][-1]["separation"]
     assert bool(defense.known_problems()) == (separation < MIN_SEPARATION)
+
+
+def test_the_fp16_script_halves_only_floats_and_measures_the_copy_against_the_original(tmp_path):
+    # scripts/aid_fp16.py: the stored copy is float16 where the original is floating point, and its check reads a file
+    # against itself as identical (no pixel moves, every prediction agrees) and the float16 copy as a near neighbour.
+    fp16 = load_script("aid_fp16")
+    net = Staged().eval()
+    torch.manual_seed(1)
+    state = {"discriminator": AIDDiscriminator(4, 8).state_dict()}
+    state["discriminator"]["count"] = torch.tensor(3)
+    half = fp16.halved(state["discriminator"])
+    assert half["count"].dtype == torch.int64 and fp16.is_half(half) and not fp16.is_half(state["discriminator"])
+    del state["discriminator"]["count"], half["count"]
+    original, copy = tmp_path / "a" / "discriminator.weights.pt", tmp_path / "b" / "discriminator.weights.pt"
+    for path, weights in ((original, state["discriminator"]), (copy, half)):
+        path.parent.mkdir()
+        torch.save({"discriminator": weights}, path)
+    x, y = torch.rand(6, 3, 8, 8), torch.arange(6)
+    same = fp16.compare(net, original, original, x, y, batch=4)
+    assert same["images"] == 6 and same["max_abs_pixel_diff"] == 0 and same["prediction_agreement"] == 1
+    assert same["clean_fp32"] == same["clean_fp16"]
+    assert 0 <= same["fp32_agreement_input_noise_1e-6"] <= 1
+    stored = fp16.compare(net, original, copy, x, y, batch=4)
+    assert 0 < stored["max_abs_pixel_diff"] <= 2 * 8 / 255 + 1e-6  # each output stays within 8/255 of x
+    assert set(stored) == set(same)
