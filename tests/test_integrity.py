@@ -9,7 +9,8 @@ from torch import nn
 
 from attacks import ATTACKS, Threat
 from bench.evaluation import evaluate
-from bench.integrity import check_black_box, check_gradients, check_probabilities, check_randomness, run_checks
+from bench.integrity import (
+    check_black_box, check_chaos, check_gradients, check_probabilities, check_randomness, run_checks)
 from bench.subset import Subset
 from defenses.base import Defense
 from tests.helpers import NearestColor
@@ -61,6 +62,34 @@ def test_undeclared_and_phantom_randomness_are_flagged():
     assert "randomness not declared but observed" in check_randomness(noisy, x, declared=False)[0]
     assert "randomness declared but not observed" in check_randomness(NearestColor(), x, declared=True)[0]
     assert check_randomness(noisy, x, declared=True) == []
+
+
+class CoinOfTheLowBits(nn.Module):
+    """Deterministic, but the eighth decimal of the pixel sum decides between the image and its negative."""
+
+    def forward(self, x):
+        coin = torch.frac(1e7 * x.double().flatten(1).sum(1)) > 0.5
+        return torch.where(coin.view(-1, 1, 1, 1), 1 - x, x)
+
+
+def test_a_deterministic_defense_whose_predictions_a_tiny_nudge_flips_is_flagged_as_chaotic():
+    model, subset = _toy()
+    x = subset.x
+    chaotic = Defense(model, purifier=CoinOfTheLowBits())
+    assert torch.equal(chaotic(x), chaotic(x)) and check_randomness(chaotic, x, declared=False) == []
+    measured = {}
+    reasons = check_chaos(chaotic, x, declared=False, measurements=measured)
+    assert len(reasons) == 1 and reasons[0].startswith("predictions are chaotic: a Gaussian nudge of sigma 1e-06")
+    assert measured["nudge"]["images"] == len(x) and measured["nudge"]["flipped"] > 0.1 * len(x)
+    assert check_chaos(model, x, declared=False) == []  # the honest model: no prediction moves
+    assert check_chaos(chaotic, x, declared=True) == []  # declared randomness is the randomness check's business
+    threat = Threat("linf", 0.03)
+    result = evaluate(chaotic, subset, [("pgd-10", ATTACKS.get("pgd")(threat, steps=10))], threat, who="chaotic")
+    findings = run_checks(chaotic, subset, result, threat, stochastic=False, differentiable=True, eot=1, draws=1,
+                          device="cpu")
+    assert "chaos" in findings.codes and "chaos" in findings.measurements["checks_ran"]
+    honest = run_checks(model, subset, result, threat, stochastic=False, differentiable=True, eot=1, draws=1, device="cpu")
+    assert "chaos" not in honest.codes and honest.measurements["nudge"]["flipped"] == 0
 
 
 def test_zero_gradients_of_a_quantizer_are_flagged():
@@ -323,7 +352,9 @@ def test_no_check_fires_on_the_shipped_models(defense, classifier, n, tmp_path):
 
     record, _ = run(RunConfig(defense=defense, classifier=classifier, budget="cpu", n=n, out=tmp_path))
     assert not record["unreliable"], record["unreliable_reasons"]
-    assert set(record["checks"]["checks_ran"]) == {"randomness", "probabilities", "gradients", "monotone", "unbounded", "black_box"}
+    expected = {"randomness", "probabilities", "gradients", "monotone", "unbounded", "black_box"}
+    assert set(record["checks"]["checks_ran"]) == expected | ({"chaos"} if defense == "none" else set())
+    assert record["checks"].get("nudge", {}).get("flipped", 0) == 0
     assert record["checks"]["gradient_usefulness"]["raised_share"] >= 0.9
 
 
