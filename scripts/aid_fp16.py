@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.api import load_classifier, load_subset  # noqa: E402
 from bench.classifiers.base import load_state_dict  # noqa: E402
 from bench.core.record import sha256_file, write_json_atomic  # noqa: E402
+from bench.evaluation.integrity import NUDGE  # noqa: E402
 from defenses.aid_purifier import WEIGHTS_FILE, AIDPurifier, aid_checkpoint_folder  # noqa: E402
 from defenses.base import SHIPPED_DIR  # noqa: E402
 
@@ -49,9 +50,10 @@ def is_half(state: Dict[str, torch.Tensor]) -> bool:
     return all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
 
 
-#: The reference for "the same within noise": the float32 defense against itself on inputs moved by this much
-#: (Gaussian, far below one 8-bit step). A purifier whose outcome flips under it cannot be held to more by its storage.
-INPUT_NOISE = 1e-6
+#: The reference for "the same within noise": the float32 defense against itself on inputs moved by the chaos check's
+#: nudge (Gaussian, far below one 8-bit step). A purifier whose outcome flips under it cannot be held to more by its
+#: storage.
+INPUT_NOISE = NUDGE
 
 
 @torch.no_grad()
