@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.api import load_classifier, load_subset  # noqa: E402
 from bench.classifiers.base import load_state_dict  # noqa: E402
 from bench.core.record import sha256_file, write_json_atomic  # noqa: E402
-from bench.evaluation.integrity import NUDGE  # noqa: E402
+from bench.evaluation.integrity import nudged  # noqa: E402
 from defenses.aid_purifier import WEIGHTS_FILE, AIDPurifier, aid_checkpoint_folder  # noqa: E402
 from defenses.base import SHIPPED_DIR  # noqa: E402
 
@@ -50,25 +50,21 @@ def is_half(state: Dict[str, torch.Tensor]) -> bool:
     return all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
 
 
-#: The reference for "the same within noise": the float32 defense against itself on inputs moved by the chaos check's
-#: nudge (Gaussian, far below one 8-bit step). A purifier whose outcome flips under it cannot be held to more by its
-#: storage.
-INPUT_NOISE = NUDGE
-
-
 @torch.no_grad()
 def compare(classifier: torch.nn.Module, fp32: Path, fp16: Path, x: torch.Tensor, y: torch.Tensor,
             batch: int = 128) -> Dict[str, Any]:
     """Purify ``x`` with the discriminator stored both ways; the numbers ``fp16_check`` records."""
     full, half = AIDPurifier(classifier, checkpoint=str(fp32)).eval(), AIDPurifier(classifier, checkpoint=str(fp16)).eval()
-    nudged = (x + INPUT_NOISE * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    # the yardstick of "the same within noise": the float32 defense against itself on inputs moved by the chaos
+    # check's nudge; a purifier whose outcome flips under it cannot be held to more by its storage
+    moved = nudged(x)
     diffs, agree, agree_nudged, right32, right16 = [], 0, 0, 0, 0
     for i in range(0, len(x), batch):
         xb, yb = x[i:i + batch], y[i:i + batch]
         p32, p16 = full.purifier(xb), half.purifier(xb)  # the purifier enables the gradients its steps need
         diffs.append((p32 - p16).abs().flatten(1))
         a, b = classifier(p32).argmax(1), classifier(p16).argmax(1)
-        c = classifier(full.purifier(nudged[i:i + batch])).argmax(1)
+        c = classifier(full.purifier(moved[i:i + batch])).argmax(1)
         agree += int((a == b).sum())
         agree_nudged += int((a == c).sum())
         right32 += int((a == yb).sum())

@@ -108,15 +108,21 @@ def check_randomness(model: nn.Module, x: torch.Tensor, declared: bool, seed: in
     return []
 
 
+def nudged(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """``x`` moved by seeded Gaussian noise of sigma ``NUDGE`` (far below one 8-bit step), kept in [0, 1]."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return (x + NUDGE * torch.randn(x.shape, generator=generator).to(x.device)).clamp(0, 1)
+
+
 def check_chaos(model: nn.Module, x: torch.Tensor, declared: bool, seed: int = 0,
-                measurements: Optional[Dict[str, object]] = None) -> List[str]:
-    """A deterministic defense's predictions on ``x`` and on ``x`` nudged by Gaussian noise of sigma ``NUDGE``."""
+                measurements: Optional[Dict[str, object]] = None, outputs: Optional[torch.Tensor] = None) -> List[str]:
+    """A deterministic defense's predictions on ``x`` (``outputs``, when the caller already has them) and on ``x``
+    nudged by Gaussian noise of sigma ``NUDGE``."""
     if declared:  # a stochastic defense's draws already differ; EOT and the verdict's draws cover it
         return []
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    nudged = (x + NUDGE * torch.randn(x.shape, generator=generator).to(x.device)).clamp(0, 1)
     with torch.inference_mode():
-        flipped = int((model(x).argmax(1) != model(nudged).argmax(1)).sum())
+        outputs = model(x) if outputs is None else outputs
+        flipped = int((outputs.argmax(1) != model(nudged(x, seed)).argmax(1)).sum())
     if measurements is not None:
         measurements["nudge"] = {"sigma": NUDGE, "images": len(x), "flipped": flipped}
     if flipped > CHAOTIC_SHARE * len(x):
@@ -319,9 +325,10 @@ def run_checks(model: nn.Module, subset, evaluation, threat: Threat, *, stochast
     findings = Findings()
     head = subset.x[: min(32, subset.n)].to(device)
     findings.add("randomness", check_randomness(model, head, stochastic, seed))
-    findings.add("chaos", check_chaos(model, head, stochastic, seed, findings.measurements))
     with torch.inference_mode():
-        findings.add("probabilities", check_probabilities(model(head)))
+        outputs = model(head)
+    findings.add("chaos", check_chaos(model, head, stochastic, seed, findings.measurements, outputs))
+    findings.add("probabilities", check_probabilities(outputs))
     correct = np.flatnonzero(evaluation.clean_worst)[:probe_n]
     if len(correct):
         x, y = subset.x[correct].to(device), subset.y[correct].to(device)
