@@ -33,17 +33,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.api import load_classifier, load_subset  # noqa: E402
-from bench.classifiers.base import load_state_dict  # noqa: E402
+from bench.classifiers.base import half_precision, load_state_dict  # noqa: E402
 from bench.core.record import sha256_file, write_json_atomic  # noqa: E402
 from bench.evaluation.integrity import nudged  # noqa: E402
 from defenses.aid_purifier import WEIGHTS_FILE, AIDPurifier, aid_checkpoint_folder  # noqa: E402
 from defenses.base import SHIPPED_DIR  # noqa: E402
 
 STORAGE = "float16 (loaded into the float32 network; checked against the float32 weights: fp16_check)"
-
-
-def halved(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
 
 
 def is_half(state: Dict[str, torch.Tensor]) -> bool:
@@ -77,18 +73,27 @@ def compare(classifier: torch.nn.Module, fp32: Path, fp16: Path, x: torch.Tensor
 
 def convert(classifier_name: str, n: int, check_only: bool) -> Dict[str, Any]:
     path = aid_checkpoint_folder(classifier_name, SHIPPED_DIR) / WEIGHTS_FILE
+    subset = load_subset("cifar10-jpeg", 512, 0)
+    check = store_half(path, load_classifier(classifier_name), subset.x[:n], subset.y[:n], check_only)
+    print(f"{classifier_name}: {json.dumps(check)}")
+    if not check_only:
+        print(f"{path} ({path.stat().st_size / 2**20:.1f} MiB) now float16")
+    return check
+
+
+def store_half(path: Path, classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+               check_only: bool = False) -> Dict[str, Any]:
+    """Measure the float16 copy of the discriminator at ``path`` against it (``compare``) and, unless ``check_only``,
+    put the copy in its place and write the measurement and both sha256 into its manifest."""
     state = load_state_dict(path, key="discriminator")
     if is_half(state):
         raise SystemExit(f"{path} is already stored in float16")
-    classifier = load_classifier(classifier_name)
-    subset = load_subset("cifar10-jpeg", 512, 0)
+    manifest_path = path.with_name("discriminator.manifest.json")
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / WEIGHTS_FILE
-        torch.save({"discriminator": halved(state)}, copy)
-        manifest_path = path.with_name("discriminator.manifest.json")
+        torch.save({"discriminator": half_precision(state)}, copy)
         (Path(tmp) / manifest_path.name).write_text(manifest_path.read_text())  # same taps check as the real file
-        check = compare(classifier, path, copy, subset.x[:n], subset.y[:n])
-        print(f"{classifier_name}: {json.dumps(check)}")
+        check = compare(classifier, path, copy, x, y)
         if check_only:
             return check
         manifest = json.loads(manifest_path.read_text())
@@ -97,7 +102,6 @@ def convert(classifier_name: str, n: int, check_only: bool) -> Dict[str, Any]:
     manifest.pop("size_reason", None)
     manifest.update(shipped_from=source_sha, shipped_sha256=sha256_file(path), storage=STORAGE, fp16_check=check)
     write_json_atomic(manifest_path, manifest)
-    print(f"{path} ({path.stat().st_size / 2**20:.1f} MiB) now float16")
     return check
 
 

@@ -22,15 +22,15 @@ from pathlib import Path
 
 import torch
 
-from bench.core.record import write_json_atomic
-from bench.core.record import sha256_file
+from bench.classifiers.base import half_precision
+from bench.core.record import sha256_file, write_json_atomic
 from defenses.atop import BUNDLED_DIR, PIPELINE_STAGE, STAGES
 
 
 def ship(source: Path, target: Path, max_bytes: int, fp16: bool = False) -> None:
     generator = torch.load(source, map_location="cpu", weights_only=True)["generator"]
     if fp16:
-        generator = {k: v.half() if v.is_floating_point() else v for k, v in generator.items()}
+        generator = half_precision(generator)
     target.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"generator": generator}, target)
     size = target.stat().st_size

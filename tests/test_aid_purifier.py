@@ -3,6 +3,8 @@ against finite differences, and training steps that lower the discriminator loss
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -207,7 +209,7 @@ def test_the_fp16_script_halves_only_floats_and_measures_the_copy_against_the_or
     torch.manual_seed(1)
     state = {"discriminator": AIDDiscriminator(4, 8).state_dict()}
     state["discriminator"]["count"] = torch.tensor(3)
-    half = fp16.halved(state["discriminator"])
+    half = fp16.half_precision(state["discriminator"])
     assert half["count"].dtype == torch.int64 and fp16.is_half(half) and not fp16.is_half(state["discriminator"])
     del state["discriminator"]["count"], half["count"]
     original, copy = tmp_path / "a" / "discriminator.weights.pt", tmp_path / "b" / "discriminator.weights.pt"
@@ -222,3 +224,30 @@ def test_the_fp16_script_halves_only_floats_and_measures_the_copy_against_the_or
     stored = fp16.compare(net, original, copy, x, y, batch=4)
     assert 0 < stored["max_abs_pixel_diff"] <= 2 * 8 / 255 + 1e-6  # each output stays within 8/255 of x
     assert set(stored) == set(same)
+
+
+def test_the_fp16_script_replaces_the_file_only_after_measuring_and_records_both_hashes(tmp_path):
+    # scripts/aid_fp16.py's store_half: --check-only leaves file and manifest alone; otherwise the file becomes its
+    # float16 copy, the manifest keeps its training fields, names the float32 source's sha256 and the new file's,
+    # drops the old size_reason and carries the measurement; a second conversion is refused.
+    fp16 = load_script("aid_fp16")
+    from bench.core.record import sha256_file
+
+    net = Staged().eval()
+    torch.manual_seed(2)
+    path = tmp_path / "discriminator.weights.pt"
+    torch.save({"discriminator": AIDDiscriminator(4, 8).state_dict()}, path)
+    manifest_path = tmp_path / "discriminator.manifest.json"
+    manifest_path.write_text(json.dumps({"history": [{"separation": 0.9}], "size_reason": "31 MB in float32"}))
+    before, x, y = sha256_file(path), torch.rand(6, 3, 8, 8), torch.arange(6)
+    checked = fp16.store_half(path, net, x, y, check_only=True)
+    assert sha256_file(path) == before and "fp16_check" not in json.loads(manifest_path.read_text())
+    stored = fp16.store_half(path, net, x, y)
+    assert stored == checked  # the same measurement, made before the file moved
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["shipped_from"] == before and manifest["shipped_sha256"] == sha256_file(path) != before
+    assert manifest["fp16_check"] == stored and manifest["history"] == [{"separation": 0.9}]
+    assert "size_reason" not in manifest and "float16" in manifest["storage"]
+    assert fp16.is_half(torch.load(path, weights_only=True)["discriminator"])
+    with pytest.raises(SystemExit, match="already stored in float16"):
+        fp16.store_half(path, net, x, y)
