@@ -22,7 +22,7 @@ from bench.core.plugins import load_plugin
 from bench.evaluation.engine import evaluate
 from bench.evaluation.runner import RunConfig, _resolve, run
 
-PLANTED = ("none", "planted-quantize", "planted-noise", "planted-argmax")
+PLANTED = ("none", "planted-quantize", "planted-noise", "planted-argmax", "planted-chaos")
 
 
 def main() -> None:

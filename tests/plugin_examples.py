@@ -12,7 +12,7 @@ import torch
 from bench.classifiers import CLASSIFIERS, Classifier, ClassifierInfo
 from bench.datasets import DATASETS, ArrayDataset
 from defenses import Defense, register_defense
-from tests.helpers import NearestColor
+from tests.helpers import CoinOfTheLowBits, NearestColor
 
 
 def _tiny_dataset(split: str, download: bool) -> ArrayDataset:
@@ -152,6 +152,14 @@ class PlantedArgmax(Defense):
 
 
 # Plants for the checks of issue 17: each hides one failure a check must name.
+
+
+@register_defense("planted-chaos")
+class PlantedChaos(Defense):
+    """Deterministic on paper (two passes agree), but a sub-quantization nudge flips half its predictions."""
+
+    def __init__(self, classifier):
+        super().__init__(classifier, purifier=CoinOfTheLowBits())
 
 
 class _SharedNoise(torch.nn.Module):

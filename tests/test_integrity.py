@@ -13,7 +13,7 @@ from bench.integrity import (
     check_black_box, check_chaos, check_gradients, check_probabilities, check_randomness, run_checks)
 from bench.subset import Subset
 from defenses.base import Defense
-from tests.helpers import NearestColor
+from tests.helpers import CoinOfTheLowBits, NearestColor
 
 
 class Quantize(nn.Module):
@@ -64,14 +64,6 @@ def test_undeclared_and_phantom_randomness_are_flagged():
     assert check_randomness(noisy, x, declared=True) == []
 
 
-class CoinOfTheLowBits(nn.Module):
-    """Deterministic, but the eighth decimal of the pixel sum decides between the image and its negative."""
-
-    def forward(self, x):
-        coin = torch.frac(1e7 * x.double().flatten(1).sum(1)) > 0.5
-        return torch.where(coin.view(-1, 1, 1, 1), 1 - x, x)
-
-
 def test_a_deterministic_defense_whose_predictions_a_tiny_nudge_flips_is_flagged_as_chaotic():
     model, subset = _toy()
     x = subset.x
@@ -90,6 +82,37 @@ def test_a_deterministic_defense_whose_predictions_a_tiny_nudge_flips_is_flagged
     assert "chaos" in findings.codes and "chaos" in findings.measurements["checks_ran"]
     honest = run_checks(model, subset, result, threat, stochastic=False, differentiable=True, eot=1, draws=1, device="cpu")
     assert "chaos" not in honest.codes and honest.measurements["nudge"]["flipped"] == 0
+
+
+def test_the_chaos_correction_nudges_each_image_and_call_and_keeps_gradients_at_saturated_pixels():
+    from bench.evaluation.integrity import NUDGE, Nudged
+
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(x.detach().clone())
+            return x.flatten(1)[:, :3] * 2
+
+        def bpda_forward(self, x, stages=()):
+            seen.append(stages)
+            return self.forward(x)
+
+    x = torch.rand(4, 3, 2, 2)
+    x[:, 0] = 1.0  # saturated pixels: the nudge is clamped there on the forward pass
+    x.requires_grad_(True)
+    wrapped = Nudged(Probe())
+    assert wrapped.stochastic and not getattr(Probe(), "stochastic", False)
+    wrapped(x).sum().backward()
+    first = seen[-1]
+    assert 0 <= first.min() and first.max() <= 1  # half the saturated pixels would leave [0, 1] unclamped
+    assert 0 < (first - x.detach()).abs().max() <= 10 * NUDGE
+    assert torch.equal(x.grad.flatten(1)[:, :3], torch.full((4, 3), 2.0))  # identity backward, also where clamped
+    wrapped(x.repeat(2, 1, 1, 1))
+    again = seen[-1]
+    assert not torch.equal(again[:4], again[4:]) and not torch.equal(again[:4], first)  # per image and per call
+    wrapped.bpda_forward(x, stages=("purifier",))
+    assert seen[-2] == ("purifier",)
 
 
 def test_zero_gradients_of_a_quantizer_are_flagged():
@@ -158,6 +181,7 @@ def _run_planted(name: str, tmp_path, **overrides):
     ("planted-quantize", "zero input gradients", "BPDA with the identity"),
     ("planted-argmax", "zero input gradients", "BPDA with the identity"),
     ("planted-noise", "randomness not declared but observed", "EOT-2 and 10 re-classification draws"),
+    ("planted-chaos", "predictions are chaotic", "EOT-2 over Gaussian input nudges of sigma 1e-06 and 10"),
 ])
 def test_a_failed_check_corrects_the_attack_plan(name, reason, action, tmp_path):
     bare = _run_planted("none", tmp_path)
@@ -171,10 +195,12 @@ def test_a_failed_check_corrects_the_attack_plan(name, reason, action, tmp_path)
     assert corrected and all(a["attacked"] <= corrections["robust_before"]["correct"] for a in corrected)
     # driven to the bare classifier's robust accuracy (the planted step costs clean accuracy, so it may end lower)
     assert record["robust"]["accuracy"] <= bare["robust"]["accuracy"] + 0.05
-    if name == "planted-noise":
+    if name in ("planted-noise", "planted-chaos"):
         assert record["settings"]["success_draws"] == 10 and all("+eot2" in a["label"] for a in corrected)
     else:
         assert all("+bpda[pipeline]" in a["label"] and a["bpda_stages"] == ["pipeline"] for a in corrected)
+    if name == "planted-chaos":  # the clean verdict again over 10 nudged draws: a coin per draw, few survive ten
+        assert record["clean_worst"]["correct"] < 0.5 * record["clean"]["correct"]
 
 
 def test_stochastic_probes_grow_the_eot_draws():

@@ -40,7 +40,7 @@ correct the attack plan (EOT for undeclared randomness, BPDA for missing or usel
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -51,6 +51,7 @@ from attacks.adaptive import BPDAView
 from attacks.base import CountingModule, Threat, input_grad
 from attacks.losses import ce
 from attacks.suite import AttackSpec, Suite
+from bench.core.errors import BenchError
 from bench.core.stats import wilson_interval
 from bench.evaluation.engine import attack_batch
 
@@ -112,6 +113,34 @@ def nudged(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """``x`` moved by seeded Gaussian noise of sigma ``NUDGE`` (far below one 8-bit step), kept in [0, 1]."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     return (x + NUDGE * torch.randn(x.shape, generator=generator).to(x.device)).clamp(0, 1)
+
+
+class Nudged(nn.Module):
+    """``model`` behind a fresh Gaussian nudge of sigma ``sigma`` per image and call: the chaos check's correction.
+
+    A defense whose predictions a sub-quantization nudge flips is a random draw over its input's neighbourhood, so
+    it is attacked as the stochastic defense it is: EOT over the nudges, and the verdict's re-classification draws
+    each see their own nudge (PROTOCOL rule 8). The nudged image is clamped to [0, 1] on the forward pass only; the
+    backward pass is the identity, so saturated pixels keep their gradient. ``bpda_forward`` is nudged the same way."""
+
+    stochastic = True
+
+    def __init__(self, model: nn.Module, sigma: float = NUDGE) -> None:
+        super().__init__()
+        self.model, self.sigma = model, float(sigma)
+
+    def _nudge(self, x: torch.Tensor) -> torch.Tensor:
+        moved = (x + self.sigma * torch.randn_like(x)).clamp(0, 1)
+        return x + (moved - x).detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self._nudge(x))
+
+    def bpda_forward(self, x: torch.Tensor, stages: Tuple[str, ...] = ()) -> torch.Tensor:
+        inner = getattr(self.model, "bpda_forward", None)
+        if inner is None:
+            raise BenchError(f"{type(self.model).__name__} declares no BPDA surrogate (no bpda_forward)")
+        return inner(self._nudge(x), stages=stages) if stages else inner(self._nudge(x))
 
 
 def check_chaos(model: nn.Module, x: torch.Tensor, declared: bool, seed: int = 0,

@@ -32,7 +32,7 @@ from bench.data.subset import load_subset
 from bench.evaluation.distributed import barrier, init_from_env, is_main, world
 from bench.evaluation.engine import BatchState, evaluate, run_attacks
 from bench.evaluation.execution import MAX_AUTO_BATCH, Execution, auto_batch_size, executed
-from bench.evaluation.integrity import run_checks
+from bench.evaluation.integrity import NUDGE, Nudged, run_checks
 from defenses.base import Defense, build_defense, card_of
 
 log = logging.getLogger(__name__)
@@ -189,23 +189,33 @@ def correct_plan(defense: Defense, suite, threat: Threat, findings, device, succ
     """The attacks a failed check adds after the suite, or None: what the defense should have declared.
 
     - randomness observed but not declared: the suite again with EOT and ``success_draws`` re-classifications;
+    - predictions a sub-quantization nudge flips (``chaos``) on a defense that declares no randomness: the same,
+      on the defense behind a fresh nudge per image and call (``Nudged``), so EOT averages over the neighbourhood
+      the predictions depend on and each re-classification draw sees its own nudge;
     - zero, NaN or vanishing input gradients: the suite again with BPDA, the identity through everything
       before the classifier on the backward pass (the real forward is kept);
-    both when both fail. The corrected attacks run on the points the suite left robust, so the result is the
-    per-sample worst case over the suite and its correction. Returns (actions, plans, draws).
+    several when several fail. The corrected attacks run on the points the suite left robust, so the result is the
+    per-sample worst case over the suite and its correction. Returns (actions, plans, draws, wrap): ``wrap`` is
+    applied to the evaluated model for the corrected attacks (the identity unless the predictions are chaotic).
     """
     undeclared_noise = "randomness" in findings.codes and not defense.stochastic
+    chaotic = "chaos" in findings.codes and not defense.stochastic
     no_gradients = "gradients" in findings.codes
-    if not (undeclared_noise or no_gradients):
+    if not (undeclared_noise or chaotic or no_gradients):
         return None
     actions = []
     if undeclared_noise:
         actions.append(f"EOT-{suite.eot_draws} and {success_draws} re-classification draws (undeclared randomness)")
+    if chaotic:
+        actions.append(f"EOT-{suite.eot_draws} over Gaussian input nudges of sigma {NUDGE:g} and {success_draws} "
+                       "re-classification draws, each with its own nudge (chaotic predictions)")
     if no_gradients:
         actions.append("BPDA with the identity through the whole pipeline before the classifier (no usable gradients)")
-    plans = suite.build(threat, stochastic=defense.stochastic or undeclared_noise, differentiable=defense.differentiable,
+    random = defense.stochastic or undeclared_noise or chaotic
+    plans = suite.build(threat, stochastic=random, differentiable=defense.differentiable,
                         eot_chunk_images=default_chunk_images(device), pipeline_bpda=no_gradients)
-    return actions, plans, success_draws if undeclared_noise else None
+    wrap = Nudged if chaotic else (lambda model: model)
+    return actions, plans, success_draws if (undeclared_noise or chaotic) else None, wrap
 
 
 def resolve_batch_size(config: RunConfig, model, subset, device) -> int:
@@ -368,10 +378,10 @@ def _evaluate_locked(defense: Defense, subset, suite, threat: Threat, config: Ru
             log.warning("unreliable: %s", reason)
         fix = correct_plan(defense, suite, threat, findings, device, config.success_draws)
         if fix is not None:
-            actions, fix_plans, fix_draws = fix
+            actions, fix_plans, fix_draws, wrap = fix
             before = accuracy_summary(int(result.robust.sum()), subset.n)
             log.warning("correcting the attack plan: %s", "; ".join(actions))
-            run_attacks(result, model, subset, fix_plans, threat, batch_size=batch_size, device=device,
+            run_attacks(result, wrap(model), subset, fix_plans, threat, batch_size=batch_size, device=device,
                         seed=config.seed, state=BatchState(state_dir), success_draws=fix_draws, stage="correction")
             draws = result.draws
             corrections = {"actions": actions, "robust_before": before,
