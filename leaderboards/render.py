@@ -127,6 +127,12 @@ def accept_problems(board: Board, record: Dict[str, Any]) -> List[str]:
         summary = record.get(name)
         if summary and abs(summary["correct"] / summary["n"] - summary["accuracy"]) > 1e-9:
             problems.append(f"{name} accuracy {summary['accuracy']} is not {summary['correct']}/{summary['n']} (edited by hand?)")
+    floor = record.get("clean_worst")
+    above = [a["label"] for a in record["attacks"]
+             if floor and a.get("stage") != "correction" and a.get("robust_alone", {}).get("correct", 0) > floor["correct"]]
+    if above:  # an attack's own cell above the no-attack floor: read under an older, laxer clean verdict
+        problems.append(f"robust_alone of {', '.join(above)} is above the no-attack floor ({floor['correct']} of "
+                        f"{floor['n']}); rerun it on the current code, which bounds each cell by the floor")
     if board.subset_hash and record["subset"]["hash"] != board.subset_hash:
         problems.append(f"subset hash {record['subset']['hash'][:12]} is not the board's {board.subset_hash[:12]}")
     if board.dataset and record["subset"]["dataset"] != board.dataset:

@@ -115,6 +115,30 @@ def test_the_chaos_correction_nudges_each_image_and_call_and_keeps_gradients_at_
     assert seen[-2] == ("purifier",)
 
 
+def test_a_redrawn_clean_verdict_bounds_every_earlier_attack_cell_by_the_new_floor():
+    # An independent suite reads each attack's own accuracy under the clean verdict of its time. When a correction
+    # reads the defense as stochastic and draws the clean verdict again, no cell may stay above the new floor.
+    from bench.evaluation.engine import run_attacks
+    from bench.evaluation.integrity import Nudged
+
+    model, subset = _toy()
+    chaotic = Defense(model, purifier=CoinOfTheLowBits())
+    threat = Threat("linf", 0.01)
+    plans = [("fgsm", ATTACKS.get("fgsm")(threat)), ("pgd-10", ATTACKS.get("pgd")(threat, steps=10))]
+    result = evaluate(chaotic, subset, plans, threat, who="chaotic", independent=True)
+    floor_before, before = result.clean_worst.copy(), {a["label"]: a["robust_alone"]["correct"] for a in result.attacks}
+    for label, correct in before.items():  # the cell is the old floor less the points the attack broke
+        assert correct == int(floor_before.sum()) - len(result.broken_points.get(label, ()))
+    torch.manual_seed(0)
+    run_attacks(result, Nudged(chaotic), subset, [], threat, success_draws=10, stage="correction")
+    floor = int(result.clean_worst.sum())
+    assert result.draws == 10 and floor < floor_before.sum()
+    for a in result.attacks:
+        assert a["robust_alone"]["correct"] <= min(before[a["label"]], floor)
+        assert "robust_alone_mean" not in a and a["robust_alone_floor_draws"] == 10
+    assert any(a["robust_alone"]["correct"] < before[a["label"]] for a in result.attacks)  # a cell did come down
+
+
 def test_zero_gradients_of_a_quantizer_are_flagged():
     x, defense = torch.rand(6, 3, 8, 8), Defense(NearestColor(), purifier=Quantize())
     y = defense(x).argmax(1)

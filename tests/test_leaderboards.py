@@ -316,6 +316,26 @@ def test_a_hand_edited_accuracy_is_refused(tmp_path):
         load_records(board, root)
 
 
+def test_an_attack_cell_above_the_no_attack_floor_is_refused(tmp_path):
+    # A record whose per-attack cell (robust_alone) exceeds the points every clean draw gets right was read under an
+    # older clean verdict than its floor: the board refuses it rather than print a number above the truth.
+    from leaderboards.render import load_boards, load_records
+
+    root = _copy_leaderboards(tmp_path)
+    board = next(b for b in load_boards(root) if b.name == "aid-purifier-table3")
+    load_records(board, root)  # the committed records pass
+    path = next(p for p in sorted((root / board.results).glob("*.json"))
+                if any("robust_alone" in a for a in json.loads(p.read_text())["attacks"]))
+    record = json.loads(path.read_text())
+    attack = next(a for a in record["attacks"] if "robust_alone" in a)
+    floor = record["clean_worst"]["correct"]
+    n = attack["robust_alone"]["n"]
+    attack["robust_alone"].update(correct=floor + 1, accuracy=(floor + 1) / n)
+    path.write_text(json.dumps(record))
+    with pytest.raises(BenchError, match=f"robust_alone of {attack['label']} is above the no-attack floor"):
+        load_records(board, root)
+
+
 def test_a_record_of_a_replaced_checkpoint_is_refused(tmp_path):
     from leaderboards.render import load_boards, load_records
 

@@ -263,6 +263,23 @@ def _targets(result: Evaluation, independent: bool) -> np.ndarray:
     return np.flatnonzero(result.clean_worst)
 
 
+def _bound_alone_by_new_floor(result: Evaluation, floor_before: np.ndarray) -> None:
+    """After the clean verdict is drawn again (a correction that reads the defense as stochastic), bound each earlier
+    attack's own accuracy (``robust_alone``, an independent suite's per-attack cell) by the new no-attack floor: a
+    point whose clean image fails a new draw was never robust to any attack. The attack's mean and majority, read
+    with the old number of draws, are dropped; ``robust_alone_floor_draws`` says which verdict bounds the cell."""
+    for outcome in result.attacks:
+        if "robust_alone" not in outcome:
+            continue
+        alone = floor_before.copy()  # the attack ran on these points; the ones it broke are in broken_points
+        alone[sorted(result.broken_points.get(outcome["label"], ()))] = False
+        alone &= result.clean_worst
+        outcome["robust_alone"] = accuracy_summary(int(alone.sum()), len(alone))
+        outcome.pop("robust_alone_mean", None)
+        outcome.pop("robust_alone_majority", None)
+        outcome["robust_alone_floor_draws"] = result.draws
+
+
 def run_attacks(
     result: Evaluation, model: nn.Module, subset: Subset, plans: Sequence[Tuple[str, Attack]], threat: Threat, *,
     batch_size: int = 128, device: str | torch.device = "cpu", seed: int = 0, state: Optional[BatchState] = None,
@@ -277,10 +294,12 @@ def run_attacks(
     if success_draws is not None and success_draws != result.draws:  # the clean verdict again, with the new draws
         _, clean_draws = _clean_pass(counting, subset, batch_size, device, seed, "correction", state, success_draws,
                                      stage=f"{stage}-clean")
+        floor_before = result.clean_worst
         result.draws_right = np.minimum(result.draws_right * success_draws // result.draws, clean_draws)
         result.draws, result.clean_draws_right = success_draws, clean_draws
         result.clean_mean = float(clean_draws.sum()) / (success_draws * subset.n)
         result.robust &= result.clean_worst
+        _bound_alone_by_new_floor(result, floor_before)
     draws, robust, draws_right = result.draws, result.robust, result.draws_right
     stochastic = draws > 1 or bool(getattr(model, "stochastic", False))
     for k, (label, attack) in enumerate(plans):
