@@ -263,21 +263,24 @@ def _targets(result: Evaluation, independent: bool) -> np.ndarray:
     return np.flatnonzero(result.clean_worst)
 
 
-def _bound_alone_by_new_floor(result: Evaluation, floor_before: np.ndarray) -> None:
-    """After the clean verdict is drawn again (a correction that reads the defense as stochastic), bound each earlier
-    attack's own accuracy (``robust_alone``, an independent suite's per-attack cell) by the new no-attack floor: a
-    point whose clean image fails a new draw was never robust to any attack. The attack's mean and majority, read
-    with the old number of draws, are dropped; ``robust_alone_floor_draws`` says which verdict bounds the cell."""
+def _bound_by_new_floor(result: Evaluation, floor_before: np.ndarray) -> None:
+    """After the clean verdict is drawn again (a correction that reads the defense as stochastic), bound what the
+    earlier attacks reported by the new no-attack floor: a point whose clean image fails a new draw was never robust.
+    Each attack's own accuracy (``robust_alone``, an independent suite's cell) and the running worst case after it
+    (``robust_after``) are recomputed from the points it broke (``broken_points``); its mean and majority, read with
+    the old number of draws, are dropped. ``floor_redrawn`` says which verdict bounds the numbers."""
+    broken_so_far = floor_before.copy()
     for outcome in result.attacks:
-        if "robust_alone" not in outcome:
-            continue
-        alone = floor_before.copy()  # the attack ran on these points; the ones it broke are in broken_points
-        alone[sorted(result.broken_points.get(outcome["label"], ()))] = False
-        alone &= result.clean_worst
-        outcome["robust_alone"] = accuracy_summary(int(alone.sum()), len(alone))
-        outcome.pop("robust_alone_mean", None)
-        outcome.pop("robust_alone_majority", None)
-        outcome["robust_alone_floor_draws"] = result.draws
+        broken = sorted(result.broken_points.get(outcome["label"], ()))
+        broken_so_far[broken] = False
+        outcome["robust_after"] = accuracy_summary(int((broken_so_far & result.clean_worst).sum()), len(floor_before))
+        if "robust_alone" in outcome:
+            alone = floor_before.copy()  # the attack ran on these points; the ones it broke are in broken_points
+            alone[broken] = False
+            outcome["robust_alone"] = accuracy_summary(int((alone & result.clean_worst).sum()), len(alone))
+            outcome.pop("robust_alone_mean", None)
+            outcome.pop("robust_alone_majority", None)
+        outcome["floor_redrawn"] = result.draws
 
 
 def run_attacks(
@@ -299,7 +302,7 @@ def run_attacks(
         result.draws, result.clean_draws_right = success_draws, clean_draws
         result.clean_mean = float(clean_draws.sum()) / (success_draws * subset.n)
         result.robust &= result.clean_worst
-        _bound_alone_by_new_floor(result, floor_before)
+        _bound_by_new_floor(result, floor_before)
     draws, robust, draws_right = result.draws, result.robust, result.draws_right
     stochastic = draws > 1 or bool(getattr(model, "stochastic", False))
     for k, (label, attack) in enumerate(plans):
