@@ -211,8 +211,8 @@ def correct_plan(defense: Defense, suite, threat: Threat, findings, device, succ
                        "re-classification draws, each with its own nudge (chaotic predictions)")
     if no_gradients:
         actions.append("BPDA with the identity through the whole pipeline before the classifier (no usable gradients)")
-    random = defense.stochastic or undeclared_noise or chaotic
-    plans = suite.build(threat, stochastic=random, differentiable=defense.differentiable,
+    read_as_stochastic = defense.stochastic or undeclared_noise or chaotic
+    plans = suite.build(threat, stochastic=read_as_stochastic, differentiable=defense.differentiable,
                         eot_chunk_images=default_chunk_images(device), pipeline_bpda=no_gradients)
     wrap = Nudged if chaotic else (lambda model: model)
     return actions, plans, success_draws if (undeclared_noise or chaotic) else None, wrap
