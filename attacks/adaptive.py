@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from attacks.base import NORMS, Attack, CountingModule, LossFn, Oracle, input_grad
+from attacks.base import NORMS, Attack, CountingModule, LossFn, Oracle, bpda_call, input_grad
 from bench.core.errors import BenchError
 
 CPU_EOT_CHUNK_IMAGES = 128
@@ -148,10 +148,7 @@ class BPDAView(nn.Module):
         return bool(getattr(self.model, "stochastic", False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        forward = getattr(self.model, "bpda_forward", None)
-        if forward is None:
-            raise BenchError(f"{type(self.model).__name__} declares no BPDA surrogate (no bpda_forward)")
-        return forward(x, stages=self.stages) if self.stages else forward(x)
+        return bpda_call(self.model, x, self.stages)
 
 
 class BPDA(_Wrapper):

@@ -121,6 +121,16 @@ class PassCounter:
         return dict(self.__dict__)
 
 
+def bpda_call(model: nn.Module, x: torch.Tensor, stages: Tuple[str, ...] = ()) -> torch.Tensor:
+    """``model.bpda_forward`` on ``x`` (with ``stages`` when given): the real forward with the surrogate's gradients;
+    an error when the model declares no BPDA surrogate. Wrappers (execution options, the chaos correction) pass
+    their transformed input through it."""
+    inner = getattr(model, "bpda_forward", None)
+    if inner is None:
+        raise BenchError(f"{type(model).__name__} declares no BPDA surrogate (no bpda_forward)")
+    return inner(x, stages=stages) if stages else inner(x)
+
+
 class CountingModule(nn.Module):
     """Wraps a model and counts forward/backward passes, also through ``bpda_forward``. With ``record_sizes`` it
     also keeps the batch size of every pass (``forward_sizes``, ``backward_sizes``; ``bench perf`` uses them)."""

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attacks.base import bpda_call
 from bench.core.errors import BenchError
 
 log = logging.getLogger(__name__)
@@ -83,11 +84,8 @@ class Executed(nn.Module):
         return out.float()
 
     def bpda_forward(self, x: torch.Tensor, stages: Tuple[str, ...] = ()) -> torch.Tensor:
-        inner = getattr(self.model, "bpda_forward", None)
-        if inner is None:
-            raise BenchError(f"{type(self.model).__name__} declares no BPDA surrogate (no bpda_forward)")
         with self._context(x):
-            out = inner(self._input(x), stages=stages) if stages else inner(self._input(x))
+            out = bpda_call(self.model, self._input(x), stages)
         return out.float()
 
 

@@ -48,10 +48,9 @@ from torch import nn
 import numpy as np
 
 from attacks.adaptive import BPDAView
-from attacks.base import CountingModule, Threat, input_grad
+from attacks.base import CountingModule, Threat, bpda_call, input_grad
 from attacks.losses import ce
 from attacks.suite import AttackSpec, Suite
-from bench.core.errors import BenchError
 from bench.core.stats import wilson_interval
 from bench.evaluation.engine import attack_batch
 
@@ -137,10 +136,7 @@ class Nudged(nn.Module):
         return self.model(self._nudge(x))
 
     def bpda_forward(self, x: torch.Tensor, stages: Tuple[str, ...] = ()) -> torch.Tensor:
-        inner = getattr(self.model, "bpda_forward", None)
-        if inner is None:
-            raise BenchError(f"{type(self.model).__name__} declares no BPDA surrogate (no bpda_forward)")
-        return inner(self._nudge(x), stages=stages) if stages else inner(self._nudge(x))
+        return bpda_call(self.model, self._nudge(x), stages)
 
 
 def check_chaos(model: nn.Module, x: torch.Tensor, declared: bool, seed: int = 0,
