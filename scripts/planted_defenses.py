@@ -7,13 +7,16 @@ classifier this runs, on the same fixed subset:
 - *naive PGD*: PGD-20 as the defense declares itself (no EOT, no BPDA: the evaluation its author would run);
 - *adaptive*: ``bench run`` with the threat's suite at the chosen budget, integrity checks and corrections.
 
-Usage: python scripts/planted_defenses.py [--n 128] [--budget cpu] [--out runs/planted]
+Usage: python scripts/planted_defenses.py [--n 128] [--budget cpu] [--out runs/planted] [--defenses planted-chaos ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the plug-in file imports tests.helpers
 
 from tabulate import tabulate
 
@@ -31,10 +34,12 @@ def main() -> None:
     parser.add_argument("--budget", default="cpu")
     parser.add_argument("--classifier", default="resnet20")
     parser.add_argument("--out", type=Path, default=Path("runs/planted"))
+    parser.add_argument("--defenses", nargs="+", choices=PLANTED, default=list(PLANTED),
+                        help="rows to (re)measure; default all")
     args = parser.parse_args()
     load_plugin(Path(__file__).resolve().parents[1] / "tests" / "plugin_examples.py")
     rows = []
-    for name in PLANTED:
+    for name in args.defenses:
         config = RunConfig(defense=name, classifier=args.classifier, n=args.n, budget=args.budget, out=args.out)
         device, _, threat, subset, defense = _resolve(config)
         naive_suite = Suite("naive", "1", "cpu", "PGD-20 as declared", threat, 1, (AttackSpec("pgd", (("steps", 20),)),))
