@@ -606,9 +606,15 @@ def test_a_resumed_runs_summary_says_what_its_seconds_cover():
 
     path = sorted((REPO / "leaderboards" / "results" / "atop-table7").glob("*atop-rt*.json"))[0]
     record = json.loads(path.read_text())
+    record["timing"].pop("parts", None)  # an older record, before the part count
     record["timing"].update(seconds=64.5, attack_seconds=6123.9)
     assert "the attacks took 6123.9 s over every part" in format_result(record)
     record["timing"].update(seconds=7000.0)
     assert "in 7000.0 s" in format_result(record) and "every part" not in format_result(record)
+    record["timing"].update(parts=2, seconds=64.5)
+    assert "the attacks took 6123.9 s over 2 parts" in format_result(record)
+    # one part under torchrun: the attack seconds add up over the ranks and exceed the wall clock; not a resumed run
+    record["timing"].update(parts=1, seconds=3000.0)
+    assert "in 3000.0 s" in format_result(record) and "resumed" not in format_result(record)
     record["timing"].update(seconds=64.5, parts=3)
     assert "the attacks took 6123.9 s over 3 parts" in format_result(record)

@@ -47,8 +47,10 @@ def format_result(record: Dict) -> str:
         lines.append(f"  no mean or majority: {record.get('mean_omitted', 'not measured')}")
     h = record["headline"]
     timing = record["timing"]
-    # a resumed run: more than one part (older records: the attacks' time exceeds the last part's)
-    resumed = timing.get("parts", 1) > 1 or timing.get("attack_seconds", 0.0) > timing["seconds"]
+    # a resumed run: more than one part; older records have no part count, and there the attacks' time exceeding the
+    # last part's says so (not in a record that has it: under torchrun the attack seconds add up over the ranks)
+    resumed = (timing["parts"] > 1 if "parts" in timing
+               else timing.get("attack_seconds", 0.0) > timing["seconds"])
     parts = f"{timing['parts']} parts" if "parts" in timing else "every part"
     took = (f"in {timing['seconds']:.1f} s (the last part of a resumed run; the attacks took "
             f"{timing['attack_seconds']:.1f} s over {parts})" if resumed else f"in {timing['seconds']:.1f} s")
