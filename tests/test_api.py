@@ -16,6 +16,7 @@ from bench.cli import main
 from bench.plugins import load_plugin
 from bench.record import validate_record
 from tests.conftest import REPO
+from tests.helpers import load_script
 
 PLUGIN = str(Path(__file__).with_name("plugin_examples.py"))
 
@@ -134,3 +135,19 @@ def test_bench_curve_evaluates_each_radius_for_the_defense_and_its_classifier(tm
     assert zero["clean_one_draw"]["accuracy"] == zero["robust"]["accuracy"] == 1.0
     assert len(list((tmp_path / "runs").glob("*.json"))) == 4
     assert "picture:" in capsys.readouterr().out
+
+
+def test_clean_draws_reads_every_draw_from_its_own_seed(capsys):
+    # scripts/clean_draws.py: how docs/ reads a candidate checkpoint's clean accuracy (mean of draws, seeds 1000 + k)
+    script = load_script("clean_draws")
+    subset = bench.load_subset("tiny-test", n=40)
+    deterministic = script.clean_draws(bench.load_defense("none", "tiny"), subset.x, subset.y, draws=2, batch_size=16)
+    assert deterministic == [100.0, 100.0]  # the tiny dataset is labelled by the tiny classifier itself
+    noisy = bench.load_defense("planted-noise", "tiny")
+    first = script.clean_draws(noisy, subset.x, subset.y, draws=3, batch_size=16)
+    assert first == script.clean_draws(noisy, subset.x, subset.y, draws=3, batch_size=16)  # seeded: reproducible
+    assert len(set(first)) > 1 and min(first) < 100  # each draw is its own noise, which costs accuracy
+    script.main(["--defense", "planted-noise", "--classifier", "tiny", "--dataset", "tiny-test", "--n", "40"])
+    out = capsys.readouterr().out
+    mean = sum(first) / 3
+    assert f"mean {mean:.2f}% over 3 draws ({', '.join(f'{a:.2f}' for a in first)})" in out
