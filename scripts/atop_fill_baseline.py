@@ -21,8 +21,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench  # noqa: E402
+from clean_draws import clean_draws  # noqa: E402
 from defenses.transforms import RT1  # noqa: E402
 
 
@@ -33,6 +35,18 @@ def laplace_fill(known: torch.Tensor, mask: torch.Tensor, iters: int) -> torch.T
     for _ in range(iters):
         x = mask * known + (1 - mask) * F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
     return x
+
+
+class FilledRT1(torch.nn.Module):
+    """RT1's mask, the holes filled by ``fill(known, mask)`` with no learning, then the frozen classifier."""
+
+    def __init__(self, fill, classifier: torch.nn.Module) -> None:
+        super().__init__()
+        self.transform, self.fill, self.classifier = RT1(), fill, classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        masked = self.transform(x)
+        return self.classifier(self.fill(masked[:, :3], masked[:, 3:4]))
 
 
 def main() -> None:
@@ -46,17 +60,8 @@ def main() -> None:
     classifier = bench.load_classifier(args.classifier).eval()
     subset = bench.load_subset(args.dataset, args.n, 0)
     fills = {"zeros": lambda known, mask: known, "laplace": lambda known, mask: laplace_fill(known, mask, args.iters)}
-    transform = RT1()
     for name, fill in fills.items():
-        accs = []
-        for k in range(args.draws):
-            torch.manual_seed(1000 + k)
-            with torch.no_grad():
-                masked = transform(subset.x)
-                known, mask = masked[:, :3], masked[:, 3:4]
-                pred = torch.cat([classifier(fill(known[i:i + 128], mask[i:i + 128])).argmax(1)
-                                  for i in range(0, args.n, 128)])
-            accs.append(100 * (pred == subset.y).float().mean().item())
+        accs = clean_draws(FilledRT1(fill, classifier), subset.x, subset.y, args.draws)
         print(f"{name}: mean {sum(accs) / len(accs):.2f}% over {args.draws} draws "
               f"({', '.join(f'{a:.2f}' for a in accs)}), {args.classifier} on {args.dataset}, n = {args.n}")
 

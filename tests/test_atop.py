@@ -403,6 +403,7 @@ def test_the_laplace_fill_baseline_keeps_known_pixels_and_fills_holes_from_their
     fill = load_script("atop_fill_baseline")
     torch.manual_seed(0)
     x = torch.rand(2, 3, 32, 32)
+    state = torch.get_rng_state()
     masked = RT1()(x)
     known, mask = masked[:, :3], masked[:, 3:4]
     assert 0.7 < mask.mean() < 0.8  # a quarter of the 4x4 patches removed
@@ -411,3 +412,7 @@ def test_the_laplace_fill_baseline_keeps_known_pixels_and_fills_holes_from_their
     assert filled.min() >= 0 and filled.max() <= 1
     flat = torch.full_like(x, 0.4)  # a flat image: every hole is filled with its value
     assert torch.allclose(fill.laplace_fill(flat * mask, mask, iters=200), flat, atol=1e-3)
+    # the pipeline the script reads through clean_draws: RT1's mask, the fill, then the classifier
+    pipeline = fill.FilledRT1(lambda known, mask: fill.laplace_fill(known, mask, iters=200), torch.nn.Identity())
+    torch.set_rng_state(state)
+    assert torch.equal(pipeline(x), filled)
