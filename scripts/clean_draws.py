@@ -24,16 +24,20 @@ import bench  # noqa: E402
 from bench.cli import parse_options  # noqa: E402
 
 
-def clean_draws(defense: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int,
-                batch_size: int = 128) -> List[float]:
-    """Percent of ``x`` the defense classifies as ``y``, once per draw (seeded ``1000 + k``)."""
-    accs = []
+def draw_predictions(defense: torch.nn.Module, x: torch.Tensor, draws: int, batch_size: int = 128) -> List[torch.Tensor]:
+    """The defense's predicted labels for ``x``, once per draw (draw ``k`` seeded ``1000 + k``)."""
+    preds = []
     for k in range(draws):
         torch.manual_seed(1000 + k)
         with torch.no_grad():
-            pred = torch.cat([defense(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
-        accs.append(100 * (pred == y).float().mean().item())
-    return accs
+            preds.append(torch.cat([defense(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]))
+    return preds
+
+
+def clean_draws(defense: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int,
+                batch_size: int = 128) -> List[float]:
+    """Percent of ``x`` the defense classifies as ``y``, once per draw (seeded ``1000 + k``)."""
+    return [100 * (pred == y).float().mean().item() for pred in draw_predictions(defense, x, draws, batch_size)]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

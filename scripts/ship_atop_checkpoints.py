@@ -9,8 +9,10 @@ and ``shipped_sha256`` (the shipped file's own sha256, checked by the tests).
     python scripts/ship_atop_checkpoints.py /path/to/checkpoint/root [--max-mib 5] [--fp16]
 
 ``--fp16`` stores the floating-point weights in half precision (the defense loads them into float32 modules), halving
-the file; the manifest then says ``storage_dtype: float16``. Use it only when the shipped defense reads the same within
-noise: measure, and put the measurement in the docs.
+the file; the manifest then says ``storage_dtype: float16``, and ``fp16_check`` holds the measurement that allows it:
+the defense with the shipped file against the float32 training weights, in front of the classifier the folder names,
+on the fixed test subset (``--check-n`` images of ``--check-dataset``, 3 draws seeded 1000 + k as
+``scripts/clean_draws.py`` reads), their prediction agreement and clean accuracy per draw. Put those numbers in the docs.
 """
 
 from __future__ import annotations
@@ -19,15 +21,39 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any, Dict, Optional
 
 import torch
 
-from bench.classifiers.base import half_precision
-from bench.core.record import sha256_file, write_json_atomic
-from defenses.atop import BUNDLED_DIR, PIPELINE_STAGE, STAGES
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench  # noqa: E402
+from bench.classifiers.base import half_precision  # noqa: E402
+from bench.core.record import sha256_file, write_json_atomic  # noqa: E402
+from clean_draws import draw_predictions  # noqa: E402
+from defenses.atop import BUNDLED_DIR, PIPELINE_STAGE, STAGES, AToP  # noqa: E402
 
 
-def ship(source: Path, target: Path, max_bytes: int, fp16: bool = False) -> None:
+def fp16_check(source: Path, target: Path, classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+               draws: int = 3) -> Dict[str, Any]:
+    """The AToP defense with the shipped ``target`` file against the float32 training checkpoint ``source``, the same
+    draws of the transform (seeded 1000 + k): per draw, the share of ``x`` both predict alike and each one's accuracy."""
+    transform, purifier = source.parent.name.split("-")
+    preds = [draw_predictions(AToP(classifier, transform, purifier, source.stem, checkpoint=str(path)).eval(), x, draws)
+             for path in (source, target)]
+    return {
+        "images": len(x), "draws": draws, "seeds": "1000+k",
+        "note": "the shipped fp16 file against the float32 training weights, same transform draws",
+        "prediction_agreement": [(a == b).float().mean().item() for a, b in zip(*preds)],
+        "clean_fp16": [(b == y).float().mean().item() for b in preds[1]],
+        "clean_fp32": [(a == y).float().mean().item() for a in preds[0]],
+    }
+
+
+def ship(source: Path, target: Path, max_bytes: int, fp16: bool = False,
+         check_data: Optional[tuple] = None) -> None:
+    """Copy ``source``'s generator to ``target``; with ``fp16`` and ``check_data`` (classifier, x, y), measure the copy
+    against ``source`` (:func:`fp16_check`) into the manifest."""
     generator = torch.load(source, map_location="cpu", weights_only=True)["generator"]
     if fp16:
         generator = half_precision(generator)
@@ -44,6 +70,8 @@ def ship(source: Path, target: Path, max_bytes: int, fp16: bool = False) -> None
         raise SystemExit(f"{source}: a {source.stem} file must be fine-tuned with adv_target={wanted}")
     manifest.update(shipped_from=sha256_file(source), shipped_sha256=sha256_file(target),
                     storage_dtype="float16" if fp16 else "float32")
+    if fp16 and check_data is not None:
+        manifest["fp16_check"] = fp16_check(source, target, *check_data)
     write_json_atomic(target.with_suffix(".manifest.json"), manifest)
     print(f"{target} ({target.stat().st_size / 2**20:.2f} MiB) <- {source}")
 
@@ -52,7 +80,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="the folder holding atop/<classifier>/<transform>-<purifier>/")
     parser.add_argument("--max-mib", type=float, default=5.0)
-    parser.add_argument("--fp16", action="store_true", help="store the weights in half precision")
+    parser.add_argument("--fp16", action="store_true", help="store the weights in half precision (measured: fp16_check)")
+    parser.add_argument("--check-n", type=int, default=512, help="test-subset images for the fp16 check")
+    parser.add_argument("--check-dataset", default="cifar10-jpeg")
     args = parser.parse_args(argv)
     sources = sorted(args.root.glob("atop/*/*/*.pt"))
     sources = [p for p in sources if p.stem in (*STAGES.values(), PIPELINE_STAGE)]
@@ -63,7 +93,12 @@ def main(argv=None) -> int:
         if not json.loads(source.with_suffix(".manifest.json").read_text()).get("finished"):
             print(f"skipped {source}: its training has not finished")
             continue
-        ship(source, BUNDLED_DIR / source.relative_to(args.root), int(args.max_mib * 2**20), fp16=args.fp16)
+        check_data = None
+        if args.fp16:  # measured in front of the classifier the folder names
+            subset = bench.load_subset(args.check_dataset, args.check_n, 0)
+            check_data = (bench.load_classifier(source.parent.parent.name).eval(), subset.x, subset.y)
+        ship(source, BUNDLED_DIR / source.relative_to(args.root), int(args.max_mib * 2**20), fp16=args.fp16,
+             check_data=check_data)
     return 0
 
 

@@ -215,6 +215,18 @@ def test_shipping_in_fp16_halves_the_file_and_the_defense_reads_the_same(tmp_pat
         with torch.no_grad():
             outputs.append(defense.purifier(defense.transform(x)))
     assert (outputs[0] - outputs[1]).abs().max() < 1e-2
+    # with check data, the fp16 file is measured against the float32 one into the manifest (the same draws)
+    source = tmp_path / "root" / "rt1-gan" / "pretrain.pt"
+    source.parent.mkdir(parents=True)
+    torch.save({"generator": PURIFIERS["gan"](width=8).state_dict()}, source)
+    source.with_suffix(".manifest.json").write_text(json.dumps({"config": {"settings": {"purifier": "gan"}}, "finished": True}))
+    y = torch.randint(0, 10, (16,))
+    ship_module.ship(source, tmp_path / "checked" / "pretrain.pt", 2**22, fp16=True,
+                     check_data=(classifier, torch.rand(16, 3, 32, 32), y))
+    check = json.loads((tmp_path / "checked" / "pretrain.manifest.json").read_text())["fp16_check"]
+    assert check["images"] == 16 and check["draws"] == 3 and len(check["prediction_agreement"]) == 3
+    assert all(0.9 <= a <= 1 for a in check["prediction_agreement"])
+    assert all(abs(h - f) <= 1 / 16 + 1e-9 for h, f in zip(check["clean_fp16"], check["clean_fp32"]))
 
 
 def test_the_pipeline_fine_tuned_variant_loads_its_own_shipped_file(monkeypatch, tmp_path):
