@@ -170,15 +170,15 @@ def test_one_configuration_made_twice_is_refused_on_a_board(tmp_path):
 
     root = _copy_leaderboards(tmp_path)
     board = next(b for b in load_boards(root) if b.name == "ci-smoke")
-    path = next((root / board.results).glob("*.json"))
-    record = json.loads(path.read_text())
+    paths = sorted((root / board.results).glob("*.json"))
+    record = json.loads(paths[0].read_text())
     (root / board.results / "again.json").write_text(json.dumps({**record, "run_id": "0" * 24}))
     with pytest.raises(BenchError, match=r"2 records of one configuration \(run ids [0-9a-f, ]*00000000.*git rm"):
         load_records(board, root)
     options = {**record["settings"]["run_config"], "defense_options": {"steps": 3}}
     (root / board.results / "again.json").write_text(json.dumps(
         {**record, "run_id": "0" * 24, "settings": {**record["settings"], "run_config": options}}))
-    assert len(load_records(board, root)) == 3  # other options: another configuration
+    assert len(load_records(board, root)) == len(paths) + 1  # other options: another configuration
 
 
 def _moved(record, metric, by):
@@ -442,22 +442,29 @@ def test_a_record_from_a_dirty_tree_is_marked_and_footnoted():
     assert "§ RT2 ✓: each made from a working tree with uncommitted changes" in text
 
 
-def test_a_board_borrows_records_of_another_board_and_a_pattern_matching_nothing_is_an_error(tmp_path):
+def test_a_board_borrows_records_of_another_board_and_a_pattern_naming_no_folder_is_an_error(tmp_path):
     # One AutoAttack-rand run of `atop` measures AToP's Tables 5 and 6: Table 5 shows it without a copy that could
-    # drift from the original.
+    # drift from the original. The test plants that record (it is off the boards while its checkpoint's rerun runs).
     from dataclasses import replace
 
     from leaderboards.render import load_boards, load_records
 
     root = _copy_leaderboards(tmp_path)
     boards = {b.name: b for b in load_boards(root)}
+    [pattern] = boards["atop-table5"].borrow
+    for planted in (root / "results" / "atop-table6").glob("*_atop_autoattack-rand_*.json"):
+        planted.unlink()
+    assert load_records(boards["atop-table5"], root)  # matching nothing borrows nothing, and the board still renders
+    source = next((root / "results" / "atop-table5").glob("*_atop-rt2-ae-ft_autoattack-rand_*.json"))
+    source.rename(root / "results" / "atop-table6" / source.name.replace("_atop-rt2-ae-ft_", "_atop_"))
     shown = load_records(boards["atop-table5"], root)
     own = {json.loads(p.read_text())["run_id"] for p in (root / "results" / "atop-table5").glob("*.json")}
     original = {r["run_id"] for r in load_records(boards["atop-table6"], root)}
     borrowed = [r for r in shown if r["run_id"] not in own]
-    assert borrowed and {r["run_id"] for r in borrowed} <= original and len(shown) == len(own) + len(borrowed)
+    assert len(borrowed) == 1 and {r["run_id"] for r in borrowed} <= original and len(shown) == len(own) + 1
     assert all(r["suite"]["name"] == "autoattack-rand" and r["threat"]["norm"] == "linf" for r in borrowed)
-    with pytest.raises(BenchError, match="borrow pattern 'results/nowhere/\\*.json' matches no record"):
+    assert sorted(root.glob(pattern)) == sorted((root / "results" / "atop-table6").glob("*_atop_autoattack-rand_*"))
+    with pytest.raises(BenchError, match="borrow pattern 'results/nowhere/\\*.json' names no folder"):
         load_records(replace(boards["atop-table5"], borrow=["results/nowhere/*.json"]), root)
 
 
@@ -502,16 +509,16 @@ def test_the_single_draw_mark_is_on_the_cell_in_atops_transform_tables_too():
 
     board = replace({b.name: b for b in load_boards()}["atop-table7"], also={"AutoAttack": "autoattack"})
     records = [json.loads(p.read_text()) for p in sorted((REPO / "leaderboards" / "results" / "atop-table7").glob("*.json"))]
-    rt2 = next(r for r in records if r["defense"]["name"] == "atop-rt2-gan-ft")
-    assert rt2["defense"]["stochastic"]
+    rt3 = next(r for r in records if r["defense"]["name"] == "atop-rt3-gan-ft")
+    assert rt3["defense"]["stochastic"]
     value = {"accuracy": 0.5}
-    rt2["attacks"].append({"attack": "autoattack", "label": "autoattack", "params": {"version": "standard"},
+    rt3["attacks"].append({"attack": "autoattack", "label": "autoattack", "params": {"version": "standard"},
                            "robust_alone": value, "robust_alone_mean": 0.5, "robust_alone_majority": 0.5})
     for field_name, _, clean_of, floor in VARIANTS:
         rows, headers, _, _ = transform_rows(board, paper_table("atop", "7"), records, field_name, clean_of, floor)
         column = headers.index("AutoAttack")
         marked = [(row[0], row[1]) for row in rows if row[column].endswith(" ¶")]
-        assert marked == [("RT2", "✓")], (field_name, marked)
+        assert marked == [("RT3", "✓")], (field_name, marked)
         assert rows[0][column] == "—"  # the bare classifier's record has no AutoAttack: no number, no mark
 
 
