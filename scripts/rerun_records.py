@@ -27,9 +27,12 @@ from bench.evaluation.runner import config_from_record, run  # noqa: E402
 
 
 def identity(record):
+    """What a rerun must match to count as done: the settings, not the checkpoint's hash (a rerun after a checkpoint
+    was replaced names the new file's)."""
     t, s = record["threat"], record["subset"]
+    config = {k: v for k, v in record["defense"].get("config", {}).items() if k != "checkpoint_sha256"}
     return (record["defense"]["name"], record["classifier"]["name"], record["suite"]["name"], record["suite"]["budget"],
-            t["norm"], round(t["eps"], 8), s["n"], s["seed"], json.dumps(record["defense"].get("config", {}), sort_keys=True))
+            t["norm"], round(t["eps"], 8), s["n"], s["seed"], json.dumps(config, sort_keys=True))
 
 
 def pct(summary):

@@ -151,3 +151,17 @@ def test_clean_draws_reads_every_draw_from_its_own_seed(capsys):
     out = capsys.readouterr().out
     mean = sum(first) / 3
     assert f"mean {mean:.2f}% over 3 draws ({', '.join(f'{a:.2f}' for a in first)})" in out
+
+
+def test_a_rerun_after_a_checkpoint_was_replaced_counts_as_the_same_configuration():
+    # scripts/rerun_records.py skips records already rerun into --out; a rerun names the new file's sha256, so the
+    # hash must not be part of what is matched (or the script would rerun every record again after an interruption).
+    identity = load_script("rerun_records").identity
+    record = {"defense": {"name": "atop", "config": {"transform": "rt2", "checkpoint": "c.pt", "checkpoint_sha256": "a"}},
+              "classifier": {"name": "resnet20"}, "suite": {"name": "linf", "budget": "cpu"},
+              "threat": {"norm": "linf", "eps": 8 / 255}, "subset": {"n": 512, "seed": 0}}
+    rerun = json.loads(json.dumps(record))
+    rerun["defense"]["config"]["checkpoint_sha256"] = "b"
+    assert identity(rerun) == identity(record)
+    rerun["defense"]["config"]["transform"] = "rt3"
+    assert identity(rerun) != identity(record)
