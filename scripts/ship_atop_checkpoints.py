@@ -89,14 +89,18 @@ def main(argv=None) -> int:
     if not sources:
         print(f"no checkpoints under {args.root}/atop", file=sys.stderr)
         return 1
+    subset, classifiers = None, {}  # loaded once, for every file the fp16 check measures
     for source in sources:
         if not json.loads(source.with_suffix(".manifest.json").read_text()).get("finished"):
             print(f"skipped {source}: its training has not finished")
             continue
         check_data = None
         if args.fp16:  # measured in front of the classifier the folder names
-            subset = bench.load_subset(args.check_dataset, args.check_n, 0)
-            check_data = (bench.load_classifier(source.parent.parent.name).eval(), subset.x, subset.y)
+            subset = subset or bench.load_subset(args.check_dataset, args.check_n, 0)
+            name = source.parent.parent.name
+            if name not in classifiers:
+                classifiers[name] = bench.load_classifier(name).eval()
+            check_data = (classifiers[name], subset.x, subset.y)
         ship(source, BUNDLED_DIR / source.relative_to(args.root), int(args.max_mib * 2**20), fp16=args.fp16,
              check_data=check_data)
     return 0

@@ -227,6 +227,17 @@ def test_shipping_in_fp16_halves_the_file_and_the_defense_reads_the_same(tmp_pat
     assert check["images"] == 16 and check["draws"] == 3 and len(check["prediction_agreement"]) == 3
     assert all(0.9 <= a <= 1 for a in check["prediction_agreement"])
     assert all(abs(h - f) <= 1 / 16 + 1e-9 for h, f in zip(check["clean_fp16"], check["clean_fp32"]))
+    # and the check sees a bad copy: the same fp16 file with noise added to every weight disagrees with its source
+    bad = tmp_path / "bad" / "pretrain.pt"
+    bad.parent.mkdir()
+    state = torch.load(tmp_path / "checked" / "pretrain.pt")
+    torch.manual_seed(2)
+    state["generator"] = {k: v + 0.3 * torch.randn_like(v.float()).to(v.dtype) if v.is_floating_point() else v
+                          for k, v in state["generator"].items()}
+    torch.save(state, bad)
+    bad.with_suffix(".manifest.json").write_text((tmp_path / "checked" / "pretrain.manifest.json").read_text())
+    planted = ship_module.fp16_check(source, bad, classifier, torch.rand(16, 3, 32, 32), y)
+    assert max(planted["prediction_agreement"]) < 0.5, planted
 
 
 def test_the_pipeline_fine_tuned_variant_loads_its_own_shipped_file(monkeypatch, tmp_path):
