@@ -66,7 +66,7 @@ class AToP(Defense):
                      "the GAN purifiers fine-tuned at 1e-4 (RT3's width-32 file at 5e-4)"),
     )
     paper_reference = ("AToP (RT2 + GAN purifier), paper Table 2: 90.62% clean, 72.85% robust (AutoAttack linf 8/255, "
-                       "WRN-28-10, CIFAR-10); the checkpoints shipped here are small and trained for minutes on a CPU")
+                       "WRN-28-10, CIFAR-10); the checkpoints shipped here are small and trained on a CPU")
     paper_references = {
         "l2": ("AToP (RT2 + GAN purifier), paper Table 6: 89.1% clean, 73.4% robust (AutoAttack l2 1.0, ResNet-50, "
                "CIFAR-10); the checkpoints shipped here are small and trained on a CPU"),
