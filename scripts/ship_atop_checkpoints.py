@@ -96,7 +96,8 @@ def main(argv=None) -> int:
             continue
         check_data = None
         if args.fp16:  # measured in front of the classifier the folder names
-            subset = subset or bench.load_subset(args.check_dataset, args.check_n, 0)
+            if subset is None:
+                subset = bench.load_subset(args.check_dataset, args.check_n, 0)
             name = source.parent.parent.name
             if name not in classifiers:
                 classifiers[name] = bench.load_classifier(name).eval()
