@@ -625,3 +625,20 @@ def test_a_resumed_runs_summary_says_what_its_seconds_cover():
     assert "in 3000.0 s" in format_result(record) and "resumed" not in format_result(record)
     record["timing"].update(seconds=64.5, parts=3)
     assert "the attacks took 6123.9 s over 3 parts" in format_result(record)
+
+
+def test_a_record_waiting_for_its_rerun_names_a_board_and_leaves_it_when_the_rerun_lands():
+    """leaderboards/pending/<results folder>/ holds the records that left a board (a replaced checkpoint) until
+    their reruns land; a rerun on the board (same settings: scripts/rerun_records.py's identity, the checkpoint's hash
+    aside) means the old record must go."""
+    from pathlib import Path
+
+    from tests.helpers import load_script
+
+    identity = load_script("rerun_records").identity
+    root = REPO / "leaderboards"
+    boards = {Path(b.results).name: b for b in load_boards() if b.results}
+    for path in sorted((root / "pending").glob("*/*.json")):
+        assert path.parent.name in boards, f"{path}: no board keeps its results in results/{path.parent.name}"
+        on_board = {identity(json.loads(p.read_text())) for p in (root / boards[path.parent.name].results).glob("*.json")}
+        assert identity(json.loads(path.read_text())) not in on_board, f"{path}: its rerun is on the board; delete it"
