@@ -6,6 +6,7 @@ User errors (``BenchError``) print one line and exit with code 2, writing nothin
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -228,6 +229,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="rerun this board's entries (repeatable; default: the boards with a check block in boards.json)")
     chk.add_argument("--fresh", type=Path, default=None, metavar="DIR",
                      help="compare with fresh records in DIR (matched by run id) instead of rerunning")
+    cmp = sub.add_parser("compare", help="two records on the same images, paired: which images each keeps that the other "
+                                         "loses, with exact McNemar p-values")
+    cmp.add_argument("a", type=Path, help="record A (JSON)")
+    cmp.add_argument("b", type=Path, help="record B (JSON)")
+    cmp.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the comparison as JSON")
     lst = sub.add_parser("list", help="list what can be named: defenses, attacks, suites, classifiers, datasets")
     lst.add_argument("what", nargs="?", choices=LIST_KINDS, default=None, help="only this kind (default: all)")
     lst.add_argument("--long", action="store_true", help="defenses with their card: paper, venue and year")
@@ -485,6 +491,16 @@ def cmd_export(args: argparse.Namespace) -> None:
             print(f"  not filled: {item}")
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from bench.reports.compare import compare_records, format_comparison, load_record
+
+    comparison = compare_records(load_record(args.a), load_record(args.b))
+    print(format_comparison(comparison))
+    if args.json:
+        args.json.write_text(json.dumps(comparison, indent=1) + "\n")
+        print(f"comparison: {args.json}")
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from bench.reports.check import run_check
 
@@ -547,6 +563,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cmd_leaderboard()
         elif args.command == "check":
             return cmd_check(args)
+        elif args.command == "compare":
+            cmd_compare(args)
         elif args.command == "perf":
             cmd_perf(args)
         elif args.command == "show":

@@ -13,3 +13,22 @@ def test_wilson_matches_known_values():
 def test_summary_is_numbers():
     s = accuracy_summary(3, 4)
     assert s["accuracy"] == 0.75 and s["correct"] == 3 and isinstance(s["ci95"][0], float)
+
+
+def test_mcnemar_exact_matches_binomial_tails():
+    from bench.core.stats import mcnemar_exact
+
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(5, 0) == mcnemar_exact(0, 5) == 2 / 2**5  # 0.0625
+    assert mcnemar_exact(3, 0) == 0.25
+    assert mcnemar_exact(1, 1) == 1.0
+    assert abs(mcnemar_exact(6, 1) - 0.125) < 1e-12  # 2 * (1 + 7) / 128
+    assert abs(mcnemar_exact(31, 14) - 0.0161) < 1e-4
+
+
+def test_paired_mean_difference():
+    from bench.core.stats import paired_mean_difference
+
+    d = paired_mean_difference([1.0, 0.5, 0.0, 1.0], [0.0, 0.5, 0.0, 0.0])
+    assert d["difference"] == 0.5 and d["higher_a"] == 2 and d["higher_b"] == 0 and d["n"] == 4
+    assert d["ci95"][0] < 0.5 < d["ci95"][1]

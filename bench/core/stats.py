@@ -1,9 +1,9 @@
-"""Accuracy with a 95% Wilson score interval."""
+"""Accuracy with a 95% Wilson score interval; paired comparisons of two records on the same points."""
 
 from __future__ import annotations
 
 import math
-from typing import Dict, Tuple
+from typing import Dict, Sequence, Tuple
 
 Z95 = 1.959963984540054
 
@@ -22,3 +22,29 @@ def wilson_interval(correct: int, n: int, z: float = Z95) -> Tuple[float, float]
 def accuracy_summary(correct: int, n: int) -> Dict[str, object]:
     lo, hi = wilson_interval(correct, n)
     return {"correct": int(correct), "n": int(n), "accuracy": correct / n, "ci95": [lo, hi]}
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar test for paired binary outcomes: given the discordant pairs (points right only under A,
+    only under B), the probability of a split at least this uneven if each pair were a fair coin (binomial, p = 1/2).
+    Also the exact sign test, when the counts are the positive and negative paired differences."""
+    if only_a < 0 or only_b < 0:
+        raise ValueError("counts must be non-negative")
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_mean_difference(a: Sequence[float], b: Sequence[float], z: float = Z95) -> Dict[str, float]:
+    """Mean of the per-point differences a - b with a normal 95% interval (the points are the unit of sampling)."""
+    if len(a) != len(b) or not a:
+        raise ValueError("need two equally long, non-empty sequences")
+    d = [x - y for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else 0.0
+    half = z * sd / math.sqrt(n)
+    return {"difference": mean, "ci95": [mean - half, mean + half], "n": n,
+            "higher_a": sum(x > 0 for x in d), "higher_b": sum(x < 0 for x in d)}
