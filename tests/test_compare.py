@@ -61,3 +61,31 @@ def test_compare_command_prints_and_writes_json(tmp_path, capsys):
     assert data["per_attack"], "the atop-table7 suite is independent: each attack has a run-alone reading"
     assert data["mean"] is not None and -1 <= data["mean"]["difference"] <= 1
     assert text.strip().startswith("A: atop-rt1-gan-ft") and format_comparison(data).splitlines()[0] in text
+
+
+def test_independent_records_are_paired_per_attack(tmp_path):
+    """Two fresh records of the atop-table7 suite (independent, run to completion) on one tiny subset: each attack's
+    per-image draws are in the record, and the paired counts agree with its run-alone totals."""
+    from bench.core.plugins import load_plugin
+    from bench.evaluation.runner import RunConfig, run
+    from defenses.base import DEFENSES
+
+    load_plugin(Path(__file__).with_name("plugin_examples.py"))
+    base = dict(classifier="tiny", dataset="tiny-test", budget="smoke", n=8, out=tmp_path, suite="atop-table7",
+                checks=False)
+    noisy = DEFENSES.get("planted-noise")
+    noisy.stochastic = True  # declared, so the suite draws and runs to completion
+    try:
+        a, _ = run(RunConfig(defense="planted-noise", **base))
+    finally:
+        noisy.stochastic = False
+    b, _ = run(RunConfig(defense="planted-shared-noise", **base))  # declared stochastic: the same attack labels
+    assert all(len(x["draws_right"]) == 8 for x in a["attacks"] + b["attacks"])
+    c = compare_records(a, b)
+    assert len(c["per_attack"]) == len(a["attacks"])
+    for row, x, y in zip(c["per_attack"], a["attacks"], b["attacks"]):
+        w = row["paired_worst"]
+        assert w["both"] + w["only_a"] == x["robust_alone"]["correct"] and w["both"] + w["only_b"] == y["robust_alone"]["correct"]
+        m = row["paired_majority"]
+        assert m["both"] + m["only_a"] == x["robust_alone_majority"]["correct"]
+    assert "paired by image" in format_comparison(c)

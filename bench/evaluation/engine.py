@@ -280,6 +280,7 @@ def _bound_by_new_floor(result: Evaluation, floor_before: np.ndarray) -> None:
             outcome["robust_alone"] = accuracy_summary(int((alone & result.clean_worst).sum()), len(alone))
             outcome.pop("robust_alone_mean", None)
             outcome.pop("robust_alone_majority", None)
+            outcome.pop("draws_right", None)
         outcome["floor_redrawn"] = result.draws
 
 
@@ -359,6 +360,7 @@ def run_attacks(
         if independent:  # this attack alone: worst case under the verdict rule, and the mean and majority over the draws
             alone = result.clean_worst & (right >= draws)
             outcome["robust_alone"] = accuracy_summary(int(alone.sum()), subset.n)
+            outcome["draws_right"] = right.tolist()  # per image, subset order: what bench compare pairs per attack
             if outcome["completed"]:
                 outcome["robust_alone_mean"] = float(right.sum()) / (draws * subset.n)
                 outcome["robust_alone_majority"] = accuracy_summary(int((right * 2 > draws).sum()), subset.n)

@@ -4,8 +4,9 @@ Two defenses evaluated on one subset are paired by image: an image that one keep
 two overlapping intervals do. For each outcome a record stores per image (clean on one draw, the no-attack floor, the
 worst case over the suite, the majority vote over the draws) the comparison counts the images right under both, only
 under A, only under B, and gives the exact McNemar p-value of the discordant split. The mean over the draws is compared
-as a mean of per-image differences (normal interval, exact sign test). Per attack, the records keep only totals, so the
-attacks' run-alone readings are listed side by side with their own intervals (unpaired).
+as a mean of per-image differences (normal interval, exact sign test). Per attack (independent suites), each attack's
+run-alone readings are listed side by side with their intervals, and paired by image too where both records keep the
+attack's per-image draws (``attacks[].draws_right``, records from 2026-12-02 on).
 """
 
 from __future__ import annotations
@@ -101,7 +102,19 @@ def compare_records(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
         y = attacks_b.get(x["label"])
         if "robust_alone" not in x or y is None:
             continue
-        per_attack.append({"attack": x["label"], "a": _alone(x), "b": _alone(y)})
+        row = {"attack": x["label"], "a": _alone(x), "b": _alone(y)}
+        if "draws_right" in x and "draws_right" in y:  # per image: the attack alone, paired
+            wa, wb = _alone_worst(a, x)[pa], _alone_worst(b, y)[pb]
+            only_a, only_b = int((wa & ~wb).sum()), int((wb & ~wa).sum())
+            row["paired_worst"] = {"both": int((wa & wb).sum()), "only_a": only_a, "only_b": only_b,
+                                   "mcnemar_p": mcnemar_exact(only_a, only_b)}
+            if "robust_alone_majority" in x and "robust_alone_majority" in y:
+                ma = np.asarray(x["draws_right"])[pa] * 2 > _draws(a)
+                mb = np.asarray(y["draws_right"])[pb] * 2 > _draws(b)
+                only_a, only_b = int((ma & ~mb).sum()), int((mb & ~ma).sum())
+                row["paired_majority"] = {"both": int((ma & mb).sum()), "only_a": only_a, "only_b": only_b,
+                                          "mcnemar_p": mcnemar_exact(only_a, only_b)}
+        per_attack.append(row)
     notes = []
     if len(pa) != a["subset"]["n"] or len(pb) != b["subset"]["n"]:
         notes.append(f"paired on the {len(pa)} images both records evaluated (A has {a['subset']['n']}, B {b['subset']['n']})")
@@ -113,6 +126,14 @@ def compare_records(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
         notes.append(f"the records re-classify {_draws(a)} and {_draws(b)} times: their worst cases differ in strictness")
     return {"a": _name(a), "b": _name(b), "n": int(len(pa)), "paired": rows, "mean": mean, "per_attack": per_attack,
             "notes": notes}
+
+
+def _alone_worst(record: Dict[str, Any], attack: Dict[str, Any]) -> np.ndarray:
+    """Per image, this attack alone under the verdict rule: every clean draw right and every draw after it right."""
+    s, draws = record["samples"], _draws(record)
+    floor = (np.asarray(s["clean_draws_right"]) >= draws if "clean_draws_right" in s
+             else np.asarray(s["clean_correct"], bool))
+    return floor & (np.asarray(attack["draws_right"]) >= draws)
 
 
 def _alone(attack: Dict[str, Any]) -> Dict[str, Any]:
@@ -131,6 +152,10 @@ def _interval(summary: Optional[Dict[str, Any]]) -> str:
     return f"{100 * summary['accuracy']:.2f} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
+def _split(paired: Optional[Dict[str, Any]]) -> str:
+    return "—" if paired is None else f"{paired['only_a']} / {paired['only_b']}, p {paired['mcnemar_p']:.3g}"
+
+
 def format_comparison(c: Dict[str, Any]) -> str:
     lines = [f"A: {c['a']}", f"B: {c['b']}", f"paired on {c['n']} images", ""]
     rows = [[r["outcome"], _pct(r["a"]), _pct(r["b"]), r["both"], r["only_a"], r["only_b"], r["neither"],
@@ -147,8 +172,14 @@ def format_comparison(c: Dict[str, Any]) -> str:
         rows = [[p["attack"], _interval(p["a"]["worst"]), _interval(p["b"]["worst"]), _pct(p["a"]["mean"]),
                  _pct(p["b"]["mean"]), _interval(p["a"]["majority"]), _interval(p["b"]["majority"])]
                 for p in c["per_attack"]]
-        lines += ["", "each attack alone (unpaired: records keep per-attack totals only)",
+        paired = any("paired_worst" in p for p in c["per_attack"])
+        if paired:
+            for row, p in zip(rows, c["per_attack"]):
+                row += [_split(p.get("paired_worst")), _split(p.get("paired_majority"))]
+        lines += ["", "each attack alone" + ("; A only / B only / McNemar p, paired by image" if paired else
+                                             " (unpaired: these records keep per-attack totals only)"),
                   tabulate(rows, headers=["attack", "A worst [95% CI]", "B worst [95% CI]", "A mean", "B mean",
-                                          "A majority [95% CI]", "B majority [95% CI]"])]
+                                          "A majority [95% CI]", "B majority [95% CI]",
+                                          *(["worst: A/B only, p", "majority: A/B only, p"] if paired else [])])]
     lines += [f"note: {n}" for n in c["notes"]]
     return "\n".join(lines)
