@@ -34,6 +34,7 @@ from attacks.base import format_eps
 from attacks.suite import BUDGET_ALIASES
 from bench.core.errors import BenchError
 from bench.core.record import configuration_key, validate_record
+from bench.reports.compare import compare_records
 
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent  # shipped checkpoints named in records are relative to it
@@ -556,6 +557,42 @@ def transform_rows(board: Board, table: Dict[str, Any], records: Sequence[Dict[s
     return rows, headers, labelled, intervals
 
 
+def _paired_cell(row: Dict[str, Any]) -> str:
+    return f"{100 * (row['a'] - row['b']):+.1f} ({row['only_a']} / {row['only_b']}, p {row['mcnemar_p']:.2g})"
+
+
+def fine_tuning_rows(records: Sequence[Dict[str, Any]]) -> List[List[str]]:
+    """The paper's claim, per transform: the fine-tuned (✓) and pre-trained (✗) records paired by image
+    (``bench compare``): the difference in points, the images right only with and only without fine-tuning, and
+    the exact McNemar p-value, per outcome; the mean over the draws as a paired difference with its interval."""
+    ours = {}
+    for record in records:
+        config = record["defense"].get("config", {})
+        if record["defense"]["name"].startswith("atop") and "transform" in config:
+            ours[(config["transform"], config["stage"] == "finetune")] = record
+    rows = []
+    for transform in ("rt1", "rt2", "rt3"):
+        if (transform, True) not in ours or (transform, False) not in ours:
+            continue
+        if not all("index" in ours[(transform, atop)].get("samples", {}) for atop in (True, False)):
+            continue  # no per-image outcomes to pair
+        c = compare_records(ours[(transform, True)], ours[(transform, False)])
+        by = {r["outcome"].split(",")[0] if r["outcome"].startswith("clean") else r["outcome"]: r for r in c["paired"]}
+        m = c["mean"]
+        mean = "—" if m is None else (f"{100 * m['difference']:+.1f} [{100 * m['ci95'][0]:+.1f}, {100 * m['ci95'][1]:+.1f}] "
+                                       f"(p {m['p']:.2g})")
+        rows.append([transform.upper(), str(c["n"]),
+                     *(_paired_cell(by[k]) if k in by else "—" for k in PAIRED_OUTCOMES), mean])
+    return rows
+
+
+#: The per-image outcomes the fine-tuning table pairs (bench.reports.compare's names), in column order.
+PAIRED_OUTCOMES = ("clean", "no-attack floor (every draw right)", "robust, worst case over the suite",
+                   "robust, majority vote over the draws")
+FINE_TUNING_HEADERS = ["transform", "images", "clean, one draw", "no attack (every draw right)",
+                       "worst case over the suite", "majority vote over the draws", "mean over the draws [95% CI]"]
+
+
 def render_paper(board: Board, records: Sequence[Dict[str, Any]], root: Path = ROOT) -> str:
     if len({r["subset"]["hash"] for r in records}) > 1:
         raise BenchError(f"board {board.name}: records come from different subsets; a table needs one")
@@ -567,8 +604,10 @@ def render_paper(board: Board, records: Sequence[Dict[str, Any]], root: Path = R
             rows, headers, labelled, intervals = transform_rows(board, table, records, field_name, clean_of, floor)
             variants.append({"what": what, "table": _table(rows, headers), "notes": footnotes(labelled),
                              "intervals": _table(intervals, headers) if intervals else None})
+        paired = fine_tuning_rows(records)
         return env.get_template(board.template).render(
-            board=board, paper=table, variants=variants, setting=subset_line(records) if records else None, records=records)
+            board=board, paper=table, variants=variants, setting=subset_line(records) if records else None, records=records,
+            fine_tuning=_table(paired, FINE_TUNING_HEADERS) if paired else None)
     key_names = [k for k in table["row_keys"] if k != board.group_by]
     groups: Dict[str, List[List[str]]] = {}
     for row in table["rows"]:

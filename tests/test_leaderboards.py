@@ -642,3 +642,23 @@ def test_a_record_waiting_for_its_rerun_names_a_board_and_leaves_it_when_the_rer
         assert path.parent.name in boards, f"{path}: no board keeps its results in results/{path.parent.name}"
         on_board = {identity(json.loads(p.read_text())) for p in (root / boards[path.parent.name].results).glob("*.json")}
         assert identity(json.loads(path.read_text())) not in on_board, f"{path}: its rerun is on the board; delete it"
+
+
+def test_transform_tables_pair_each_transforms_two_rows_by_image():
+    from bench.reports.compare import compare_records
+
+    records = [json.loads(p.read_text()) for p in sorted((REPO / "leaderboards" / "results" / "atop-table7").glob("*.json"))]
+    text = render_paper(TABLE7, records)
+    section = text[text.index("## Does AToP fine-tuning raise accuracy?"):]
+    by = {(r["defense"]["config"].get("transform"), r["defense"]["config"].get("stage")): r
+          for r in records if r["defense"]["name"] != "none"}
+    pairs = [t for t in ("rt1", "rt2", "rt3") if (t, "finetune") in by and (t, "pretrain") in by]
+    assert pairs, "Table 7 has at least one transform with both rows"
+    for t in pairs:
+        line = next(x for x in section.splitlines() if x.startswith(f"| {t.upper()} "))
+        worst = next(r for r in compare_records(by[(t, "finetune")], by[(t, "pretrain")])["paired"]
+                     if r["outcome"].startswith("robust, worst"))
+        assert f"({worst['only_a']} / {worst['only_b']}, p {worst['mcnemar_p']:.2g})" in line
+    # a transform with one row only has no line
+    for t in {"rt1", "rt2", "rt3"} - set(pairs):
+        assert f"| {t.upper()} " not in section

@@ -32,3 +32,8 @@ def test_paired_mean_difference():
     d = paired_mean_difference([1.0, 0.5, 0.0, 1.0], [0.0, 0.5, 0.0, 0.0])
     assert d["difference"] == 0.5 and d["higher_a"] == 2 and d["higher_b"] == 0 and d["n"] == 4
     assert d["ci95"][0] < 0.5 < d["ci95"][1]
+    # the p-value and the interval are one approximation: the interval excludes 0 exactly when p < 0.05
+    for a, b in (([1.0, 0.9, 0.8, 0.0] * 10, [0.0] * 40), ([1.0, 0.0] * 10, [0.0, 0.9] * 10)):
+        e = paired_mean_difference(a, b)
+        assert (e["p"] < 0.05) == (e["ci95"][0] > 0 or e["ci95"][1] < 0)
+    assert paired_mean_difference([0.5, 0.5], [0.5, 0.5])["p"] == 1.0

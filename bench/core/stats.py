@@ -38,13 +38,16 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
 
 
 def paired_mean_difference(a: Sequence[float], b: Sequence[float], z: float = Z95) -> Dict[str, float]:
-    """Mean of the per-point differences a - b with a normal 95% interval (the points are the unit of sampling)."""
+    """Mean of the per-point differences a - b with a normal 95% interval and the two-sided p-value of the same
+    normal approximation (the points are the unit of sampling; the interval excludes 0 exactly when p < 0.05)."""
     if len(a) != len(b) or not a:
         raise ValueError("need two equally long, non-empty sequences")
     d = [x - y for x, y in zip(a, b)]
     n = len(d)
     mean = sum(d) / n
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else 0.0
-    half = z * sd / math.sqrt(n)
-    return {"difference": mean, "ci95": [mean - half, mean + half], "n": n,
+    se = sd / math.sqrt(n)
+    half = z * se
+    p = 1.0 if se == 0 and mean == 0 else (0.0 if se == 0 else math.erfc(abs(mean) / se / math.sqrt(2)))
+    return {"difference": mean, "ci95": [mean - half, mean + half], "p": p, "n": n,
             "higher_a": sum(x > 0 for x in d), "higher_b": sum(x < 0 for x in d)}
