@@ -516,11 +516,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def launch_torchrun(argv: Sequence[str], processes: int) -> int:
-    """``bench run --launcher torchrun``: the same command under ``torchrun --nproc-per-node K`` (its own
-    options dropped), which runs one evaluation sharded over K processes (``bench/evaluation/distributed.py``)."""
-    import subprocess
-
+def torchrun_command(argv: Sequence[str], processes: int, entry: Sequence[str] = ("-m", "bench", "--")) -> List[str]:
+    """The command line that runs ``entry argv`` under ``torchrun --nproc-per-node K``, the launcher's own options
+    (``--launcher``, ``--nproc-per-node``) dropped from ``argv`` so the ranks do not launch again."""
     rest, skip = [], False
     for arg in argv:
         if skip:
@@ -529,8 +527,15 @@ def launch_torchrun(argv: Sequence[str], processes: int) -> int:
             skip = True
         elif not arg.startswith(("--launcher=", "--nproc-per-node=")):
             rest.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "-m", "bench", "--", *rest]
-    return subprocess.run(command).returncode
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), *entry, *rest]
+
+
+def launch_torchrun(argv: Sequence[str], processes: int, entry: Sequence[str] = ("-m", "bench", "--")) -> int:
+    """``bench run --launcher torchrun``: the same command under ``torchrun --nproc-per-node K``, which runs one
+    evaluation sharded over K processes (``bench/evaluation/distributed.py``)."""
+    import subprocess
+
+    return subprocess.run(torchrun_command(argv, processes, entry)).returncode
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -9,7 +9,8 @@ yourself once the new ones are read. Run it from a clean checkout (the records n
     python scripts/rerun_records.py --out runs/rerun leaderboards/results/cifar10-jpeg-linf/*.json
 
 Records already rerun into ``--out`` (same defense, classifier, suite, budget, threat, n and seed) are skipped, so
-the command resumes after an interruption.
+the command resumes after an interruption. ``--launcher torchrun --nproc-per-node K`` runs each rerun over K
+processes, as ``bench run --launcher torchrun`` does (same per-sample results as one process; rank 0 writes).
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.cli import launch_torchrun  # noqa: E402
+from bench.core.plugins import load_plugin  # noqa: E402
 from bench.evaluation.runner import config_from_record, run  # noqa: E402
 
 
@@ -43,7 +47,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("records", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
+                        help="load a plug-in first, as bench --plugin does (for records of plug-in defenses)")
+    parser.add_argument("--launcher", choices=("none", "torchrun"), default="none",
+                        help="torchrun: run each rerun over --nproc-per-node processes on this machine")
+    parser.add_argument("--nproc-per-node", type=int, default=2, help="processes for --launcher torchrun (default 2)")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    if args.launcher == "torchrun" and "WORLD_SIZE" not in os.environ:
+        if args.nproc_per_node < 1:
+            parser.error("--nproc-per-node must be >= 1")
+        return launch_torchrun(argv, args.nproc_per_node, entry=[str(Path(__file__).resolve())])
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone writes and prints
+    for plugin in args.plugin:
+        load_plugin(plugin)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     done = {}
@@ -67,8 +84,9 @@ def main(argv=None) -> int:
                       "unreliable": new["unreliable"], "seconds": [old["timing"]["seconds"], new["timing"]["seconds"]],
                       # the attacks' own time (records before it existed have none): wall time also counts loading
                       "attack_seconds": [old["timing"].get("attack_seconds"), new["timing"].get("attack_seconds")]})
-        (args.out / "moved.json").write_text(json.dumps(moved, indent=1) + "\n")
-    for row in moved:
+        if main_rank:
+            (args.out / "moved.json").write_text(json.dumps(moved, indent=1) + "\n")
+    for row in moved if main_rank else []:
         print(f"{row['defense']:32s} {row['classifier']:9s} {row['suite']:22s} clean {row['clean']} floor {row['no_attack']} "
               f"robust {row['robust']} unreliable={row['unreliable']} s={row['seconds']}")
     return 0

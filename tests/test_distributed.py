@@ -68,3 +68,24 @@ def test_each_rank_runs_only_its_share(tmp_path):
     # the clean pass alone is 5 batches of 4 images dealt 3 / 2: neither rank did the other's work
     assert sum(traces["sharded"].values()) == total
     assert 0.25 * total < traces["sharded"]["rank1"] < traces["sharded"]["rank0"] < 0.75 * total
+
+
+def test_rerun_records_under_torchrun_writes_the_record_once(tmp_path):
+    """scripts/rerun_records.py --launcher torchrun: each rerun sharded over two processes, rank 0 writing the record
+    (equal to the single-process one it reruns) and moved.json."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first, rerun = tmp_path / "first", tmp_path / "rerun"
+    subprocess.run([sys.executable, "-m", "bench", *ARGS, "--out", str(first)], cwd=REPO, env=env, check=True,
+                   capture_output=True, timeout=300)
+    (old,) = list(first.glob("*.json"))
+    done = subprocess.run([sys.executable, "scripts/rerun_records.py", "--plugin", PLUGIN, "--launcher", "torchrun",
+                           "--nproc-per-node", "2", "--out", str(rerun), str(old)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "rank 1 of 2" in done.stderr
+    assert done.stdout.count("plugin-blur") == 1  # rank 0 alone prints the table
+    new = [p for p in rerun.glob("*.json") if p.name != "moved.json"]
+    assert [p.name for p in new] == [old.name]
+    assert _comparable(json.loads(new[0].read_text())) == _comparable(json.loads(old.read_text()))
+    (row,) = json.loads((rerun / "moved.json").read_text())
+    assert row["clean"][0] == row["clean"][1] and row["robust"][0] == row["robust"][1]
