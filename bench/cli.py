@@ -114,9 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--skip-existing", action="store_true",
                      help="if this run's record (same run id) is already in --out, print it instead of running again "
                           "(for queues of long runs; by default a run is repeated and its record rewritten)")
-    run.add_argument("--launcher", choices=("none", "torchrun"), default="none",
-                     help="torchrun: run this evaluation over --nproc-per-node processes on this machine (one record)")
-    run.add_argument("--nproc-per-node", type=int, default=2, help="processes for --launcher torchrun (default 2)")
+    add_launcher_arguments(run, "this evaluation")
     run.add_argument("--plugin", action="append", default=[], metavar="FILE", dest="run_plugins",
                      help="import FILE first, to register your own defenses or attacks (repeatable)")
     train = sub.add_parser("train", help="train a defense's learned parts (the classifier stays frozen)")
@@ -516,9 +514,22 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def torchrun_command(argv: Sequence[str], processes: int, entry: Sequence[str] = ("-m", "bench", "--")) -> List[str]:
-    """The command line that runs ``entry argv`` under ``torchrun --nproc-per-node K``, the launcher's own options
-    (``--launcher``, ``--nproc-per-node``) dropped from ``argv`` so the ranks do not launch again."""
+def add_launcher_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--launcher`` and ``--nproc-per-node``, for ``bench run`` and ``scripts/rerun_records.py``."""
+    parser.add_argument("--launcher", choices=("none", "torchrun"), default="none",
+                        help=f"torchrun: run {what} over --nproc-per-node processes on this machine (one record)")
+    parser.add_argument("--nproc-per-node", type=int, default=2, help="processes for --launcher torchrun (default 2)")
+
+
+def launch_torchrun(argv: Sequence[str], processes: int, entry: Sequence[str] = ("-m", "bench", "--")) -> int:
+    """``--launcher torchrun``: the same command (``entry argv``) under ``torchrun --nproc-per-node K``, the
+    launcher's own options dropped so the ranks do not launch again; each rerun or evaluation is then sharded over K
+    processes (``bench/evaluation/distributed.py``). Exit code 2 when K < 1."""
+    import subprocess
+
+    if processes < 1:
+        print("error: --nproc-per-node must be >= 1", file=sys.stderr)
+        return 2
     rest, skip = [], False
     for arg in argv:
         if skip:
@@ -527,15 +538,8 @@ def torchrun_command(argv: Sequence[str], processes: int, entry: Sequence[str] =
             skip = True
         elif not arg.startswith(("--launcher=", "--nproc-per-node=")):
             rest.append(arg)
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), *entry, *rest]
-
-
-def launch_torchrun(argv: Sequence[str], processes: int, entry: Sequence[str] = ("-m", "bench", "--")) -> int:
-    """``bench run --launcher torchrun``: the same command under ``torchrun --nproc-per-node K``, which runs one
-    evaluation sharded over K processes (``bench/evaluation/distributed.py``)."""
-    import subprocess
-
-    return subprocess.run(torchrun_command(argv, processes, entry)).returncode
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), *entry, *rest]
+    return subprocess.run(command).returncode
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -543,9 +547,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
     if args.command == "run" and args.launcher == "torchrun" and "WORLD_SIZE" not in os.environ:
-        if args.nproc_per_node < 1:
-            print("error: --nproc-per-node must be >= 1", file=sys.stderr)
-            return 2
         return launch_torchrun(argv, args.nproc_per_node)
     try:
         from bench.core.plugins import load_plugin

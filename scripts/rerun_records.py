@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.cli import launch_torchrun  # noqa: E402
+from bench.cli import add_launcher_arguments, launch_torchrun  # noqa: E402
 from bench.core.plugins import load_plugin  # noqa: E402
 from bench.evaluation.runner import config_from_record, run  # noqa: E402
 
@@ -49,14 +49,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
                         help="load a plug-in first, as bench --plugin does (for records of plug-in defenses)")
-    parser.add_argument("--launcher", choices=("none", "torchrun"), default="none",
-                        help="torchrun: run each rerun over --nproc-per-node processes on this machine")
-    parser.add_argument("--nproc-per-node", type=int, default=2, help="processes for --launcher torchrun (default 2)")
+    add_launcher_arguments(parser, "each rerun")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.launcher == "torchrun" and "WORLD_SIZE" not in os.environ:
-        if args.nproc_per_node < 1:
-            parser.error("--nproc-per-node must be >= 1")
         return launch_torchrun(argv, args.nproc_per_node, entry=[str(Path(__file__).resolve())])
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone writes and prints
     for plugin in args.plugin:
@@ -86,7 +82,9 @@ def main(argv=None) -> int:
                       "attack_seconds": [old["timing"].get("attack_seconds"), new["timing"].get("attack_seconds")]})
         if main_rank:
             (args.out / "moved.json").write_text(json.dumps(moved, indent=1) + "\n")
-    for row in moved if main_rank else []:
+    if not main_rank:
+        return 0
+    for row in moved:
         print(f"{row['defense']:32s} {row['classifier']:9s} {row['suite']:22s} clean {row['clean']} floor {row['no_attack']} "
               f"robust {row['robust']} unreliable={row['unreliable']} s={row['seconds']}")
     return 0

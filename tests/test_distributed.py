@@ -89,3 +89,12 @@ def test_rerun_records_under_torchrun_writes_the_record_once(tmp_path):
     assert _comparable(json.loads(new[0].read_text())) == _comparable(json.loads(old.read_text()))
     (row,) = json.loads((rerun / "moved.json").read_text())
     assert row["clean"][0] == row["clean"][1] and row["robust"][0] == row["robust"][1]
+
+
+def test_the_launcher_refuses_fewer_than_one_process(tmp_path):
+    """bench run and scripts/rerun_records.py share the launcher: --nproc-per-node 0 is a usage error (exit 2)."""
+    for command in ([sys.executable, "-m", "bench", *ARGS], [sys.executable, "scripts/rerun_records.py", "unused.json"]):
+        done = subprocess.run([*command, "--launcher", "torchrun", "--nproc-per-node", "0", "--out", str(tmp_path)],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "--nproc-per-node must be >= 1" in done.stderr
+        assert not list(tmp_path.iterdir())
