@@ -132,3 +132,34 @@ def test_the_adjoint_route_in_float32_asks_the_brownian_path_for_no_time_past_it
         warnings.simplefilter("error")  # torchsde warns "Should have tb<=t1" when t* in float32 overshoots the path
         (grad,) = torch.autograd.grad(defense.purifier(x).sum(), x)
     assert torch.isfinite(grad).all()
+
+
+def test_every_integrity_check_stays_quiet_on_diffpure():
+    """The check battery (randomness per image, gradients, the probes' eps sweep and unbounded attack) on DiffPure as
+    the runner evaluates it: declared stochastic, exact gradients, probes through its attacker surrogate; none fires."""
+    import numpy as np
+
+    from attacks import ATTACKS, Threat
+    from attacks.adaptive import EOT
+    from bench.evaluation import evaluate
+    from bench.data.subset import Subset
+    from bench.evaluation.integrity import run_checks
+
+    torch.manual_seed(0)
+    defense = DiffPure(NearestColor(), untrained=True, steps=3, surrogate_steps=2).eval()
+    n, g = 16, torch.Generator().manual_seed(0)
+    x = torch.rand(n, 3, 1, 1, generator=g).expand(n, 3, 32, 32).contiguous()
+    with torch.no_grad():
+        y = defense.classifier(x).argmax(1)
+    subset = Subset("toy", "test", n, 0, np.arange(n), x, y, 10, "0" * 64, "0" * 64)
+    threat = Threat("linf", 0.03)
+    result = evaluate(defense, subset, [("pgd-10", EOT(ATTACKS.get("pgd")(threat, steps=10), n=2))], threat,
+                      who="diffpure", success_draws=4)
+    findings = run_checks(defense, subset, result, threat, stochastic=defense.stochastic, differentiable=True, eot=2,
+                          draws=4, device="cpu", surrogate=defense.attack_surrogate())
+    assert not findings.reasons, findings.reasons
+    measured = findings.measurements
+    assert {"randomness", "gradients", "monotone", "unbounded"} <= set(measured["checks_ran"])
+    assert measured["probe_gradients"] == "attacker surrogate" and measured["unbounded_accuracy"] == 0.0
+    assert measured["gradient_usefulness"]["raised_share"] >= 0.9  # the exact route's gradients do lead PGD
+    assert result.clean_worst.sum() > n // 2  # the probes had points to work on
