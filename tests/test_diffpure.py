@@ -163,3 +163,34 @@ def test_every_integrity_check_stays_quiet_on_diffpure():
     assert measured["probe_gradients"] == "attacker surrogate" and measured["unbounded_accuracy"] == 0.0
     assert measured["gradient_usefulness"]["raised_share"] >= 0.9  # the exact route's gradients do lead PGD
     assert result.clean_worst.sum() > n // 2  # the probes had points to work on
+
+
+def test_the_apgd_rand_suite_attacks_diffpure_through_its_surrogate_and_judges_by_the_real_defense():
+    """Table 6's reduced budget for DiffPure: AutoAttack rand's APGD-CE and APGD-DLR, EOT over the SDE's noise, their
+    gradients through the attacker surrogate; the real defense's draws decide, and an eps large enough breaks all."""
+    import numpy as np
+
+    from attacks import Threat
+    from attacks.suite import load_suite
+    from bench.data.subset import Subset
+    from bench.evaluation import evaluate
+
+    suite = load_suite("apgd-rand", "linf", "cpu")
+    defense = DiffPure(NearestColor(), untrained=True, steps=3, surrogate_steps=2).eval()
+    assert [label for label, _ in suite.build(suite.threat, True, True, surrogate=defense.attack_surrogate())] == [
+        "apgd-ce-25+surrogate+eot4", "apgd-dlr-25+surrogate+eot4", "transfer"]
+    torch.manual_seed(0)
+    n, g = 8, torch.Generator().manual_seed(0)
+    x = torch.rand(n, 3, 1, 1, generator=g).expand(n, 3, 32, 32).contiguous()
+    with torch.no_grad():
+        y = defense.classifier(x).argmax(1)
+    subset = Subset("toy", "test", n, 0, np.arange(n), x, y, 10, "0" * 64, "0" * 64)
+    smoke = load_suite("apgd-rand", "linf", "smoke")
+    found = {}
+    for eps in (8 / 255, 0.5):
+        threat = Threat("linf", eps)
+        plans = smoke.build(threat, True, True, surrogate=defense.attack_surrogate())
+        result = evaluate(defense, subset, plans, threat, who="diffpure", success_draws=4)
+        found[eps] = int(result.robust.sum())
+        assert int(result.clean_worst.sum()) > n // 2 and found[eps] <= int(result.clean_worst.sum())
+    assert found[0.5] == 0  # half the box: no colour survives the surrogate's gradients, judged on the real defense
