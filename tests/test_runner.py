@@ -283,6 +283,7 @@ def test_resume_state_is_keyed_by_the_code_that_made_it(tmp_path, monkeypatch):
                        checks=False)
     reference, _ = run(config)
     assert reference["environment"]["code"]["source_sha256"] and reference["clean"]["correct"] == 8
+    assert reference["environment"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # bench check reads it
 
     def plant(key):  # a saved clean batch in which every prediction is wrong
         folder = tmp_path / ".state" / key

@@ -145,6 +145,7 @@ def environment() -> Dict[str, Any]:
         "packages": {name: _package_version(name) for name in _PACKAGES},
         "platform": platform.platform(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the vector kernels ATen chose: AVX2, AVX512, ...
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
         "code": code_version(),

@@ -7,8 +7,11 @@
    committed record: clean accuracy, the no-attack floor (``clean_worst``), robust accuracy and, where both carry
    it, the mean over the draws; the ``unreliable`` flag must not change either way. A number fails when it moves by
    more than the board's stated tolerance (``"check": {"tolerance": 0.02}``, meant for tiny smoke runs, whose
-   reruns are seeded and repeat exactly: below one image of 32), or, without one, by more than the combined 95%
-   interval, 1.96 * sqrt(se_committed^2 + se_fresh^2).
+   reruns are seeded and repeat exactly on the same CPU: below one image of 32), or, without one, by more than the
+   combined 95% interval, 1.96 * sqrt(se_committed^2 + se_fresh^2). A board may state a second tolerance for a rerun
+   on other CPU kernels (``"tolerance_across_cpus"``, used when the two records' ``environment.cpu_capability``
+   differ or the committed one predates it): another machine's vector kernels round differently, and FGSM's sign of
+   a near-zero gradient component can flip an image.
 
 Returns the failures as table rows; the CLI prints them and exits 1 when there are any.
 """
@@ -32,6 +35,16 @@ def allowed_difference(a: Dict[str, Any], b: Dict[str, Any], tolerance: Optional
         return tolerance
     se = lambda s: math.sqrt(max(s["accuracy"] * (1 - s["accuracy"]), 0.0) / s["n"])  # noqa: E731
     return 1.96 * math.sqrt(se(a) ** 2 + se(b) ** 2)
+
+
+def stated_tolerance(check: Optional[Dict[str, Any]], committed: Dict[str, Any], fresh: Dict[str, Any]) -> Optional[float]:
+    """The board's tolerance for this pair: ``tolerance_across_cpus`` when the records were made on different CPU
+    kernels (or the committed one does not say), else ``tolerance``; None (the combined interval) without either."""
+    check = check or {}
+    kernels = [record.get("environment", {}).get("cpu_capability") for record in (committed, fresh)]
+    stated = check.get("tolerance_across_cpus") if kernels[0] != kernels[1] else None
+    stated = check.get("tolerance") if stated is None else stated
+    return None if stated is None else float(stated)
 
 
 def compare(board: str, committed: Dict[str, Any], fresh: Dict[str, Any], tolerance: Optional[float]) -> List[List[str]]:
@@ -90,14 +103,12 @@ def run_check(boards: Optional[Sequence[str]] = None, fresh_dir: Optional[Path] 
     compared: List[List[str]] = []
     with tempfile.TemporaryDirectory(prefix="bench-check-") as tmp:
         for board in chosen:
-            stated = (board.check or {}).get("tolerance")
-            tolerance = None if stated is None else float(stated)
             for committed in records.get(board.name, []):
                 fresh = fresh_records.get(committed["run_id"]) if fresh_dir is not None else rerun(committed, Path(tmp))
                 if fresh is None:
                     failures.append([board.name, committed["defense"]["name"], "fresh record", "-", "missing", "-", "FAIL"])
                     continue
-                rows = compare(board.name, committed, fresh, tolerance)
+                rows = compare(board.name, committed, fresh, stated_tolerance(board.check, committed, fresh))
                 compared += rows
                 failures += [row for row in rows if row[-1] != "ok"]
     return failures, compared
