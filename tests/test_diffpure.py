@@ -22,6 +22,19 @@ def _score(scale: float = 0.3) -> ScoreUNet:
     return net.eval()
 
 
+def _solid_colours(defense, n):
+    """n solid-colour 32x32 images labelled by the defense's (NearestColor) classifier: a toy subset it can get right."""
+    import numpy as np
+
+    from bench.data.subset import Subset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 3, 1, 1, generator=g).expand(n, 3, 32, 32).contiguous()
+    with torch.no_grad():
+        y = defense.classifier(x).argmax(1)
+    return Subset("toy", "test", n, 0, np.arange(n), x, y, 10, "0" * 64, "0" * 64)
+
+
 def test_the_vp_sde_marginals():
     assert alpha(0.0) == 1.0 and sigma(0.0) == 0.0
     a = alpha(0.1)
@@ -137,21 +150,15 @@ def test_the_adjoint_route_in_float32_asks_the_brownian_path_for_no_time_past_it
 def test_every_integrity_check_stays_quiet_on_diffpure():
     """The check battery (randomness per image, gradients, the probes' eps sweep and unbounded attack) on DiffPure as
     the runner evaluates it: declared stochastic, exact gradients, probes through its attacker surrogate; none fires."""
-    import numpy as np
-
     from attacks import ATTACKS, Threat
     from attacks.adaptive import EOT
     from bench.evaluation import evaluate
-    from bench.data.subset import Subset
     from bench.evaluation.integrity import run_checks
 
     torch.manual_seed(0)
     defense = DiffPure(NearestColor(), untrained=True, steps=3, surrogate_steps=2).eval()
-    n, g = 16, torch.Generator().manual_seed(0)
-    x = torch.rand(n, 3, 1, 1, generator=g).expand(n, 3, 32, 32).contiguous()
-    with torch.no_grad():
-        y = defense.classifier(x).argmax(1)
-    subset = Subset("toy", "test", n, 0, np.arange(n), x, y, 10, "0" * 64, "0" * 64)
+    n = 16
+    subset = _solid_colours(defense, n)
     threat = Threat("linf", 0.03)
     result = evaluate(defense, subset, [("pgd-10", EOT(ATTACKS.get("pgd")(threat, steps=10), n=2))], threat,
                       who="diffpure", success_draws=4)
@@ -168,11 +175,8 @@ def test_every_integrity_check_stays_quiet_on_diffpure():
 def test_the_apgd_rand_suite_attacks_diffpure_through_its_surrogate_and_judges_by_the_real_defense():
     """Table 6's reduced budget for DiffPure: AutoAttack rand's APGD-CE and APGD-DLR, EOT over the SDE's noise, their
     gradients through the attacker surrogate; the real defense's draws decide, and an eps large enough breaks all."""
-    import numpy as np
-
     from attacks import Threat
     from attacks.suite import load_suite
-    from bench.data.subset import Subset
     from bench.evaluation import evaluate
 
     suite = load_suite("apgd-rand", "linf", "cpu")
@@ -180,11 +184,8 @@ def test_the_apgd_rand_suite_attacks_diffpure_through_its_surrogate_and_judges_b
     assert [label for label, _ in suite.build(suite.threat, True, True, surrogate=defense.attack_surrogate())] == [
         "apgd-ce-25+surrogate+eot4", "apgd-dlr-25+surrogate+eot4", "transfer"]
     torch.manual_seed(0)
-    n, g = 8, torch.Generator().manual_seed(0)
-    x = torch.rand(n, 3, 1, 1, generator=g).expand(n, 3, 32, 32).contiguous()
-    with torch.no_grad():
-        y = defense.classifier(x).argmax(1)
-    subset = Subset("toy", "test", n, 0, np.arange(n), x, y, 10, "0" * 64, "0" * 64)
+    n = 8
+    subset = _solid_colours(defense, n)
     smoke = load_suite("apgd-rand", "linf", "smoke")
     found = {}
     for eps in (8 / 255, 0.5):

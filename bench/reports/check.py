@@ -41,10 +41,9 @@ def stated_tolerance(check: Optional[Dict[str, Any]], committed: Dict[str, Any],
     """The board's tolerance for this pair: ``tolerance_across_cpus`` when the records were made on different CPU
     kernels (or the committed one does not say), else ``tolerance``; None (the combined interval) without either."""
     check = check or {}
-    kernels = [record.get("environment", {}).get("cpu_capability") for record in (committed, fresh)]
-    stated = check.get("tolerance_across_cpus") if kernels[0] != kernels[1] else None
-    stated = check.get("tolerance") if stated is None else stated
-    return None if stated is None else float(stated)
+    kernels = {record.get("environment", {}).get("cpu_capability") for record in (committed, fresh)}
+    key = "tolerance_across_cpus" if len(kernels) > 1 and "tolerance_across_cpus" in check else "tolerance"
+    return None if check.get(key) is None else float(check[key])
 
 
 def compare(board: str, committed: Dict[str, Any], fresh: Dict[str, Any], tolerance: Optional[float]) -> List[List[str]]:
