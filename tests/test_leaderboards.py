@@ -216,7 +216,10 @@ def test_check_compares_every_number_and_the_flag_at_the_tolerance(tmp_path):
     assert check({**bare, "unreliable": True})[0] == [("none on resnet20", "unreliable")]
     # on other CPU kernels (or a committed record that does not name them) one image may move, two may not
     elsewhere = lambda r: {**r, "environment": {**r["environment"], "cpu_capability": "AVX9"}}  # noqa: E731
-    assert check(elsewhere(_moved(bare, "robust", one_image)))[0] == []
+    failures, compared = check(elsewhere(_moved(bare, "robust", one_image)))
+    assert failures == []
+    assert {row[5] for row in compared if row[1] == "none on resnet20"} == {"±4.00 (other CPU kernels)"}
+    assert {row[5] for row in compared if row[1] != "none on resnet20"} == {"±2.00"}  # same kernels: the tight bound
     assert check(elsewhere(_moved(bare, "robust", 2 * one_image)))[0] == [("none on resnet20", "robust")]
     assert check({**bare, "subset": {**bare["subset"], "hash": "f" * 64}})[0] == [("none on resnet20", "subset hash")]
     (fresh / f"{bare['run_id']}.json").unlink()
