@@ -44,9 +44,9 @@ def tolerance_key(check: Optional[Dict[str, Any]], committed: Dict[str, Any], fr
     return "tolerance_across_cpus" if len(kernels) > 1 and "tolerance_across_cpus" in (check or {}) else "tolerance"
 
 
-def stated_tolerance(check: Optional[Dict[str, Any]], committed: Dict[str, Any], fresh: Dict[str, Any]) -> Optional[float]:
-    """The board's tolerance for this pair (:func:`tolerance_key`); None (the combined interval) without one."""
-    value = (check or {}).get(tolerance_key(check, committed, fresh))
+def stated_tolerance(check: Optional[Dict[str, Any]], key: str) -> Optional[float]:
+    """The board's tolerance under ``key`` (:func:`tolerance_key`); None (the combined interval) without one."""
+    value = (check or {}).get(key)
     return None if value is None else float(value)
 
 
@@ -111,8 +111,9 @@ def run_check(boards: Optional[Sequence[str]] = None, fresh_dir: Optional[Path] 
                 if fresh is None:
                     failures.append([board.name, committed["defense"]["name"], "fresh record", "-", "missing", "-", "FAIL"])
                     continue
-                rows = compare(board.name, committed, fresh, stated_tolerance(board.check, committed, fresh))
-                if tolerance_key(board.check, committed, fresh) == "tolerance_across_cpus":
+                key = tolerance_key(board.check, committed, fresh)
+                rows = compare(board.name, committed, fresh, stated_tolerance(board.check, key))
+                if key == "tolerance_across_cpus":
                     for row in rows:  # say why the bound is wider: the reader of a CI log sees which rule held
                         row[5] += " (other CPU kernels)"
                 compared += rows
