@@ -195,3 +195,35 @@ def test_the_apgd_rand_suite_attacks_diffpure_through_its_surrogate_and_judges_b
         found[eps] = int(result.robust.sum())
         assert int(result.clean_worst.sum()) > n // 2 and found[eps] <= int(result.clean_worst.sum())
     assert found[0.5] == 0  # half the box: no colour survives the surrogate's gradients, judged on the real defense
+
+
+def test_the_l2_and_stadv_columns_of_table_6_have_suites_that_attack_through_the_surrogate():
+    """apgd-rand-l2 and stadv-surrogate: the other two Table 6 columns, built as apgd-rand is (gradients through the
+    attacker surrogate, EOT over the SDE's noise, the real defense judging); an l2 ball wide enough breaks every point."""
+    from attacks import Threat
+    from attacks.adaptive import EOT, Surrogate
+    from attacks.suite import load_suite
+    from bench.evaluation import evaluate
+
+    defense = DiffPure(NearestColor(), untrained=True, steps=3, surrogate_steps=2).eval()
+    surrogate = defense.attack_surrogate()
+    l2 = load_suite("apgd-rand-l2", "l2", "cpu")
+    assert l2.standard_eps == (0.5, 1.0) and l2.surrogate
+    assert [label for label, _ in l2.build(l2.threat, True, True, surrogate=surrogate)] == [
+        "apgd-ce-25+surrogate+eot4", "apgd-dlr-25+surrogate+eot4", "transfer"]
+    stadv = load_suite("stadv-surrogate", "stadv", "cpu")
+    plans = stadv.build(stadv.threat, True, True, surrogate=surrogate)
+    assert [label for label, _ in plans] == ["stadv-100+surrogate+eot4", "transfer"]
+    assert isinstance(plans[0][1], EOT) and isinstance(plans[0][1].inner, Surrogate)
+    torch.manual_seed(0)
+    n = 8
+    subset = _solid_colours(defense, n)
+    smoke = load_suite("apgd-rand-l2", "l2", "smoke")
+    found = {}
+    for eps in (1.0, 20.0):  # 20 in l2 is about 0.36 per pixel on 32x32x3: far past every colour boundary
+        threat = Threat("l2", eps)
+        result = evaluate(defense, subset, smoke.build(threat, True, True, surrogate=surrogate), threat,
+                          who="diffpure", success_draws=4)
+        found[eps] = int(result.robust.sum())
+        assert int(result.clean_worst.sum()) > n // 2 and found[eps] <= int(result.clean_worst.sum())
+    assert found[20.0] == 0
