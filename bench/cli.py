@@ -134,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--hours", type=float, default=None,
                        help="time budget: stop after the epoch that uses it up (all runs of this folder together); "
                             "rerun with more to continue")
+    train.add_argument("--checkpoint-minutes", type=float, default=20.0,
+                       help="also save a checkpoint inside an epoch this often, so a killed run loses at most this much "
+                            "(0: after every step; default 20); a restart continues from it with the same results")
     train.add_argument("--eval-every", type=int, default=1,
                        help="epochs between the learning curve's held-out clean and PGD-10 accuracy (0: never; default 1)")
     train.add_argument("--eval-size", type=int, default=None,
@@ -360,7 +363,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                            train_size=args.train_size, batch_size=args.batch_size, seed=args.seed, device=args.device,
                            out=args.out, extra=extra, hours=args.hours, eval_every=args.eval_every,
                            eval_size=args.eval_size, eval_eps=args.eval_eps,
-                           autocast=args.autocast)
+                           autocast=args.autocast, checkpoint_minutes=args.checkpoint_minutes)
     folder = trainer(options)
     print(f"checkpoints and manifests: {folder}")
 

@@ -6,7 +6,11 @@ and the sha256 of the checkpoint). Restarting the same command resumes after the
 A finished stage also exports ``<name>.weights.pt``: the inference weights alone, the file to ship.
 
 Long runs: ``--hours`` stops after the epoch that uses up the budget (counted over every invocation of the run, from
-the manifest), exporting the weights so far; rerunning with a larger budget continues. After every epoch the learning
+the manifest), exporting the weights so far; rerunning with a larger budget continues. Inside an epoch, every
+``--checkpoint-minutes`` (default 20) the run also saves ``<name>.partial.pt``: the trainer's state, the step reached,
+the epoch's running loss sums and the random generators' states; a restarted run continues from that step and ends
+with the same weights and curve as an uninterrupted one (an epoch of RT3's fine-tuning takes over an hour on a CPU,
+longer than a run can count on surviving). The file is removed when its epoch ends. After every epoch the learning
 curve is written beside the checkpoint (``<name>.curve.csv`` and ``<name>.curve.png``): the loss terms, and every
 ``--eval-every`` epochs the pipeline's clean accuracy and PGD-10 robust accuracy (linf ``--eval-eps``: the training eps of
 adversarial training and JATP, whose eps is the threat, else 8/255; one draw per pass) on a
@@ -61,6 +65,7 @@ class TrainOptions:
     eval_size: Optional[int] = None  # held-out training images for the learning curve (None: up to 512 not trained on)
     eval_eps: Optional[float] = None  # the curve's PGD-10 radius (None: the trainer's ``eval_eps``, else 8/255)
     autocast: Optional[str] = None  # "bf16": each training step under torch.autocast (docs/atop.md, measured there)
+    checkpoint_minutes: Optional[float] = 20.0  # a mid-epoch checkpoint this often (0: after every step; None: never)
 
 
 def trainer_settings(cls: Any, options: TrainOptions, **forced: Any) -> Any:
@@ -241,6 +246,30 @@ class Checkpointer:
         write_json_atomic(self.manifest_path, manifest)
         return path
 
+    @property
+    def partial_path(self) -> Path:
+        return self.folder / f"{self.name}.partial.pt"
+
+    def save_partial(self, partial: Dict[str, Any]) -> None:
+        """Save a point inside an epoch (``train_epochs`` says what it holds), replacing the last one."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.partial_path.with_suffix(".pt.tmp")
+        torch.save({**partial, "config": json.dumps(self.config, sort_keys=True, default=str)}, tmp)
+        tmp.replace(self.partial_path)
+
+    def resume_partial(self, epoch: int) -> Optional[Dict[str, Any]]:
+        """The point saved inside epoch ``epoch`` (0-based, the first not finished), if there is one of this
+        configuration; a point of an earlier epoch is stale (that epoch finished after it) and is ignored."""
+        if not self.partial_path.is_file():
+            return None
+        partial = torch.load(self.partial_path, map_location="cpu", weights_only=True)
+        if partial.get("config") != json.dumps(self.config, sort_keys=True, default=str):
+            raise BenchError(f"{self.partial_path} was trained with another configuration; use another --out or delete it")
+        return partial if int(partial["epoch"]) == epoch else None
+
+    def drop_partial(self) -> None:
+        self.partial_path.unlink(missing_ok=True)
+
     def save(self, state: Dict[str, Any], epoch_log: Dict[str, Any], finished: bool) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".pt.tmp")
@@ -265,8 +294,9 @@ def stage_finished(folder: Path, name: str) -> bool:
 def train_epochs(options: TrainOptions, trainer: Any, folder: Path, name: str, config: Dict[str, Any], epochs: int,
                  train_set: Any, indices: np.ndarray, augment: Optional[Callable] = None) -> Path:
     """The epoch loop one-stage trainers share: seeded order per epoch, ``trainer.step(x, y)`` per batch (after
-    ``trainer.set_progress(fraction)`` when it has one), a checkpoint + manifest after every epoch, resumption
-    after the last finished epoch, and ``<name>.weights.pt`` from ``trainer.weights()`` at the end.
+    ``trainer.set_progress(fraction)`` when it has one), a checkpoint + manifest after every epoch and a partial
+    checkpoint every ``options.checkpoint_minutes`` inside one, resumption from the last of them, and
+    ``<name>.weights.pt`` from ``trainer.weights()`` at the end.
 
     ``augment(x, generator)`` transforms each batch with a generator seeded per epoch.
     """
@@ -287,6 +317,10 @@ def train_epochs(options: TrainOptions, trainer: Any, folder: Path, name: str, c
     if saved is not None:
         trainer.load(saved)
         start = int(saved["epoch"])
+    partial = checkpointer.resume_partial(start)
+    if partial is not None:
+        trainer.load(partial["state"])
+        log.info("resuming epoch %d at step %d of %d", start + 1, int(partial["step"]), -(-len(indices) // options.batch_size))
     per_epoch = -(-len(indices) // options.batch_size)
     heldout = None
     size = options.eval_size if options.eval_size is not None else min(512, len(train_set.images) - len(indices))
@@ -308,8 +342,16 @@ def train_epochs(options: TrainOptions, trainer: Any, folder: Path, name: str, c
         rng = torch.Generator().manual_seed(seed)
         totals: Dict[str, float] = {}
         lr = None
-        started = time.perf_counter()
-        bar = tqdm(range(per_epoch), desc=f"{config.get('defense', name)} {epoch + 1}/{epochs}", disable=not progress_enabled())
+        first, carried = 0, 0.0
+        if partial is not None and epoch == start:  # continue the epoch where its partial checkpoint left it
+            first, carried, totals, lr = int(partial["step"]), float(partial["seconds"]), dict(partial["totals"]), partial["lr"]
+            torch.set_rng_state(partial["torch_rng"])
+            rng.set_state(partial["rng"])
+            if "cuda_rng" in partial:
+                torch.cuda.set_rng_state_all(partial["cuda_rng"])
+        started = last_saved = time.perf_counter()
+        bar = tqdm(range(first, per_epoch), desc=f"{config.get('defense', name)} {epoch + 1}/{epochs}",
+                   initial=first, total=per_epoch, disable=not progress_enabled())
         for step in bar:
             idx = order[step * options.batch_size:(step + 1) * options.batch_size]
             x = torch.from_numpy(train_set.images[idx]).permute(0, 3, 1, 2).float().div(255)
@@ -322,6 +364,13 @@ def train_epochs(options: TrainOptions, trainer: Any, folder: Path, name: str, c
             for key, value in losses.items():
                 totals[key] = totals.get(key, 0.0) + value
             bar.set_postfix(loss=f"{totals['loss'] / (step + 1):.4f}")
+            now = time.perf_counter()
+            if options.checkpoint_minutes is not None and step + 1 < per_epoch and now - last_saved >= 60 * options.checkpoint_minutes:
+                checkpointer.save_partial({
+                    "state": trainer.state(epoch), "epoch": epoch, "step": step + 1, "totals": totals, "lr": lr,
+                    "seconds": carried + now - started, "torch_rng": torch.get_rng_state(), "rng": rng.get_state(),
+                    **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})})
+                last_saved = now
         epoch_log = {"epoch": epoch + 1, **{k: v / per_epoch for k, v in totals.items()},
                      **({"lr": lr} if lr is not None else {}), **({"autocast": options.autocast} if options.autocast else {})}
         if heldout is not None and ((epoch + 1) % options.eval_every == 0 or epoch + 1 == epochs):
@@ -331,9 +380,10 @@ def train_epochs(options: TrainOptions, trainer: Any, folder: Path, name: str, c
                 epoch_log["heldout_eps"] = eval_eps
             if hasattr(trainer, "eval_extra"):
                 epoch_log.update(trainer.eval_extra(*heldout))
-        epoch_log["seconds"] = time.perf_counter() - started
+        epoch_log["seconds"] = carried + time.perf_counter() - started
         spent += epoch_log["seconds"]
         checkpointer.save(trainer.state(epoch + 1), epoch_log, finished=epoch + 1 == epochs)
+        checkpointer.drop_partial()
         write_curve(folder, name, checkpointer.history)
         log.info("epoch %d/%d: %s", epoch + 1, epochs, ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                            for k, v in epoch_log.items() if k != "epoch"))

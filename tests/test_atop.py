@@ -314,6 +314,44 @@ def test_the_same_seed_trains_the_same_purifier(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_killed_inside_an_epoch_resumes_from_its_partial_checkpoint_to_the_same_weights(tmp_path, monkeypatch):
+    """--checkpoint-minutes 0 saves after every step; a run stopped in the middle of its second fine-tuning epoch
+    continues from the step it reached and ends with the weights and losses of a run never stopped."""
+    common = ["--plugin", PLUGIN, "train", "--defense", "atop", "--classifier", "tiny", "--dataset", "tiny-test",
+              "--transform", "rt2", "--purifier", "ae", "--pretrain-epochs", "1", "--epochs", "2", "--train-size", "32",
+              "--batch-size", "8", "--eval-every", "1", "--eval-size", "8"]
+    assert main([*common, "--out", str(tmp_path / "whole")]) == 0
+
+    class Killed(Exception):
+        pass
+
+    original, calls, stopping = AToPTrainer.finetune_step, [], True
+
+    def dies_at_the_seventh_step(self, x, y):  # 4 steps per epoch: the 3rd step of epoch 2
+        calls.append(1)
+        if len(calls) == 7 and stopping:
+            raise Killed
+        return original(self, x, y)
+
+    monkeypatch.setattr(AToPTrainer, "finetune_step", dies_at_the_seventh_step)
+    stopped = [*common, "--checkpoint-minutes", "0", "--out", str(tmp_path / "stopped")]
+    with pytest.raises(Killed):
+        main(stopped)
+    partial = torch.load(tmp_path / "stopped" / "finetune.partial.pt", weights_only=True)
+    assert (partial["epoch"], partial["step"]) == (1, 2)
+    stopping = False
+    calls.clear()
+    assert main(stopped) == 0
+    assert len(calls) == 2  # only the epoch's last two steps ran again, not the whole epoch
+    assert not (tmp_path / "stopped" / "finetune.partial.pt").exists()  # removed when its epoch ended
+    a, b = (torch.load(tmp_path / name / "finetune.weights.pt", weights_only=True)["generator"] for name in ("whole", "stopped"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    whole, resumed = (json.loads((tmp_path / name / "finetune.manifest.json").read_text())["history"]
+                      for name in ("whole", "stopped"))
+    drop = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
+    assert drop(whole) == drop(resumed) and len(resumed) == 2  # the same losses and held-out readings, per epoch
+
+
 def test_a_time_budget_stops_training_and_a_larger_one_continues_the_same_curve(tmp_path):
     out = tmp_path / "ckpt"
     base = ["--plugin", PLUGIN, "train", "--defense", "atop", "--classifier", "tiny", "--dataset", "tiny-test",
