@@ -287,6 +287,34 @@ def test_stadv_threat_is_probed_with_stadv():
     assert findings.measurements["unbounded_eps"] == 0.5
 
 
+@pytest.mark.parametrize("broken_by_the_sweep,flagged", [(True, False), (False, True)])
+def test_the_unbounded_probe_counts_a_point_broken_at_a_smaller_bound_as_broken(monkeypatch, broken_by_the_sweep,
+                                                                                 flagged):
+    """The StAdv records' pattern: StAdv-10 at a flow of 0.5 left 1 of 16 probe points right while StAdv-10 at 2 eps
+    (0.1, a ball inside it) had broken every point. The unbounded ball holds that example, so the point is broken
+    there and nothing is flagged; a point no probe breaks at any bound still is."""
+    from bench import integrity
+
+    def scripted(model, x, y, threat, steps, eot, stochastic, differentiable, draws, surrogate=None):
+        fooled = np.ones(len(y), dtype=bool)
+        if threat.eps == 0.5 or (threat.eps == 0.1 and not broken_by_the_sweep):
+            fooled[0] = False
+        elif threat.eps < 0.1 or steps == 40 or eot == 16:
+            fooled[:2] = False
+        return fooled
+
+    monkeypatch.setattr(integrity, "_pgd_fooled", scripted)
+    x, y = torch.rand(16, 3, 8, 8), torch.zeros(16, dtype=torch.long)
+    findings = integrity.probe_attacks(nn.Identity(), x, y, Threat("stadv", 0.05), stochastic=True,
+                                       differentiable=True, eot=4, draws=10)
+    measured = findings.measurements
+    assert measured["unbounded_accuracy"] == 1 / 16  # what the attack at 0.5 left alone, as before
+    assert measured["unbounded_accuracy_any_probe"] == (0.0 if broken_by_the_sweep else 1 / 16)
+    assert ("unbounded" in findings.codes) == flagged, findings.reasons
+    if flagged:
+        assert "6.2% accuracy instead of about 0% (6.2% counting" in " ".join(findings.reasons)
+
+
 # ------------------------------------------------------------------------------------------- the issue-17 checks
 
 
@@ -444,6 +472,14 @@ def test_nan_and_vanishing_gradients_are_flagged(scale, reason):
     assert check_gradients(Defense(model, purifier=ScaledGradient(1.0)), subset.x, subset.y, differentiable=True) == []
 
 
+def _scripted_fooled(accuracy):
+    """A probe attack scripted by its accuracy: it breaks the last points (so a lower accuracy breaks a superset)."""
+    def fooled(model, x, y, threat, steps, eot, stochastic, differentiable, draws, surrogate=None):
+        robust = round(accuracy(model, x, y, threat, steps, eot, stochastic, differentiable, draws, surrogate) * len(y))
+        return np.arange(len(y)) >= robust
+    return fooled
+
+
 @pytest.mark.parametrize("more_steps,more_eot,flags", [
     (0.25, 0.25, []),  # no rise
     (0.45, 0.25, []),  # 9 of 20 against 5 of 20: inside the Wilson interval of 25% (11.2% - 46.9%)
@@ -464,7 +500,7 @@ def test_steps_and_eot_rises_are_read_against_the_wilson_interval(monkeypatch, m
             return more_eot
         return {0.015: 0.5, 0.03: 0.25, 0.06: 0.05}[round(threat.eps, 3)]
 
-    monkeypatch.setattr(integrity, "_pgd_accuracy", scripted)
+    monkeypatch.setattr(integrity, "_pgd_fooled", _scripted_fooled(scripted))
     x, y = torch.rand(20, 3, 8, 8), torch.zeros(20, dtype=torch.long)
     findings = integrity.probe_attacks(nn.Identity(), x, y, Threat("linf", 0.03), stochastic=True, differentiable=True,
                                        eot=4, draws=10)
@@ -489,7 +525,7 @@ def test_accuracy_that_does_not_fall_with_eps_needs_three_robust_probe_points(mo
             return robust_counts[1] / 5
         return {0.004: robust_counts[0], 0.008: robust_counts[1], 0.016: robust_counts[2]}[round(threat.eps, 3)] / 5
 
-    monkeypatch.setattr(integrity, "_pgd_accuracy", scripted)
+    monkeypatch.setattr(integrity, "_pgd_fooled", _scripted_fooled(scripted))
     x, y = torch.rand(5, 3, 8, 8), torch.zeros(5, dtype=torch.long)
     findings = integrity.probe_attacks(nn.Identity(), x, y, Threat("linf", 0.008), stochastic=True, differentiable=True,
                                        eot=2, draws=10)
