@@ -246,6 +246,9 @@ class Checkpointer:
         write_json_atomic(self.manifest_path, manifest)
         return path
 
+    def _config_text(self) -> str:
+        return json.dumps(self.config, sort_keys=True, default=str)
+
     @property
     def partial_path(self) -> Path:
         return self.folder / f"{self.name}.partial.pt"
@@ -254,7 +257,7 @@ class Checkpointer:
         """Save a point inside an epoch (``train_epochs`` says what it holds), replacing the last one."""
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.partial_path.with_suffix(".pt.tmp")
-        torch.save({**partial, "config": json.dumps(self.config, sort_keys=True, default=str)}, tmp)
+        torch.save({**partial, "config": self._config_text()}, tmp)
         tmp.replace(self.partial_path)
 
     def resume_partial(self, epoch: int) -> Optional[Dict[str, Any]]:
@@ -263,7 +266,7 @@ class Checkpointer:
         if not self.partial_path.is_file():
             return None
         partial = torch.load(self.partial_path, map_location="cpu", weights_only=True)
-        if partial.get("config") != json.dumps(self.config, sort_keys=True, default=str):
+        if partial.get("config") != self._config_text():
             raise BenchError(f"{self.partial_path} was trained with another configuration; use another --out or delete it")
         return partial if int(partial["epoch"]) == epoch else None
 
@@ -317,11 +320,11 @@ def train_epochs(options: TrainOptions, trainer: Any, folder: Path, name: str, c
     if saved is not None:
         trainer.load(saved)
         start = int(saved["epoch"])
+    per_epoch = -(-len(indices) // options.batch_size)
     partial = checkpointer.resume_partial(start)
     if partial is not None:
         trainer.load(partial["state"])
-        log.info("resuming epoch %d at step %d of %d", start + 1, int(partial["step"]), -(-len(indices) // options.batch_size))
-    per_epoch = -(-len(indices) // options.batch_size)
+        log.info("resuming epoch %d at step %d of %d", start + 1, int(partial["step"]), per_epoch)
     heldout = None
     size = options.eval_size if options.eval_size is not None else min(512, len(train_set.images) - len(indices))
     if options.eval_every and hasattr(trainer, "eval_model") and size > 0:

@@ -309,10 +309,9 @@ def probe_attacks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Th
     inside = np.zeros(len(y), dtype=bool)  # the points some probe broke inside the unbounded ball
 
     def run(t: Threat, s: int, e: int = eot) -> float:
-        nonlocal inside
         fooled = _pgd_fooled(model, x, y, t, s, e, stochastic, differentiable, draws, surrogate)
         if t.eps <= unbounded_threat.eps:
-            inside = inside | fooled
+            inside[fooled] = True
         return float(1 - fooled.mean())
 
     name = "PGD" if threat.pixel else "StAdv"
