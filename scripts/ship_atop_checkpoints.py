@@ -13,6 +13,10 @@ the file; the manifest then says ``storage_dtype: float16``, and ``fp16_check`` 
 the defense with the shipped file against the float32 training weights, in front of the classifier the folder names,
 on the fixed test subset (``--check-n`` images of ``--check-dataset``, 3 draws seeded 1000 + k as
 ``scripts/clean_draws.py`` reads), their prediction agreement and clean accuracy per draw. Put those numbers in the docs.
+
+A file whose training has not finished all its epochs is skipped, unless ``--unfinished`` asks for it (a long run
+ships the epoch that beats the shipped file before the run ends); its manifest then says ``shipped_unfinished``:
+the epochs done of those planned.
 """
 
 from __future__ import annotations
@@ -70,6 +74,9 @@ def ship(source: Path, target: Path, max_bytes: int, fp16: bool = False,
         raise SystemExit(f"{source}: a {source.stem} file must be fine-tuned with adv_target={wanted}")
     manifest.update(shipped_from=sha256_file(source), shipped_sha256=sha256_file(target),
                     storage_dtype="float16" if fp16 else "float32")
+    if not manifest.get("finished"):
+        planned = manifest["config"]["settings"].get(f"{source.stem.split('-')[0]}_epochs")  # finetune-pipeline too
+        manifest["shipped_unfinished"] = f"after epoch {len(manifest.get('history', []))} of {planned}"
     if fp16 and check_data is not None:
         manifest["fp16_check"] = fp16_check(source, target, *check_data)
     write_json_atomic(target.with_suffix(".manifest.json"), manifest)
@@ -83,6 +90,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fp16", action="store_true", help="store the weights in half precision (measured: fp16_check)")
     parser.add_argument("--check-n", type=int, default=512, help="test-subset images for the fp16 check")
     parser.add_argument("--check-dataset", default="cifar10-jpeg")
+    parser.add_argument("--unfinished", action="store_true",
+                        help="also ship a file whose run has epochs left (the manifest says which epoch)")
     args = parser.parse_args(argv)
     sources = sorted(args.root.glob("atop/*/*/*.pt"))
     sources = [p for p in sources if p.stem in (*STAGES.values(), PIPELINE_STAGE)]
@@ -91,7 +100,7 @@ def main(argv=None) -> int:
         return 1
     subset, classifiers = None, {}  # loaded once, for every file the fp16 check measures
     for source in sources:
-        if not json.loads(source.with_suffix(".manifest.json").read_text()).get("finished"):
+        if not args.unfinished and not json.loads(source.with_suffix(".manifest.json").read_text()).get("finished"):
             print(f"skipped {source}: its training has not finished")
             continue
         check_data = None
