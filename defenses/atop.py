@@ -55,7 +55,7 @@ class AToP(Defense):
         title="Adversarial Training on Purification (AToP): Advancing Both Robustness and Generalization",
         authors="Guang Lin, Chao Li, Jianhai Zhang, Toshihisa Tanaka, Qibin Zhao", venue="ICLR", year=2024,
         paper="https://arxiv.org/abs/2401.16352", code="https://github.com/glin2022/atop",
-        weights=("GAN purifiers (a gated U-Net, 3.4M parameters at width 64 for RT1 and RT2, 0.87M at width 32 for RT3, "
+        weights=("GAN purifiers (a gated U-Net, 3.4M parameters at width 64 for RT1, RT2 and RT3, "
                  "stored in fp16; and a PatchGAN) and AE purifiers (a masked "
                  "autoencoder, 0.48M parameters) trained here with bench train on the cifar10-jpeg training images in "
                  "front of the shared ResNet-20; manifests beside the weights; this project's own work, no upstream "
@@ -63,7 +63,7 @@ class AToP(Defense):
         differences=("a CPU-scale purifier trained for minutes to hours (the paper: a DeepFill v2 generator, hours on "
                      "GPUs); the frozen classifier is a standard ResNet-20 on JPEG-compressed CIFAR-10 (the paper: "
                      "ResNet-18 / WRN-28-10 on CIFAR-10); the AE purifiers: RT1, RT2 and RT3 pre-trained and fine-tuned (RT1 and RT3 fine-tuned at learning rate 1e-4, RT2 at 5e-4); "
-                     "the GAN purifiers fine-tuned at 1e-4 (RT3's width-32 file at 5e-4)"),
+                     "the GAN purifiers fine-tuned at 1e-4 (RT3's file after 2 of its 4 planned epochs)"),
     )
     paper_reference = ("AToP (RT2 + GAN purifier), paper Table 2: 90.62% clean, 72.85% robust (AutoAttack linf 8/255, "
                        "WRN-28-10, CIFAR-10); the checkpoints shipped here are small and trained on a CPU")

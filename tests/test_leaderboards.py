@@ -516,16 +516,17 @@ def test_the_single_draw_mark_is_on_the_cell_in_atops_transform_tables_too():
 
     board = replace({b.name: b for b in load_boards()}["atop-table7"], also={"AutoAttack": "autoattack"})
     records = [json.loads(p.read_text()) for p in sorted((REPO / "leaderboards" / "results" / "atop-table7").glob("*.json"))]
-    rt3 = next(r for r in records if r["defense"]["name"] == "atop-rt3-gan-ft")
-    assert rt3["defense"]["stochastic"]
+    # any fine-tuned row on the board (a replaced checkpoint takes its records off until their reruns land)
+    tuned = next(r for r in records if r["defense"]["name"].endswith("-gan-ft"))
+    assert tuned["defense"]["stochastic"]
     value = {"accuracy": 0.5}
-    rt3["attacks"].append({"attack": "autoattack", "label": "autoattack", "params": {"version": "standard"},
+    tuned["attacks"].append({"attack": "autoattack", "label": "autoattack", "params": {"version": "standard"},
                            "robust_alone": value, "robust_alone_mean": 0.5, "robust_alone_majority": 0.5})
     for field_name, _, clean_of, floor in VARIANTS:
         rows, headers, _, _ = transform_rows(board, paper_table("atop", "7"), records, field_name, clean_of, floor)
         column = headers.index("AutoAttack")
         marked = [(row[0], row[1]) for row in rows if row[column].endswith(" ¶")]
-        assert marked == [("RT3", "✓")], (field_name, marked)
+        assert marked == [(tuned["defense"]["config"]["transform"].upper(), "✓")], (field_name, marked)
         assert rows[0][column] == "—"  # the bare classifier's record has no AutoAttack: no number, no mark
 
 
