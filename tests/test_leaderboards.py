@@ -521,7 +521,7 @@ def test_the_single_draw_mark_is_on_the_cell_in_atops_transform_tables_too():
     assert tuned["defense"]["stochastic"]
     value = {"accuracy": 0.5}
     tuned["attacks"].append({"attack": "autoattack", "label": "autoattack", "params": {"version": "standard"},
-                           "robust_alone": value, "robust_alone_mean": 0.5, "robust_alone_majority": 0.5})
+                             "robust_alone": value, "robust_alone_mean": 0.5, "robust_alone_majority": 0.5})
     for field_name, _, clean_of, floor in VARIANTS:
         rows, headers, _, _ = transform_rows(board, paper_table("atop", "7"), records, field_name, clean_of, floor)
         column = headers.index("AutoAttack")
