@@ -4,7 +4,10 @@ For every ``<root>/atop/<classifier>/<transform>-<purifier>/<stage>.pt`` written
 ``pretrain``, ``finetune``, or ``finetune-pipeline``: a ``finetune.pt`` trained with ``--adv-target pipeline``), this
 writes the generator weights alone (what inference needs) to the same place under ``defenses/checkpoints``,
 and beside it the training manifest with two fields added: ``shipped_from`` (the full checkpoint's sha256)
-and ``shipped_sha256`` (the shipped file's own sha256, checked by the tests).
+and ``shipped_sha256`` (the shipped file's own sha256, checked by the tests). A path in the manifest outside the
+repository (the training run's ``--out`` on the machine that trained it, a ``--pretrained`` file there) is written as
+``ckpt/atop/<classifier>/<run folder>[/<file>]``, the repository's name for a training run's folder; a path inside
+the repository becomes relative to it.
 
     python scripts/ship_atop_checkpoints.py /path/to/checkpoint/root [--max-mib 5] [--fp16]
 
@@ -26,6 +29,8 @@ import json
 import sys
 from pathlib import Path
 from typing import Any, Dict, Optional
+
+REPO = Path(__file__).resolve().parent.parent
 
 import torch
 
@@ -54,10 +59,37 @@ def fp16_check(source: Path, target: Path, classifier: torch.nn.Module, x: torch
     }
 
 
+def portable_path(path: str, classifier: str) -> str:
+    """``path`` as a shipped manifest may name it: relative to the repository when inside it, ``ckpt/atop/<classifier>/``
+    and the run folder (with the file name when ``path`` names a file) when elsewhere on the machine; else unchanged."""
+    if not path.startswith("/"):
+        return path
+    absolute = Path(path)
+    if absolute.is_relative_to(REPO):
+        return absolute.relative_to(REPO).as_posix()
+    kept = absolute.parts[-2:] if absolute.suffix else absolute.parts[-1:]
+    return "/".join(("ckpt", "atop", classifier, *kept))
+
+
+def portable(value: Any, classifier: str) -> Any:
+    """Every path in a manifest's ``value`` (strings, and the words of a command line) through :func:`portable_path`."""
+    if isinstance(value, dict):
+        return {k: portable(v, classifier) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v, classifier) for v in value]
+    if isinstance(value, str) and "/" in value:
+        return " ".join(portable_path(word, classifier) for word in value.split(" "))
+    return value
+
+
+def read_manifest(source: Path) -> Dict[str, Any]:
+    return json.loads(source.with_suffix(".manifest.json").read_text())
+
+
 def ship(source: Path, target: Path, max_bytes: int, fp16: bool = False,
-         check_data: Optional[tuple] = None) -> None:
+         check_data: Optional[tuple] = None, manifest: Optional[Dict[str, Any]] = None) -> None:
     """Copy ``source``'s generator to ``target``; with ``fp16`` and ``check_data`` (classifier, x, y), measure the copy
-    against ``source`` (:func:`fp16_check`) into the manifest."""
+    against ``source`` (:func:`fp16_check`) into the manifest (``source``'s, or ``manifest`` when already read)."""
     generator = torch.load(source, map_location="cpu", weights_only=True)["generator"]
     if fp16:
         generator = half_precision(generator)
@@ -67,7 +99,7 @@ def ship(source: Path, target: Path, max_bytes: int, fp16: bool = False,
     if size > max_bytes:
         target.unlink()
         raise SystemExit(f"{target}: {size} bytes is over the limit of {max_bytes}")
-    manifest = json.loads(source.with_suffix(".manifest.json").read_text())
+    manifest = read_manifest(source) if manifest is None else manifest
     wanted = "pipeline" if source.stem == PIPELINE_STAGE else "classifier"
     if source.stem != "pretrain" and manifest["config"]["settings"]["adv_target"] != wanted:
         target.unlink()
@@ -79,7 +111,8 @@ def ship(source: Path, target: Path, max_bytes: int, fp16: bool = False,
         manifest["shipped_unfinished"] = f"after epoch {len(manifest.get('history', []))} of {planned}"
     if fp16 and check_data is not None:
         manifest["fp16_check"] = fp16_check(source, target, *check_data)
-    write_json_atomic(target.with_suffix(".manifest.json"), manifest)
+    classifier = manifest.get("config", {}).get("classifier", source.parent.parent.name)
+    write_json_atomic(target.with_suffix(".manifest.json"), portable(manifest, classifier))
     print(f"{target} ({target.stat().st_size / 2**20:.2f} MiB) <- {source}")
 
 
@@ -100,7 +133,8 @@ def main(argv=None) -> int:
         return 1
     subset, classifiers = None, {}  # loaded once, for every file the fp16 check measures
     for source in sources:
-        if not args.unfinished and not json.loads(source.with_suffix(".manifest.json").read_text()).get("finished"):
+        manifest = read_manifest(source)
+        if not args.unfinished and not manifest.get("finished"):
             print(f"skipped {source}: its training has not finished")
             continue
         check_data = None
@@ -112,7 +146,7 @@ def main(argv=None) -> int:
                 classifiers[name] = bench.load_classifier(name).eval()
             check_data = (classifiers[name], subset.x, subset.y)
         ship(source, BUNDLED_DIR / source.relative_to(args.root), int(args.max_mib * 2**20), fp16=args.fp16,
-             check_data=check_data)
+             check_data=check_data, manifest=manifest)
     return 0
 
 

@@ -209,6 +209,31 @@ def test_a_run_with_epochs_left_ships_only_when_asked_and_its_manifest_says_whic
     assert "shipped_unfinished" not in json.loads(target.with_suffix(".manifest.json").read_text())
 
 
+def test_a_shipped_manifest_names_no_path_of_the_machine_that_trained_it(tmp_path):
+    # a run trained outside the checkout: its --out and --pretrained become ckpt/atop/<classifier>/<run>[/<file>],
+    # a file inside the checkout becomes relative to it, and the run's own manifest is left as it was
+    ship_module = load_script("ship_atop_checkpoints")
+    run, other = tmp_path / "runs" / "rt3-gan-w64-ft", tmp_path / "runs" / "rt1-gan-w64" / "pretrain.pt"
+    inside = ship_module.REPO / "defenses" / "checkpoints" / "atop" / "resnet20" / "rt2-gan" / "pretrain.pt"
+    source = run / "finetune.pt"
+    source.parent.mkdir(parents=True)
+    torch.save({"generator": {"w": torch.zeros(2)}}, source)
+    manifest = {"command": f"bench train --pretrained {other} --out {run}", "options": {"out": str(run)},
+                "config": {"classifier": "resnet20", "settings": {"purifier": "gan", "adv_target": "classifier",
+                                                                  "pretrained": str(inside)}},
+                "finished": True}
+    source.with_suffix(".manifest.json").write_text(json.dumps(manifest))
+    target = tmp_path / "shipped" / "finetune.pt"
+    ship_module.ship(source, target, 2**20)
+    shipped = json.loads(target.with_suffix(".manifest.json").read_text())
+    assert shipped["command"] == ("bench train --pretrained ckpt/atop/resnet20/rt1-gan-w64/pretrain.pt"
+                                  " --out ckpt/atop/resnet20/rt3-gan-w64-ft")
+    assert shipped["options"]["out"] == "ckpt/atop/resnet20/rt3-gan-w64-ft"
+    assert shipped["config"]["settings"]["pretrained"] == "defenses/checkpoints/atop/resnet20/rt2-gan/pretrain.pt"
+    assert str(tmp_path) not in json.dumps(shipped)
+    assert json.loads(source.with_suffix(".manifest.json").read_text()) == manifest
+
+
 def test_shipping_in_fp16_halves_the_file_and_the_defense_reads_the_same(tmp_path):
     from bench.classifiers.base import ClassifierInfo
     from defenses.purifiers import PURIFIERS
