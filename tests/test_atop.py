@@ -188,18 +188,20 @@ def test_shipping_refuses_a_fine_tuned_file_named_for_the_other_fgsm_target(tmp_
     assert stem in (*STAGES.values(), PIPELINE_STAGE)
 
 
-def test_a_run_with_epochs_left_ships_only_when_asked_and_its_manifest_says_which_epoch(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("stem, adv_target", [("finetune", "classifier"), ("finetune-pipeline", "pipeline")])
+def test_a_run_with_epochs_left_ships_only_when_asked_and_its_manifest_says_which_epoch(tmp_path, capsys, monkeypatch,
+                                                                                         stem, adv_target):
     ship_module = load_script("ship_atop_checkpoints")
     monkeypatch.setattr(ship_module, "BUNDLED_DIR", tmp_path / "bundled")  # never the repository's folder
-    source = tmp_path / "root" / "atop" / "resnet20" / "rt3-gan" / "finetune.pt"
+    source = tmp_path / "root" / "atop" / "resnet20" / "rt3-gan" / f"{stem}.pt"
     source.parent.mkdir(parents=True)
     torch.save({"generator": {"w": torch.zeros(2)}}, source)
-    settings = {"purifier": "gan", "adv_target": "classifier", "finetune_epochs": 4}
+    settings = {"purifier": "gan", "adv_target": adv_target, "finetune_epochs": 4}  # both stems plan finetune_epochs
     manifest = {"config": {"settings": settings}, "finished": False, "history": [{"epoch": 1}, {"epoch": 2}]}
     source.with_suffix(".manifest.json").write_text(json.dumps(manifest))
     assert ship_module.main([str(tmp_path / "root")]) == 0  # skipped without --unfinished: nothing written
     assert "skipped" in capsys.readouterr().out and not (tmp_path / "bundled").exists()
-    target = tmp_path / "shipped" / "finetune.pt"
+    target = tmp_path / "shipped" / f"{stem}.pt"
     ship_module.ship(source, target, 2**20)
     shipped = json.loads(target.with_suffix(".manifest.json").read_text())
     assert shipped["shipped_unfinished"] == "after epoch 2 of 4" and not shipped["finished"]
