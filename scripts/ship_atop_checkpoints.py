@@ -30,8 +30,6 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-REPO = Path(__file__).resolve().parent.parent
-
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,6 +39,8 @@ from bench.classifiers.base import half_precision  # noqa: E402
 from bench.core.record import sha256_file, write_json_atomic  # noqa: E402
 from clean_draws import draw_predictions  # noqa: E402
 from defenses.atop import BUNDLED_DIR, PIPELINE_STAGE, STAGES, AToP  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def fp16_check(source: Path, target: Path, classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
