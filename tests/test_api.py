@@ -165,3 +165,25 @@ def test_a_rerun_after_a_checkpoint_was_replaced_counts_as_the_same_configuratio
     assert identity(rerun) == identity(record)
     rerun["defense"]["config"]["transform"] = "rt3"
     assert identity(rerun) != identity(record)
+
+
+def test_a_rerun_at_another_batch_size_is_the_run_bench_run_makes_at_that_size(tmp_path):
+    """scripts/rerun_records.py --batch-size: the rerun is the record's configuration at the new batch size (what
+    ``bench run --batch-size`` writes), moved.json says both sizes, and a second call finds the rerun done."""
+    rerun = load_script("rerun_records")
+    config = dict(defense="plugin-blur", classifier="tiny", dataset="tiny-test", budget="smoke", n=20, checks=True)
+    old = bench.run(bench.RunConfig(**config, batch_size=8, out=tmp_path / "old"))
+    at_four = bench.run(bench.RunConfig(**config, batch_size=4, out=tmp_path / "at-four"))
+    args = ["--plugin", PLUGIN, "--batch-size", "4", "--out", str(tmp_path / "rerun"), str(old.path)]
+    assert rerun.main(args) == 0
+    (new,) = [p for p in (tmp_path / "rerun").glob("*.json") if p.name != "moved.json"]
+    data = json.loads(new.read_text())
+    assert data["settings"]["batch_size"] == 4 and data["run_id"] == at_four.run_id != old.run_id
+    assert _without_timing(data) == _without_timing(at_four.data)
+    (row,) = json.loads((tmp_path / "rerun" / "moved.json").read_text())
+    assert row["batch_size"] == [8, 4] and row["new_run_id"] == at_four.run_id
+    before = new.stat().st_mtime_ns
+    assert rerun.main(args) == 0 and new.stat().st_mtime_ns == before  # done: not run again
+    with pytest.raises(SystemExit) as refused:
+        rerun.main([*args[:2], "--batch-size", "0", *args[4:]])
+    assert refused.value.code == 2
