@@ -83,11 +83,13 @@ def relative_record(record: Path) -> str:
     return str(Path(*parts[len(parts) - 1 - parts[::-1].index("leaderboards"):]))
 
 
-def command(record: str, batch: int, nproc: int, out: str) -> str:
-    """The rerun's command, run from a checkout at the parked commit."""
+def command(record: str, batch: Optional[int], nproc: int, out: str) -> str:
+    """The rerun's command, run from a checkout at the parked commit (``batch``: None at the record's own size, which
+    older commits' rerun_records.py, without ``--batch-size``, also runs)."""
     launcher = f" --launcher torchrun --nproc-per-node {nproc}" if nproc > 1 else ""
+    size = "" if batch is None else f" --batch-size {batch}"
     return (f"BENCH_DATA_DIR=... BENCH_WEIGHTS_DIR=... OMP_NUM_THREADS=1 ../<checkout>/.venv/bin/python "
-            f"scripts/rerun_records.py{launcher} --batch-size {batch} --out {out} {record}")
+            f"scripts/rerun_records.py{launcher}{size} --out {out} {record}")
 
 
 def park(args: argparse.Namespace) -> int:
@@ -116,7 +118,7 @@ def park(args: argparse.Namespace) -> int:
         "processes": args.nproc,
         "progress": progress(folder, [a["label"] for a in pending.get("attacks", [])]),
         "started": json.loads((folder / "parts.json").read_text())["started"] if (folder / "parts.json").is_file() else [],
-        "command": command(record, batch, args.nproc, out),
+        "command": command(record, None if batch == pending["settings"]["batch_size"] else batch, args.nproc, out),
         "resume": (f"python scripts/park_rerun.py resume leaderboards/pending/parked/{folder.name} --out {out} "
                    "--worktree ../resume, then the command from ../resume"),
         **({"note": args.note} if args.note else {}),
@@ -138,7 +140,8 @@ def resume(args: argparse.Namespace) -> int:
     if args.worktree is not None and not args.worktree.exists():
         subprocess.run(["git", "worktree", "add", "--detach", str(args.worktree), run["commit"]], cwd=REPO, check=True)
     where = args.worktree or "a clean checkout at that commit"
-    again = command(run["record"], run["batch_size"], run["processes"], str(args.out.resolve()))
+    own = "--batch-size" not in run["command"]
+    again = command(run["record"], None if own else run["batch_size"], run["processes"], str(args.out.resolve()))
     print(f"state copied to {target}; from {where} (commit {run['commit']}) run:\n  {again}")
     return 0
 

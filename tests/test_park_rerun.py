@@ -46,7 +46,7 @@ def test_a_parked_state_says_what_is_done_and_resumes_to_the_same_record(tmp_pat
     run = json.loads((parked / state.name / "run.json").read_text())
     assert run["record"] == "leaderboards/pending/board/old.json" and run["commit"] == "abc1234"
     assert run["batch_size"] == 4 and run["processes"] == 1 and run["state_folder"] == state.name
-    assert "--batch-size 4 --out ../runs/first leaderboards/pending/board/old.json" in run["command"]
+    assert "rerun_records.py --out ../runs/first leaderboards/pending/board/old.json" in run["command"]  # its own size
     assert not MACHINE_PATH.search(json.dumps(run)), "run.json is committed: no machine's path in it"
     by_stage = {row["stage"]: row for row in run["progress"]}
     assert by_stage["clean"] == {"stage": "clean", "batches": 5, "points": 20}
@@ -60,7 +60,7 @@ def test_a_parked_state_says_what_is_done_and_resumes_to_the_same_record(tmp_pat
     # the next session: the state goes back under a new --out and the run picks it up without attacking again
     out = tmp_path / "runs" / "again"
     assert park.main(["resume", str(parked / state.name), "--out", str(out)]) == 0
-    assert f"--batch-size 4 --out {out.resolve()}" in capsys.readouterr().out
+    assert f"rerun_records.py --out {out.resolve()}" in capsys.readouterr().out
     resumed = out / ".state" / state.name
     stamps = {p.name: p.stat().st_mtime_ns for p in resumed.glob("attack*.json")}
     again = bench.run(bench.RunConfig(**CONFIG, batch_size=4, out=out))
@@ -80,7 +80,8 @@ def test_parking_a_new_state_of_a_record_replaces_the_old_one(tmp_path):
         assert park.main(["park", str(pending), "--out", str(tmp_path / "runs" / f"b{size}"), "--commit", "abc1234",
                           "--into", str(parked)]) == 0
     (left,) = list(parked.iterdir())
-    assert json.loads((left / "run.json").read_text())["batch_size"] == 5
+    run = json.loads((left / "run.json").read_text())
+    assert run["batch_size"] == 5 and "--batch-size 5 --out ../runs/b5" in run["command"]  # not the record's 4
 
 
 def test_every_parked_state_names_a_pending_record_and_its_own_folder():
