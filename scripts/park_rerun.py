@@ -78,9 +78,15 @@ def batch_size_of(folder: Path) -> int:
 def relative_record(record: Path) -> str:
     """The record's path inside a checkout (the worktree the rerun runs in, or this one)."""
     parts = record.resolve().parts
-    if "leaderboards" not in parts:
+    starts = [i for i, part in enumerate(parts) if part == "leaderboards"]
+    if not starts:
         raise SystemExit(f"park_rerun: {record} is not under a checkout's leaderboards/")
-    return str(Path(*parts[len(parts) - 1 - parts[::-1].index("leaderboards"):]))
+    return str(Path(*parts[starts[-1]:]))  # the last one: a checkout may itself sit under a folder of that name
+
+
+def override(batch: int, own: int) -> Optional[int]:
+    """``--batch-size`` for a rerun at ``batch`` of a record made at ``own``: None when they agree."""
+    return None if batch == own else batch
 
 
 def command(record: str, batch: Optional[int], nproc: int, out: str) -> str:
@@ -115,10 +121,11 @@ def park(args: argparse.Namespace) -> int:
         "commit": commit,
         "state_folder": folder.name,
         "batch_size": batch,
+        "record_batch_size": pending["settings"]["batch_size"],
         "processes": args.nproc,
         "progress": progress(folder, [a["label"] for a in pending.get("attacks", [])]),
         "started": json.loads((folder / "parts.json").read_text())["started"] if (folder / "parts.json").is_file() else [],
-        "command": command(record, None if batch == pending["settings"]["batch_size"] else batch, args.nproc, out),
+        "command": command(record, override(batch, pending["settings"]["batch_size"]), args.nproc, out),
         "resume": (f"python scripts/park_rerun.py resume leaderboards/pending/parked/{folder.name} --out {out} "
                    "--worktree ../resume, then the command from ../resume"),
         **({"note": args.note} if args.note else {}),
@@ -140,8 +147,11 @@ def resume(args: argparse.Namespace) -> int:
     if args.worktree is not None and not args.worktree.exists():
         subprocess.run(["git", "worktree", "add", "--detach", str(args.worktree), run["commit"]], cwd=REPO, check=True)
     where = args.worktree or "a clean checkout at that commit"
-    own = "--batch-size" not in run["command"]
-    again = command(run["record"], None if own else run["batch_size"], run["processes"], str(args.out.resolve()))
+    own = run.get("record_batch_size")  # run.json before 2026-12-05 lacks it: the pending record says
+    if own is None:
+        own = json.loads((REPO / run["record"]).read_text())["settings"]["batch_size"]
+    batch = override(run["batch_size"], own)
+    again = command(run["record"], batch, run["processes"], str(args.out.resolve()))
     print(f"state copied to {target}; from {where} (commit {run['commit']}) run:\n  {again}")
     return 0
 

@@ -69,7 +69,7 @@ def test_a_parked_state_says_what_is_done_and_resumes_to_the_same_record(tmp_pat
     assert strip(again.data) == strip(first.data)
 
 
-def test_parking_a_new_state_of_a_record_replaces_the_old_one(tmp_path):
+def test_parking_a_new_state_of_a_record_replaces_the_old_one(tmp_path, capsys):
     park = load_script("park_rerun")
     parked = tmp_path / "parked"
     for size in (4, 5):  # a rerun started over at another batch size: another run id, another state folder
@@ -82,6 +82,9 @@ def test_parking_a_new_state_of_a_record_replaces_the_old_one(tmp_path):
     (left,) = list(parked.iterdir())
     run = json.loads((left / "run.json").read_text())
     assert run["batch_size"] == 5 and "--batch-size 5 --out ../runs/b5" in run["command"]  # not the record's 4
+    assert run["record_batch_size"] == 4
+    assert park.main(["resume", str(left), "--out", str(tmp_path / "runs" / "next")]) == 0  # and resumes at 5
+    assert f"--batch-size 5 --out {(tmp_path / 'runs' / 'next').resolve()}" in capsys.readouterr().out
 
 
 def test_every_parked_state_names_a_pending_record_and_its_own_folder():
@@ -89,6 +92,7 @@ def test_every_parked_state_names_a_pending_record_and_its_own_folder():
         run = json.loads(run_json.read_text())
         assert (REPO / run["record"]).is_file(), f"{run_json}: its record is no longer pending: delete the folder"
         assert run["state_folder"] == run_json.parent.name
+        assert {"batch_size", "record_batch_size", "processes", "commit", "command"} <= set(run), f"{run_json}: park it again"
         assert any(p.name.startswith("clean-") for p in run_json.parent.glob("*.json")), f"{run_json}: no state"
 
 
