@@ -147,10 +147,7 @@ def resume(args: argparse.Namespace) -> int:
     if args.worktree is not None and not args.worktree.exists():
         subprocess.run(["git", "worktree", "add", "--detach", str(args.worktree), run["commit"]], cwd=REPO, check=True)
     where = args.worktree or "a clean checkout at that commit"
-    own = run.get("record_batch_size")  # run.json before 2026-12-05 lacks it: the pending record says
-    if own is None:
-        own = json.loads((REPO / run["record"]).read_text())["settings"]["batch_size"]
-    batch = override(run["batch_size"], own)
+    batch = override(run["batch_size"], run["record_batch_size"])  # every parked run.json has it (a test says so)
     again = command(run["record"], batch, run["processes"], str(args.out.resolve()))
     print(f"state copied to {target}; from {where} (commit {run['commit']}) run:\n  {again}")
     return 0
